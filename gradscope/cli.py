@@ -1,0 +1,128 @@
+"""The ``gradscope`` command: parses arguments, calls the library, maps outcomes to exit codes.
+
+Exit codes: 0 clean, 1 findings at or above ``--fail-on``, 2 usage/config/model
+error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gradscope import __version__
+from gradscope.config import load_config
+from gradscope.errors import EXIT_FINDINGS, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
+from gradscope.inspection import Inspection
+from gradscope.reporters import Reporter
+from gradscope.reporters.json import JsonReporter
+from gradscope.reporters.terminal import TerminalReporter
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Gradient diagnostics for PyTorch models.",
+)
+
+
+class FailOn(str, enum.Enum):
+    error = "error"
+    warning = "warning"
+    info = "info"
+    never = "never"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Gradient diagnostics for PyTorch models."""
+
+
+@app.command()
+def inspect(
+    config: Annotated[Path, typer.Argument(help="The YAML config to run.", show_default=False)],
+    json_path: Annotated[
+        str | None, typer.Option("--json", metavar="PATH", help="Write the JSON report here ('-' for stdout).")
+    ] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")] = False,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
+    ] = FailOn.error,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the config's `steps`.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Override the config's `device`.")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Run a config's model through instrumented forward/backward passes and report its gradients."""
+    overrides: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+    try:
+        inspection = Inspection(load_config(config, overrides))
+    except GradscopeError as exc:
+        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
+    except Exception as exc:  # a bug of ours, not the user's
+        raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
+    code = _run(inspection, _reporters(json_path, show_all), verbose)
+    if code is None:
+        code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on.value) else EXIT_OK
+    raise typer.Exit(code)
+
+
+def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> int | None:
+    """Run, then write the report whatever happened; an exit code if the run did not complete."""
+    code = None
+    try:
+        inspection.run()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+        print("gradscope: interrupted; writing the steps measured so far", file=sys.stderr)
+    except GradscopeError as exc:
+        code = _fail(exc, verbose, EXIT_USAGE)
+    except Exception as exc:
+        code = _fail(exc, verbose, EXIT_INTERNAL)
+    finally:
+        report = inspection.report()
+        for reporter in reporters:
+            reporter.write(report)
+            reporter.close()
+    return code
+
+
+def _reporters(json_path: str | None, show_all: bool) -> list[Reporter]:
+    # With the JSON on stdout, the human-readable report moves to stderr.
+    terminal = TerminalReporter(sys.stderr if json_path == "-" else sys.stdout, show_all)
+    reporters: list[Reporter] = [terminal]
+    if json_path:
+        reporters.append(JsonReporter(json_path))
+    return reporters
+
+
+def _fail(exc: BaseException, verbose: bool, code: int) -> int:
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    if code == EXIT_INTERNAL:
+        print(f"gradscope: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("this is a bug in gradscope; rerun with -v for the traceback and report it", file=sys.stderr)
+    else:
+        print(f"gradscope: error: {exc}", file=sys.stderr)
+        if not verbose:
+            print("(rerun with -v for the full traceback)", file=sys.stderr)
+    return code
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,304 @@
+"""The YAML config: pydantic models of its schema and ``load_config``.
+
+Every model forbids unknown keys, so each error carries its key path; the
+loader adds the file and line where the YAML gives them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from gradscope.errors import ConfigError
+
+LOSS_NAMES = ("cross_entropy", "mse", "output")
+LABEL_NAMES = ("input", "next_token")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The file a config was read from, for resolving paths and locating errors."""
+
+    base_dir: Path
+    source: str | None = None
+    lines: dict[str, int] = field(default_factory=dict)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetSpec(_Strict):
+    """A callable to build: ``path/to/file.py:attr`` or ``package.module:attr``, with keyword args."""
+
+    target: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokensSpec(_Strict):
+    vocab: int = Field(gt=0)
+    length: int = Field(gt=0)
+
+
+class InputSpec(_Strict):
+    """Synthetic inputs: float ``shape`` (per sample) ~ N(0, 1), or integer ``tokens``."""
+
+    shape: list[int] | None = None
+    tokens: TokensSpec | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (not shape or min(shape) <= 0):
+            raise ValueError(f"expected a non-empty list of positive sizes, got {shape}")
+        return shape
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> InputSpec:
+        if (self.shape is None) == (self.tokens is None):
+            raise ValueError("give exactly one of `shape: [...]` or `tokens: {vocab, length}`")
+        return self
+
+
+class LabelSpec(_Strict):
+    """Synthetic labels: class ids, regression targets, or derived from the inputs."""
+
+    classes: int | None = Field(default=None, gt=0)
+    shape: list[int] | None = None
+    name: Literal["input", "next_token"] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LabelSpec:
+        given = [k for k in ("classes", "shape", "name") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give one of `{classes: N}`, `{shape: [...]}`, `input` or `next_token`")
+        return self
+
+
+class DataSpec(_Strict):
+    """Either synthetic (``batch_size``, ``input``, ``labels``) or a factory (``target``, ``args``)."""
+
+    batch_size: int | None = Field(default=None, gt=0)
+    input: InputSpec | None = None
+    labels: LabelSpec | None = None
+    target: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in LABEL_NAMES:
+                raise ValueError(f"expected `input`, `next_token`, {{classes: N}} or {{shape: [...]}}, got {value!r}")
+            return {"name": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        synthetic = [k for k in ("batch_size", "input", "labels") if getattr(self, k) is not None]
+        if self.target is not None and synthetic:
+            raise ValueError(f"`target` builds the batch itself; drop {synthetic} (pass them in `args`)")
+        if self.target is None and self.input is None:
+            raise ValueError("give `input: {shape: [...]}` (synthetic data) or `target: file.py:make_batch`")
+        if self.target is None and self.args:
+            raise ValueError("`args` goes with `target`")
+        return self
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size or 8
+
+
+class LossSpec(_Strict):
+    """A built-in loss by ``name`` or a user's ``target`` called as ``loss(output, labels)``."""
+
+    name: Literal["cross_entropy", "mse", "output"] | None = None
+    target: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LossSpec:
+        if (self.name is None) == (self.target is None):
+            raise ValueError("give a loss name or `{target: file.py:fn}`")
+        return self
+
+
+class OptimizerSpec(BaseModel):
+    """``name`` plus the optimizer's own keyword arguments (checked against its signature)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Literal["sgd", "adam", "adamw"]
+    lr: float = Field(default=1e-3, gt=0)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"lr": self.lr, **(self.model_extra or {})}
+
+
+class CheckpointSpec(_Strict):
+    modules: list[str] = Field(min_length=1)
+
+
+class ClipSpec(_Strict):
+    max_norm: float = Field(gt=0)
+    norm_type: float = 2.0
+
+    @field_validator("norm_type")
+    @classmethod
+    def _valid_norm(cls, value: float) -> float:
+        if not (value >= 1 or math.isinf(value)):
+            raise ValueError(f"expected a number >= 1 or inf, got {value}")
+        return value
+
+
+class Settings(_Strict):
+    """A whole gradscope config."""
+
+    seed: int = 0
+    device: str = "auto"
+    model: TargetSpec
+    data: DataSpec
+    loss: LossSpec = LossSpec(name="cross_entropy")
+    steps: int = Field(default=3, gt=0)
+    optimizer: OptimizerSpec | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpointing: CheckpointSpec | None = None
+    clip: ClipSpec | None = None
+    _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
+
+    @property
+    def origin(self) -> Origin:
+        """Where the config came from: relative targets resolve against ``origin.base_dir``."""
+        return self._origin
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in LOSS_NAMES:
+                raise ValueError(f"expected one of {', '.join(LOSS_NAMES)} or {{target: file.py:fn}}, got {value!r}")
+            return {"name": value}
+        return value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate a YAML config.
+
+    Args:
+        path: the YAML file; relative targets in it resolve against its folder.
+        overrides: top-level keys that replace the file's (e.g. from the CLI).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a valid config.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config file: {exc.strerror or exc}")], str(path)) from None
+    raw = _parse_yaml(text, str(path))
+    raw.update(overrides or {})
+    return settings_from_dict(raw, Origin(path.resolve().parent, str(path), _line_map(text)))
+
+
+def settings_from_dict(raw: dict[str, Any], origin: Origin | None = None) -> Settings:
+    """Validate a config given as a dict (what ``yaml.safe_load`` returns)."""
+    origin = origin or Origin(Path.cwd())
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(key_path(err["loc"]), _describe(err)) for err in exc.errors()]
+        raise ConfigError(problems, origin.source, origin.lines) from None
+    settings._origin = origin
+    return settings
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([("", f"{where}not valid YAML: {problem}")], source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"expected a mapping of keys (model:, data:, ...), got {type(raw).__name__}")], source)
+    return raw
+
+
+def key_path(loc: tuple[Any, ...]) -> str:
+    """``('data', 'input', 'shape', 0)`` -> ``data.input.shape[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"unknown key; expected one of: {', '.join(allowed)}" if allowed else "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "got" in msg:
+        return msg
+    return f"{msg}, got {err.get('input')!r}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows at ``loc`` (for 'unknown key' messages)."""
+    cls: Any = Settings
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        cls = next((a for a in (field.annotation, *get_args(field.annotation)) if _is_model(a)), None)
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Key path -> 1-based line of that key in the YAML text."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    _walk(root, (), lines)
+    return lines
+
+
+def _walk(node: yaml.Node | None, loc: tuple[Any, ...], lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*loc, key.value)
+            lines[key_path(child)] = key.start_mark.line + 1
+            _walk(value, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            child = (*loc, i)
+            lines[key_path(child)] = value.start_mark.line + 1
+            _walk(value, child, lines)

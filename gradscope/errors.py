@@ -1,0 +1,123 @@
+"""Errors gradscope raises on purpose, and the exit code each one maps to.
+
+Exit codes follow ruff/bandit: 0 clean, 1 findings at or above ``--fail-on``,
+2 usage/config/model-build error, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from pathlib import Path
+
+import torch
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_TORCH_DIR = Path(torch.__file__).resolve().parent
+
+
+class GradscopeError(Exception):
+    """Base class: a problem gradscope can explain to the user (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+    def located(self, source: str | None, lines: dict[str, int]) -> GradscopeError:
+        """The same error, told where in the config file its key is."""
+        return self
+
+
+class ConfigError(GradscopeError):
+    """The config is invalid: names the key path and, where known, file:line.
+
+    Args:
+        problems: one ``(key_path, message)`` pair per problem found.
+        source: the config file, if the config came from one.
+        lines: line number (1-based) for each key path that the YAML gives.
+    """
+
+    def __init__(
+        self,
+        problems: list[tuple[str, str]],
+        source: str | None = None,
+        lines: dict[str, int] | None = None,
+    ) -> None:
+        self.problems = problems
+        self.source = source
+        self.lines = lines or {}
+        super().__init__(self._render())
+
+    def located(self, source: str | None, lines: dict[str, int]) -> ConfigError:
+        if self.source:
+            return self
+        return ConfigError(self.problems, source, lines)
+
+    def _render(self) -> str:
+        rows = [f"{self._where(path)}{path or '<top level>'}: {msg}" for path, msg in self.problems]
+        if len(rows) == 1:
+            return f"invalid config: {rows[0]}"
+        return "invalid config:\n" + "\n".join(f"  {row}" for row in rows)
+
+    def _where(self, path: str) -> str:
+        """``file:line: `` for a key path; a missing key points at its nearest parent."""
+        while path and path not in self.lines:
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if re.search(r"[.\[]", path) else ""
+        line = f":{self.lines[path]}" if path else ""
+        return f"{self.source}{line}: " if self.source else ""
+
+
+class ModelError(GradscopeError):
+    """User code (model, data or loss factory, forward, backward) raised.
+
+    The message names the config key whose code raised, the user's exception
+    and the innermost frame of user code it came from.
+    """
+
+    def __init__(self, key: str, what: str, cause: BaseException, config_at: str = "") -> None:
+        self.key, self.what, self.cause = key, what, cause
+        where = user_frame(cause)
+        at = f" (at {where})" if where else ""
+        super().__init__(f"{config_at}{key}: {what} raised {type(cause).__name__}: {cause}{at}")
+
+    def located(self, source: str | None, lines: dict[str, int]) -> ModelError:
+        line = lines.get(self.key) or lines.get(self.key.split(".")[0])
+        config_at = f"{source}:{line}: " if source and line else ""
+        located = ModelError(self.key, self.what, self.cause, config_at)
+        located.__traceback__ = self.__traceback__
+        return located
+
+
+def user_frame(exc: BaseException) -> str | None:
+    """Where user code raised, as ``file:line in func``.
+
+    The innermost frame that is neither torch's nor gradscope's own (the zoo
+    counts as user code), preferring code outside site-packages: a user's
+    model file over the library it calls.
+    """
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_ours_or_torch(f.filename)]
+    outside = [f for f in frames if not _is_installed(f.filename)]
+    picked = (outside or frames)
+    if not picked:
+        return None
+    frame = picked[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _is_ours_or_torch(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True
+    path = Path(filename).resolve()
+    for root in (_PACKAGE_DIR, _TORCH_DIR):
+        if path.is_relative_to(root):
+            return path.name != "zoo.py" or root != _PACKAGE_DIR
+    return False
+
+
+def _is_installed(filename: str) -> bool:
+    parts = Path(filename).parts
+    return "site-packages" in parts or "dist-packages" in parts

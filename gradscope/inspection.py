@@ -1,0 +1,150 @@
+"""One inspection: build what the config describes, run the instrumented steps, make the report.
+
+The report keeps what was measured whatever happens: ``Inspection.report()``
+after an interrupt or an error holds the steps completed before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradscope import __version__, loading, rules
+from gradscope.config import Settings, load_config, settings_from_dict
+from gradscope.engine import Engine, StepPlan, checkpointing
+from gradscope.errors import GradscopeError
+from gradscope.probes.gradients import GradientProbe, describe_parameters
+from gradscope.report import Report, RunInfo, StepRecord
+
+
+class Inspection:
+    """A gradscope run of one config.
+
+    Args:
+        settings: a validated config.
+
+    Raises:
+        GradscopeError: building the device, model, batch, loss or optimizer failed.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.steps: list[StepRecord] = []
+        self.status = "not started"
+        self.error: str | None = None
+        self.checkpointed: list[str] = []
+        self._duration = 0.0
+        with _located(settings):
+            self.device = loading.resolve_device(settings.device)
+            self.model = loading.build_model(settings).to(self.device)
+            self.batch = loading.build_batch(settings).to(self.device)
+            self.loss_fn = loading.build_loss(settings)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = loading.build_optimizer(settings, trainable)
+
+    def run(self) -> Report:
+        """Run every step; the report of the completed run.
+
+        Raises:
+            GradscopeError: user code raised, or the loss is not usable; the
+                steps before it stay in ``report()``.
+            KeyboardInterrupt: likewise.
+        """
+        settings = self.settings
+        plan = StepPlan(self.device, settings.precision, settings.clip, settings.loss.name == "output")
+        extra_norm = _extra_norm(settings)
+        start = time.perf_counter()
+        self.status = "running"
+        try:
+            with (
+                _located(settings),
+                checkpointing(self.model, _patterns(settings)) as self.checkpointed,
+                GradientProbe(self.model, extra_norm) as probe,
+            ):
+                engine = Engine(self.model, self.optimizer, self.loss_fn, probe, plan)
+                for index in range(settings.steps):
+                    self.steps.append(engine.step(index, self.batch))
+        except KeyboardInterrupt:
+            self.status = "interrupted"
+            raise
+        except BaseException as exc:
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._duration = time.perf_counter() - start
+        self.status = "completed"
+        return self.report()
+
+    def report(self) -> Report:
+        """What was measured so far, with the anomalies the rules find in it."""
+        infos = describe_parameters(self.model)
+        settings = self.settings
+        run = RunInfo(
+            model=type(self.model).__name__,
+            device=str(self.device),
+            precision=settings.precision,
+            steps_requested=settings.steps,
+            steps_completed=len(self.steps),
+            parameters_total=sum(i.numel for i in infos),
+            parameters_trainable=sum(i.numel for i in infos if i.trainable),
+            status=self.status,
+            error=self.error,
+            config=settings.origin.source,
+            model_target=settings.model.target,
+            seed=settings.seed,
+            optimizer=settings.optimizer.name if settings.optimizer else None,
+            clip=settings.clip.model_dump() if settings.clip else None,
+            checkpointed_modules=tuple(self.checkpointed),
+            batch=self.batch.describe(),
+            torch_version=torch.__version__,
+            gradscope_version=__version__,
+            duration_s=round(self._duration, 4),
+        )
+        report = Report(run, tuple(infos), tuple(self.steps))
+        return dataclasses.replace(report, anomalies=rules.diagnose(report))
+
+
+def inspect(config: str | Path | Settings | dict[str, Any]) -> Report:
+    """Run gradscope on a config (a YAML path, a dict as YAML would give, or ``Settings``).
+
+    Raises:
+        GradscopeError: the config is invalid or the model, data or loss raised.
+    """
+    if isinstance(config, (str, Path)):
+        settings = load_config(config)
+    elif isinstance(config, dict):
+        settings = settings_from_dict(config)
+    else:
+        settings = config
+    return Inspection(settings).run()
+
+
+class _located:
+    """Re-raise a ``GradscopeError`` told where its key stands in the config file."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.origin = settings.origin
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, GradscopeError):
+            raise exc.located(self.origin.source, self.origin.lines) from exc.__cause__
+        return False
+
+
+def _patterns(settings: Settings) -> list[str]:
+    return settings.checkpointing.modules if settings.checkpointing else []
+
+
+def _extra_norm(settings: Settings) -> float | None:
+    # clip_grad_norm_ with another p-norm than 2 or inf needs that norm of each gradient.
+    clip = settings.clip
+    if clip is None or clip.norm_type == 2.0 or clip.norm_type == float("inf"):
+        return None
+    return clip.norm_type

@@ -1,0 +1,199 @@
+"""The report: run facts, per-step per-parameter statistics and anomalies, as plain data.
+
+Everything here is a frozen dataclass of floats, ints and strings: no tensors.
+``to_dict``/``from_dict`` give the JSON form, whose paths are a public contract:
+``schema_version``, ``steps[i].step``, ``steps[i].loss``, ``steps[i].grad_norm_total``,
+``steps[i].parameters[<name>].grad_norm`` (null: no gradient) and ``anomalies[j]``.
+Non-finite floats are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
+so that the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter of the model, once (tied parameters under their first name)."""
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    trainable: bool
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """One parameter's gradient at one step. ``grad_norm is None``: it got no gradient."""
+
+    grad_norm: float | None
+    grad_max_abs: float | None
+    zero_fraction: float | None
+    nan_count: int
+    inf_count: int
+    param_norm: float | None
+    grad_to_param: float | None
+
+    @property
+    def received(self) -> bool:
+        return self.grad_norm is not None
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """The parameters a module owns directly, aggregated (norms combine as sqrt of sum of squares)."""
+
+    grad_norm: float | None
+    grad_max_abs: float | None
+    zero_fraction: float | None
+    nan_count: int
+    inf_count: int
+    param_norm: float | None
+    grad_to_param: float | None
+    parameters: int
+    received: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One forward/backward pass. Norms are L2 over all trainable gradients, before clipping."""
+
+    step: int
+    loss: float
+    grad_norm_total: float
+    parameters: dict[str, ParamStats]
+    modules: dict[str, ModuleStats]
+    grad_norm_total_clipped: float | None = None
+    clip_norm: float | None = None  # the norm clip_grad_norm_ measured, in its norm_type
+    clip_coefficient: float | None = None  # what gradients were multiplied by (1.0: not clipped)
+    loss_scale: float | None = None  # fp16 only: the scale this step's backward used
+    skipped: bool = False  # fp16 only: the scaler skipped the optimizer step (non-finite gradients)
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """A finding: what is wrong, where, and the numbers that show it."""
+
+    kind: str
+    severity: str
+    message: str
+    module: str | None = None
+    parameter: str | None = None
+    step: int | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Facts about the run that produced the report."""
+
+    model: str
+    device: str
+    precision: str
+    steps_requested: int
+    steps_completed: int
+    parameters_total: int
+    parameters_trainable: int
+    status: str = "completed"  # completed | interrupted | failed
+    error: str | None = None
+    config: str | None = None
+    model_target: str | None = None
+    seed: int | None = None
+    optimizer: str | None = None
+    clip: dict[str, float] | None = None
+    checkpointed_modules: tuple[str, ...] = ()
+    batch: str | None = None
+    torch_version: str | None = None
+    gradscope_version: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one gradscope run measured and found."""
+
+    run: RunInfo
+    parameters: tuple[ParamInfo, ...]
+    steps: tuple[StepRecord, ...]
+    anomalies: tuple[Anomaly, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    def at_or_above(self, severity: str) -> list[Anomaly]:
+        """Anomalies whose severity is ``severity`` or worse (``never``: none)."""
+        if severity == "never":
+            return []
+        floor = SEVERITIES.index(severity)
+        return [a for a in self.anomalies if SEVERITIES.index(a.severity) >= floor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (strict: non-finite floats become strings)."""
+        return {
+            "schema_version": self.schema_version,
+            "run": _plain(dataclasses.asdict(self.run)),
+            "parameters": {p.name: _plain(_without(p, "name")) for p in self.parameters},
+            "steps": [_step_dict(s) for s in self.steps],
+            "anomalies": [_plain(dataclasses.asdict(a)) for a in self.anomalies],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Read back what ``to_dict`` wrote."""
+        data = _unplain(data)
+        run = RunInfo(**{**data["run"], "checkpointed_modules": tuple(data["run"]["checkpointed_modules"])})
+        params = tuple(
+            ParamInfo(name=name, **{**p, "shape": tuple(p["shape"]), "aliases": tuple(p["aliases"])})
+            for name, p in data["parameters"].items()
+        )
+        steps = tuple(_step_from(s) for s in data["steps"])
+        anomalies = tuple(Anomaly(**a) for a in data["anomalies"])
+        return cls(run, params, steps, anomalies, data["schema_version"])
+
+
+def _step_dict(step: StepRecord) -> dict[str, Any]:
+    out = _plain({k: v for k, v in _without(step, "parameters", "modules").items()})
+    out["parameters"] = {name: _plain(dataclasses.asdict(s)) for name, s in step.parameters.items()}
+    out["modules"] = {name: _plain(dataclasses.asdict(s)) for name, s in step.modules.items()}
+    return out
+
+
+def _step_from(data: dict[str, Any]) -> StepRecord:
+    params = {name: ParamStats(**s) for name, s in data.pop("parameters").items()}
+    modules = {name: ModuleStats(**s) for name, s in data.pop("modules").items()}
+    return StepRecord(parameters=params, modules=modules, **data)
+
+
+def _without(obj: Any, *names: str) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in names}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    if isinstance(value, dict):
+        return {k: _unplain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    return value

@@ -1,0 +1,14 @@
+"""Reporters read a finished (or partial) report and write it somewhere.
+
+Each has ``write(report)`` and ``close()``.
+"""
+
+from typing import Protocol
+
+from gradscope.report import Report
+
+
+class Reporter(Protocol):
+    def write(self, report: Report) -> None: ...
+
+    def close(self) -> None: ...
