@@ -58,7 +58,7 @@ class ConfigError(GradscopeError):
         return ConfigError(self.problems, source, lines)
 
     def _render(self) -> str:
-        rows = [f"{self._where(path)}{path or '<top level>'}: {msg}" for path, msg in self.problems]
+        rows = [f"{self._where(path)}{path + ': ' if path else ''}{msg}" for path, msg in self.problems]
         if len(rows) == 1:
             return f"invalid config: {rows[0]}"
         return "invalid config:\n" + "\n".join(f"  {row}" for row in rows)

@@ -18,19 +18,15 @@ def parameter_stats(infos: list[ParamInfo], readings: Readings) -> dict[str, Par
         infos: the trainable parameters, in the probe's order.
         readings: what the probe read this step.
     """
-    out = {info.name: NO_GRADIENT for info in infos}
+    out = dict.fromkeys((info.name for info in infos), NO_GRADIENT)
+    nonfinite = readings.nonfinite
     for i, row in zip(readings.index, readings.rows):
         info = infos[i]
-        nan_count, inf_count, finite_max = readings.nonfinite.get(i, (0, 0, row[GRAD_MAX_ABS]))
-        out[info.name] = ParamStats(
-            grad_norm=row[GRAD_NORM],
-            grad_max_abs=finite_max,
-            zero_fraction=1.0 - row[GRAD_NONZERO] / info.numel if info.numel else 0.0,
-            nan_count=int(nan_count),
-            inf_count=int(inf_count),
-            param_norm=row[PARAM_NORM],
-            grad_to_param=_ratio(row[GRAD_NORM], row[PARAM_NORM]),
-        )
+        norm, param_norm = row[GRAD_NORM], row[PARAM_NORM]
+        nans, infs = nonfinite.get(i, (0, 0)) if nonfinite else (0, 0)
+        zero_fraction = 1.0 - row[GRAD_NONZERO] / info.numel if info.numel else 0.0
+        ratio = norm / param_norm if param_norm else None
+        out[info.name] = ParamStats(norm, row[GRAD_MAX_ABS], zero_fraction, nans, infs, param_norm, ratio)
     return out
 
 
@@ -38,27 +34,38 @@ def module_stats(infos: list[ParamInfo], params: dict[str, ParamStats]) -> dict[
     """Aggregate each module's own parameters (not its children's): norms as sqrt of summed squares."""
     owned: dict[str, list[ParamInfo]] = defaultdict(list)
     for info in infos:
-        if info.name in params:
-            owned[info.module].append(info)
+        owned[info.module].append(info)
     return {module: _aggregate(members, params) for module, members in owned.items()}
 
 
 def _aggregate(members: list[ParamInfo], params: dict[str, ParamStats]) -> ModuleStats:
-    got = [(info, params[info.name]) for info in members if params[info.name].received]
-    grad_norm = combine_norms([s.grad_norm for _, s in got]) if got else None
-    param_norm = combine_norms([s.param_norm for _, s in got]) if got else None
-    numel = sum(info.numel for info, _ in got)
-    zeros = sum(s.zero_fraction * info.numel for info, s in got)
+    grad_sq = param_sq = zeros = 0.0
+    numel = received = nans = infs = 0
+    max_abs: float | None = None
+    for info in members:
+        s = params[info.name]
+        if s.grad_norm is None:
+            continue
+        received += 1
+        grad_sq += s.grad_norm * s.grad_norm
+        param_sq += s.param_norm * s.param_norm  # type: ignore[operator]
+        zeros += s.zero_fraction * info.numel  # type: ignore[operator]
+        numel += info.numel
+        nans, infs = nans + s.nan_count, infs + s.inf_count
+        max_abs = s.grad_max_abs if max_abs is None else max(max_abs, s.grad_max_abs)  # type: ignore[type-var]
+    if not received:
+        return ModuleStats(None, None, None, 0, 0, None, None, len(members), 0)
+    grad_norm, param_norm = math.sqrt(grad_sq), math.sqrt(param_sq)
     return ModuleStats(
         grad_norm=grad_norm,
-        grad_max_abs=max((s.grad_max_abs for _, s in got), default=None),
-        zero_fraction=zeros / numel if numel else (0.0 if got else None),
-        nan_count=sum(s.nan_count for _, s in got),
-        inf_count=sum(s.inf_count for _, s in got),
+        grad_max_abs=max_abs,
+        zero_fraction=zeros / numel if numel else 0.0,
+        nan_count=nans,
+        inf_count=infs,
         param_norm=param_norm,
-        grad_to_param=_ratio(grad_norm, param_norm),
+        grad_to_param=grad_norm / param_norm if param_norm else None,
         parameters=len(members),
-        received=len(got),
+        received=received,
     )
 
 
@@ -78,21 +85,13 @@ def clip_coefficient(clip_norm: float, max_norm: float) -> float:
     return coef if math.isnan(coef) else min(1.0, coef)
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or not den:
-        return None
-    return num / den
-
-
 def clip_norm(readings: Readings, norm_type: float) -> float:
     """The total norm ``clip_grad_norm_`` computes for ``norm_type``, from the per-gradient readings."""
-    if norm_type == 2.0:
-        norms = [row[GRAD_NORM] for row in readings.rows]
-        return combine_norms(norms)
-    column = GRAD_MAX_ABS if math.isinf(norm_type) else EXTRA_NORM
-    norms = [row[column] for row in readings.rows]
-    if any(math.isnan(n) for n in norms):
-        return math.nan
     if math.isinf(norm_type):
-        return max(norms, default=0.0)
+        if readings.nonfinite:  # max |g| rows then hold finite maxima; the true max is NaN or Inf
+            return math.nan if any(nans for nans, _ in readings.nonfinite.values()) else math.inf
+        return max((row[GRAD_MAX_ABS] for row in readings.rows), default=0.0)
+    if norm_type == 2.0:
+        return combine_norms([row[GRAD_NORM] for row in readings.rows])
+    norms = [row[EXTRA_NORM] for row in readings.rows]
     return math.fsum(n**norm_type for n in norms) ** (1.0 / norm_type)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,15 +29,15 @@ class Readings:
     """Per-parameter statistics of one step, on the host.
 
     ``rows[i]`` belongs to ``params[index[i]]``; parameters that got no
-    gradient have no row. ``nonfinite`` maps a row's parameter index to its
-    exact (NaN count, Inf count, max |g| over finite entries), filled only for
-    parameters whose norm was not finite.
+    gradient have no row. ``nonfinite`` maps the index of each parameter
+    whose gradient holds NaN or Inf to its (NaN count, Inf count); its row's
+    max |g| is then over the finite entries.
     """
 
     index: list[int]
     rows: list[list[float]]
     scalars: list[float]
-    nonfinite: dict[int, tuple[int, int, float]]
+    nonfinite: dict[int, tuple[int, int]]
 
 
 class GradientProbe:
@@ -100,15 +101,26 @@ class GradientProbe:
         flat = _fetch(table, scalars)  # the step's one host sync
         width = table.shape[1]
         rows = [flat[r * width : (r + 1) * width] for r in range(len(index))]
-        bad = [index[r] for r, row in enumerate(rows) if not math.isfinite(row[GRAD_NORM])]
-        return Readings(index, rows, flat[len(index) * width :], self._nonfinite(bad) if bad else {})
+        readings = Readings(index, rows, flat[len(index) * width :], {})
+        redo = [r for r, row in enumerate(rows) if _needs_float64(row)]
+        if redo:
+            self._refine(readings, redo)
+        return readings
 
-    def _nonfinite(self, bad: list[int]) -> dict[int, tuple[int, int, float]]:
-        # Rare path (a non-finite norm was seen): exact counts, at the cost of another sync.
-        grads = [_values(self.params[i].grad) for i in bad]
-        counts = torch.stack([torch.stack([g.isnan().sum(), g.isinf().sum()]) for g in grads]).tolist()
-        maxima = torch.stack([_finite_max(g) for g in grads]).tolist()
-        return {i: (n, f, m) for i, (n, f), m in zip(bad, counts, maxima)}
+    def _refine(self, readings: Readings, redo: list[int]) -> None:
+        """Rare path: exact numbers for rows float32 cannot hold (another host sync).
+
+        Non-finite gradients get their NaN and Inf counts and the max |g| of
+        their finite entries; gradients beyond float32's squaring range (all
+        below ~1e-18, as in a vanishing network, or above ~1e18) get their
+        norm again in float64.
+        """
+        grads = [_values(self.params[readings.index[r]].grad) for r in redo]
+        exact = torch.stack([_exact_row(g) for g in grads]).tolist()
+        for r, (norm, finite_max, nans, infs) in zip(redo, exact):
+            readings.rows[r][GRAD_NORM], readings.rows[r][GRAD_MAX_ABS] = norm, finite_max
+            if nans or infs:
+                readings.nonfinite[readings.index[r]] = (int(nans), int(infs))
 
     def _arrival(self, i: int):  # noqa: ANN202 - a hook closure
         arrived = self._arrived
@@ -143,54 +155,97 @@ def describe_parameters(model: nn.Module) -> list[ParamInfo]:
 def summarize(
     grads: list[torch.Tensor], params: list[torch.Tensor], extra_norm: float | None = None
 ) -> tuple[list[int], torch.Tensor]:
-    """Per-tensor statistics, batched per (device, dtype) group.
+    """Per-tensor statistics, batched per (device, dtype) group, without a host sync.
 
-    Norms accumulate in float64 (float32 on MPS, which has no float64): in
-    float32 the squares of gradients below ~1e-19 underflow to zero, which is
-    how ``torch.linalg.vector_norm`` reports a vanishing gradient as exactly 0.
+    Norms are taken in float32, which is exact enough wherever the squares
+    of the entries stay in float32's range; ``read`` redoes the rows outside
+    it in float64 (``_needs_float64``).
 
     Returns:
-        ``order`` and a table: row ``r`` holds grad L2 norm, max |g|,
-        count of non-zero entries, the parameter's L2 norm (and the grad's
-        ``extra_norm``-norm) for ``grads[order[r]]``.
+        ``order`` and a table (float64; float32 on MPS, which has none): row
+        ``r`` holds grad L2 norm, max |g|, count of non-zero entries, the
+        parameter's L2 norm (and the grad's ``extra_norm``-norm) for
+        ``grads[order[r]]``.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, g in enumerate(grads):
         groups[(g.device, g.dtype)].append(i)
+    width = 4 if extra_norm is None else 5
     if not groups:
-        return [], torch.zeros((0, 4 if extra_norm is None else 5), dtype=torch.float64)
-    order: list[int] = []
-    tables = []
+        return [], torch.zeros((0, width), dtype=torch.float64)
     home = grads[0].device
     dtype = torch.float32 if home.type == "mps" else torch.float64
+    order: list[int] = []
+    tables = []
     for members in groups.values():
         gs = [_values(grads[i]) for i in members]
-        ps = [params[i].detach() for i in members]
-        columns = [
-            _norms(gs, 2.0, dtype),
-            _norms(gs, math.inf, dtype),
-            _norms(gs, 0.0, dtype),  # the 0-"norm" counts non-zero entries (NaN counts as non-zero)
-            _norms(ps, 2.0, dtype),
-        ]
+        columns = [_norms(gs, 2.0), _max_abs(gs), _nonzero(gs), _norms([params[i].detach() for i in members], 2.0)]
         if extra_norm is not None:
-            columns.append(_norms(gs, extra_norm, dtype))
-        tables.append(torch.stack(columns, dim=1).to(home, non_blocking=True))
+            columns.append(_norms(gs, extra_norm))
+        tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
         order.extend(members)
     return order, torch.cat(tables)
 
 
-def _norms(tensors: list[torch.Tensor], ord: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(tensors, ord, dtype=dtype))
+# On the CPU, torch's foreach reductions loop over tensors in C++ but the
+# inf- and 0-"norms" are slow per element; large tensors go through aminmax
+# and count_nonzero instead. On GPUs the foreach kernels are fused and fast.
+_CPU_LARGE = 1 << 14
+
+
+def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+
+
+def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].device.type != "cpu":
+        return _norms(tensors, math.inf)
+    return _split_by_size(tensors, lambda t: torch.stack(torch.aminmax(t)).abs().amax().float(), math.inf)
+
+
+def _nonzero(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].device.type != "cpu":
+        # Counts go in float64: float32 counts stop being exact past 2**24 entries.
+        return torch.stack(torch._foreach_norm(tensors, 0.0, dtype=torch.float64))
+    return _split_by_size(tensors, lambda t: torch.count_nonzero(t).double(), 0.0)
+
+
+def _split_by_size(tensors: list[torch.Tensor], large: Any, ord: float) -> torch.Tensor:
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    small = [i for i, t in enumerate(tensors) if t.numel() < _CPU_LARGE]
+    if small:
+        out[small] = torch.stack(torch._foreach_norm([tensors[i] for i in small], ord, dtype=torch.float32)).double()
+    for i, t in enumerate(tensors):
+        if t.numel() >= _CPU_LARGE:
+            out[i] = large(t) if t.numel() else 0.0
+    return out
+
+
+def _needs_float64(row: list[float]) -> bool:
+    """A row whose float32 norm may be wrong: non-finite, or entries too small or large to square."""
+    norm, max_abs = row[GRAD_NORM], row[GRAD_MAX_ABS]
+    if not (math.isfinite(norm) and math.isfinite(max_abs)):
+        return True
+    return max_abs != 0.0 and not (1e-18 <= max_abs <= 1e18)
+
+
+def _exact_row(grad: torch.Tensor) -> torch.Tensor:
+    """float64 L2 norm, max |g| over finite entries, NaN count, Inf count."""
+    finite = torch.isfinite(grad)
+    dtype = torch.float32 if grad.device.type == "mps" else torch.float64
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(grad, dtype=dtype),
+            grad.abs().masked_fill(~finite, 0).amax().to(dtype) if grad.numel() else grad.new_zeros((), dtype=dtype),
+            grad.isnan().sum().to(dtype),
+            grad.isinf().sum().to(dtype),
+        ]
+    )
 
 
 def _values(grad: torch.Tensor) -> torch.Tensor:
     # A sparse gradient's statistics are those of its stored values.
     return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _finite_max(grad: torch.Tensor) -> torch.Tensor:
-    """max |g| over the finite entries (0 when there are none)."""
-    return grad.abs().masked_fill(~torch.isfinite(grad), 0).amax().float()
 
 
 def _fetch(table: torch.Tensor, scalars: list[torch.Tensor]) -> list[float]:

@@ -35,12 +35,13 @@ class TerminalReporter:
         self.show_all = show_all
 
     def write(self, report: Report) -> None:
+        if not report.steps:
+            return  # nothing was measured; the error itself goes to stderr
         self.console.print(_header(report))
-        if report.steps:
-            self.console.print(_steps_table(report))
-        self.console.print(_findings(report.anomalies))
-        if report.steps:
-            self.console.print(_layer_table(report, report.steps[-1], self.show_all))
+        self.console.print(_steps_table(report))
+        if report.anomalies or report.run.status == "completed":
+            self.console.print(_findings(report.anomalies))
+        self.console.print(_layer_table(report, report.steps[-1], self.show_all))
         if report.run.status != "completed":
             self.console.print(_status_line(report))
 

@@ -1,0 +1,167 @@
+"""How much a gradscope step costs next to a plain training step, measured in the same process.
+
+    python scripts/bench_overhead.py                 # every model, CPU or the first GPU
+    python scripts/bench_overhead.py --models lm5m many_tensors --rounds 7
+
+For each model it times, in interleaved rounds after warm-up, the median time
+per training step (zero_grad, forward, loss, backward, clip_grad_norm_, AdamW
+step) of:
+  plain      the step with no gradscope;
+  stats      the same step through gradscope's engine with gradient statistics
+             (per-parameter norms, max |g|, zeros, parameter norms: one host
+             transfer per step);
+  anomaly    the plain step under torch.autograd.detect_anomaly, for comparison.
+It prints ms/step and the ratio to plain. CUDA times are taken with
+torch.cuda.synchronize() around each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradscope import zoo
+from gradscope.config import ClipSpec
+from gradscope.engine import Engine, StepPlan
+from gradscope.loading import Batch, cross_entropy
+from gradscope.probes.gradients import GradientProbe
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.device], Batch]
+
+
+def _tokens(vocab: int, rows: int, length: int) -> Callable[[torch.device], Batch]:
+    def make(device: torch.device) -> Batch:
+        x = torch.randint(vocab, (rows, length), device=device)
+        return Batch(x, torch.roll(x, -1, dims=1))
+
+    return make
+
+
+def _dense(shape: tuple[int, ...], classes: int) -> Callable[[torch.device], Batch]:
+    def make(device: torch.device) -> Batch:
+        return Batch(torch.randn(shape, device=device), torch.randint(classes, (shape[0],), device=device))
+
+    return make
+
+
+CASES = {
+    "lm5m": Case(
+        "transformer LM ~5M",
+        lambda: zoo.TransformerLM(vocab=8192, d_model=256, n_layers=4, n_heads=4, max_len=128),
+        _tokens(8192, 8, 128),
+    ),
+    "lm50m": Case(
+        "transformer LM ~50M",
+        lambda: zoo.TransformerLM(vocab=16384, d_model=512, n_layers=12, n_heads=8, max_len=128),
+        _tokens(16384, 2, 128),
+    ),
+    "resnet": Case(
+        "ResNet CNN (BatchNorm)",
+        lambda: zoo.ResNet(in_channels=3, width=32, stages=(2, 2, 2), classes=10),
+        _dense((16, 3, 32, 32), 10),
+    ),
+    "many_tensors": Case(
+        "residual MLP, 1,004 tensors",
+        lambda: zoo.MLP(in_features=32, hidden=32, depth=250, classes=10, residual=True, norm=True),
+        _dense((32, 32), 10),
+    ),
+}
+
+
+class Plain:
+    """The user's step without gradscope."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, anomaly: bool = False) -> None:
+        self.model, self.optimizer, self.anomaly = model, optimizer, anomaly
+
+    def step(self, batch: Batch) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.set_detect_anomaly(self.anomaly):
+            loss = cross_entropy(self.model(batch.inputs), batch.labels)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+
+
+class Stats:
+    """The same step through gradscope's engine (gradient statistics)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.probe = GradientProbe(model).__enter__()
+        plan = StepPlan(device, clip=ClipSpec(max_norm=1.0))
+        self.engine = Engine(model, optimizer, cross_entropy, self.probe, plan)
+        self.index = 0
+
+    def step(self, batch: Batch) -> None:
+        self.engine.step(self.index, batch)
+        self.index += 1
+
+
+def _time(step: Callable[[Batch], None], batch: Batch, steps: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(case: Case, device: torch.device, rounds: int, steps: int, modes: list[str]) -> dict[str, float]:
+    """Median seconds per step of each mode, over interleaved rounds."""
+    torch.manual_seed(0)
+    model = case.build().to(device)
+    batch = case.batch(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    runners = {
+        "plain": Plain(model, optimizer).step,
+        "stats": Stats(model, optimizer, device).step,
+        "anomaly": Plain(model, optimizer, anomaly=True).step,
+    }
+    for mode in modes:  # warm-up: allocator, optimizer state, kernels
+        _time(runners[mode], batch, 2, device)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            times[mode].append(_time(runners[mode], batch, steps, device))
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-anomaly", action="store_true", help="skip the detect_anomaly comparison")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    modes = ["plain", "stats"] + ([] if args.no_anomaly else ["anomaly"])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians")
+    print(f"{'model':32} {'params':>8} " + " ".join(f"{m + ' ms':>12} {'ratio':>6}" for m in modes))
+    for key in args.models:
+        case = CASES[key]
+        n = sum(p.numel() for p in case.build().parameters())
+        result = bench(case, device, args.rounds, args.steps, modes)
+        cells = " ".join(f"{1e3 * result[m]:12.2f} {result[m] / result['plain']:6.3f}" for m in modes)
+        print(f"{case.name:32} {n / 1e6:7.1f}M {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
