@@ -67,3 +67,17 @@ def test_user_frame_skips_library_frames():
         users_code()
     except RuntimeError as exc:
         assert f"{__file__}" in user_frame(exc) and "users_code" in user_frame(exc)
+
+
+def test_torchvision_model_without_weights():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not installed, or built for another torch
+        pytest.skip("torchvision is not importable here")
+    raw = config(
+        "torchvision.models:resnet18",
+        {"weights": None, "num_classes": 4},
+        data={"batch_size": 2, "input": {"shape": [3, 32, 32]}, "labels": {"classes": 4}},
+    )
+    report = Inspection(settings_from_dict(raw)).run()
+    assert report.steps[0].parameters["conv1.weight"].grad_norm > 0
