@@ -33,8 +33,8 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
-class ParamStats:
-    """One parameter's gradient at one step. ``grad_norm is None``: it got no gradient."""
+class GradStats:
+    """Gradient statistics at one step. ``grad_norm is None``: no gradient arrived."""
 
     grad_norm: float | None
     grad_max_abs: float | None
@@ -50,18 +50,19 @@ class ParamStats:
 
 
 @dataclass(frozen=True)
-class ModuleStats:
-    """The parameters a module owns directly, aggregated (norms combine as sqrt of sum of squares)."""
+class ParamStats(GradStats):
+    """One parameter's gradient at one step."""
 
-    grad_norm: float | None
-    grad_max_abs: float | None
-    zero_fraction: float | None
-    nan_count: int
-    inf_count: int
-    param_norm: float | None
-    grad_to_param: float | None
-    parameters: int
-    received: int
+
+@dataclass(frozen=True)
+class ModuleStats(GradStats):
+    """The parameters a module owns directly, aggregated (norms combine as sqrt of sum of squares).
+
+    ``parameters`` counts them, ``with_grad`` those that got a gradient.
+    """
+
+    parameters: int = 0
+    with_grad: int = 0
 
 
 @dataclass(frozen=True)

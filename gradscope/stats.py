@@ -65,7 +65,7 @@ def _aggregate(members: list[ParamInfo], params: dict[str, ParamStats]) -> Modul
         param_norm=param_norm,
         grad_to_param=grad_norm / param_norm if param_norm else None,
         parameters=len(members),
-        received=received,
+        with_grad=received,
     )
 
 

@@ -129,7 +129,7 @@ def test_unused_and_frozen_parameters():
     frozen = next(p for p in report.parameters if p.name == "frozen.weight")
     assert frozen.trainable is False
     assert report.run.parameters_trainable == 4 * 8 + 4 + 4 * 8 + 4
-    assert step.modules["spare"].received == 0 and step.modules["spare"].grad_norm is None
+    assert step.modules["spare"].with_grad == 0 and step.modules["spare"].grad_norm is None
 
 
 def test_detached_parameters_get_no_gradient():
