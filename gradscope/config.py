@@ -158,6 +158,78 @@ class ClipSpec(_Strict):
         return value
 
 
+Severity = Literal["error", "warning", "info", "off"]
+
+
+class _Check(_Strict):
+    severity: Severity | None = None  # None: the rule's own default
+
+
+class VanishingCheck(_Check):
+    ratio: float = Field(default=1e-4, gt=0, lt=1)  # earliest/latest relative gradient below this
+    negligible: float = Field(default=1e-10, gt=0)  # every layer's relative gradient below this
+
+
+class ExplodingCheck(_Check):
+    ratio: float = Field(default=1e4, gt=1)  # earliest/latest relative gradient above this
+    relative: float = Field(default=1e2, gt=0)  # a layer's |grad| / |weight| above this
+
+
+class FractionCheck(_Check):
+    fraction: float = Field(default=0.5, gt=0, le=1)
+    min_samples: int = Field(default=16, gt=0)  # fewer samples per unit cannot tell dead from unlucky
+
+
+class StepFractionCheck(_Check):
+    fraction: float = Field(default=0.5, ge=0, le=1)  # of the steps
+
+
+class UnderflowCheck(_Check):
+    fraction: float = Field(default=0.05, gt=0, le=1)  # of a gradient's entries flushed to zero
+
+
+class IgnoreEntry(_Strict):
+    """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
+
+    kind: str
+    module: str = "*"
+    parameter: str = "*"
+    reason: str = Field(min_length=1)
+
+
+class Checks(_Strict):
+    """Thresholds of the anomaly rules, and findings to accept."""
+
+    nonfinite_loss: _Check = _Check()
+    nonfinite_forward: _Check = _Check()
+    nonfinite_gradient: _Check = _Check()
+    backward_error: _Check = _Check()
+    vanishing_gradient: VanishingCheck = VanishingCheck()
+    exploding_gradient: ExplodingCheck = ExplodingCheck()
+    dead_relu: FractionCheck = FractionCheck()
+    saturated_activation: FractionCheck = FractionCheck()
+    unused_parameter: _Check = _Check()
+    zero_gradient: _Check = _Check()
+    gradient_clipping: StepFractionCheck = StepFractionCheck()
+    loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
+    gradient_underflow: UnderflowCheck = UnderflowCheck()
+    wrong_gradient: _Check = _Check()
+    ignore: list[IgnoreEntry] = Field(default_factory=list)
+
+    @field_validator("ignore")
+    @classmethod
+    def _known_kinds(cls, entries: list[IgnoreEntry]) -> list[IgnoreEntry]:
+        kinds = [name for name in cls.model_fields if name != "ignore"]
+        for entry in entries:
+            if entry.kind not in kinds:
+                raise ValueError(f"unknown kind {entry.kind!r}; expected one of: {', '.join(kinds)}")
+        return entries
+
+    def rule(self, kind: str) -> Any:
+        """The thresholds of one rule."""
+        return getattr(self, kind)
+
+
 class Settings(_Strict):
     """A whole gradscope config."""
 
@@ -171,6 +243,7 @@ class Settings(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpointing: CheckpointSpec | None = None
     clip: ClipSpec | None = None
+    checks: Checks = Checks()
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 
     @property

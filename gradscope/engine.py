@@ -2,40 +2,46 @@
 
 One ``Engine.step`` is what a user's own loop does (``zero_grad``, forward
 under autocast, backward through the grad scaler, ``unscale_``,
-``clip_grad_norm_``, ``optimizer.step``), with the gradient probe reading
-the true (unscaled, unclipped) gradients in between.
+``clip_grad_norm_``, ``optimizer.step``), with the probes reading the true
+(unscaled, unclipped) gradients in between. A step that shows a NaN/Inf, or
+the first step of a low-precision run, is replayed to look closer
+(``gradscope.replay``) before the weights change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from gradscope import stats
+from gradscope import replay, stats
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
-from gradscope.probes.gradients import GradientProbe
-from gradscope.report import StepRecord
+from gradscope.probes.activations import ActivationProbe
+from gradscope.probes.gradients import GradientProbe, Readings
+from gradscope.probes.modules import ModuleTracker
+from gradscope.probes.origins import bad_kind
+from gradscope.report import BackwardFailure, NonfiniteOrigin, StepRecord
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How each step runs."""
+    """How each step runs and what it looks at."""
 
     device: torch.device
     precision: str = "fp32"
     clip: ClipSpec | None = None
     pass_labels: bool = False  # `loss: output`: the model gets `labels=` and returns its loss
+    activations: bool = True  # dead/saturated unit statistics and which modules ran
+    localize: bool = True  # replay a step with a NaN/Inf to find where it was made
+    underflow: bool = True  # low precision: compare the first step's gradients with fp32
 
 
 class Engine:
@@ -46,35 +52,49 @@ class Engine:
         optimizer: stepped after each backward (``loading.NoUpdate`` keeps the weights).
         loss_fn: ``fn(output, labels) -> scalar``.
         probe: an entered ``GradientProbe`` on ``model``.
-        plan: device, precision, clipping.
+        plan: device, precision, clipping, what to look at.
+
+    Attributes:
+        stopped: backward raised; no further step can run.
+        called: names of the modules that ran in the first forward (None until then).
     """
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, probe: GradientProbe, plan: StepPlan
     ) -> None:
         self.model, self.optimizer, self.loss_fn, self.probe, self.plan = model, optimizer, loss_fn, probe, plan
-        fp16 = plan.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(plan.device.type) if fp16 else None
+        self.scaler = torch.amp.GradScaler(plan.device.type) if plan.precision == "fp16" else None
         self.trainable = [info for info in probe.infos if info.trainable]
+        self.tracker = ModuleTracker(model) if plan.activations else None
+        self.located = False  # one fault, one finding: stop looking once an origin is found
+        self.stopped = False
+        self.called: tuple[str, ...] | None = None
 
     def step(self, index: int, batch: Batch) -> StepRecord:
         """One forward/backward/update; returns what it measured."""
+        state = replay.rng_state()
         self.probe.begin_step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward(batch)
-        self._backward(loss)
+        loss, activations = self._observed_forward(batch)
+        failure = self._backward(loss, batch, state)
+        if failure is not None:
+            self.stopped = True
+            return StepRecord(index, float(loss.detach()), math.nan, {}, {}, backward_error=failure)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # measure and clip the true gradients
-        scale = _scale_tensor(self.scaler) if self.scaler is not None else None
-        readings = self.probe.read([loss] + ([scale] if scale is not None else []))
+        extra = [_scale_tensor(self.scaler)] if self.scaler is not None else []
+        readings = self.probe.read([loss, *extra, *(activations.counts if activations else [])])
+        origin = self._locate(readings, batch, state)
+        underflow = self._underflow(batch, state) if index == 0 and not readings.nonfinite else None
         if self.plan.clip is not None:
             clip = self.plan.clip
             torch.nn.utils.clip_grad_norm_(self.probe.params, clip.max_norm, clip.norm_type)
         self._update()
-        return self._record(index, readings)
+        return self._record(index, readings, activations, origin, underflow)
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        with _autocast(self.plan):
+    def forward(self, batch: Batch, precision: str | None = None) -> torch.Tensor:
+        """Model and loss on ``batch`` under autocast; the checked scalar loss."""
+        with _autocast(self.plan.device, precision or self.plan.precision):
             try:
                 output = call_model(self.model, batch, self.plan.pass_labels)
             except GradscopeError:
@@ -90,11 +110,40 @@ class Engine:
         check_loss(loss)
         return loss
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _observed_forward(self, batch: Batch) -> tuple[torch.Tensor, ActivationProbe | None]:
+        if self.tracker is None:
+            return self.forward(batch), None
+        with self.tracker, ActivationProbe(self.tracker) as activations:
+            loss = self.forward(batch)
+        if self.called is None:
+            self.called = tuple(self.tracker.calls)  # in the order of their first call
+        return loss, activations
+
+    def _backward(self, loss: torch.Tensor, batch: Batch, state: replay.RngState) -> BackwardFailure | None:
         try:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        except RuntimeError as exc:
+            node, source = replay.backward_error_site(self.model, lambda: self.forward(batch), state)
+            message = str(exc).split(" Hint:")[0]  # PyTorch's hint suggests the anomaly mode used here already
+            return BackwardFailure(f"{type(exc).__name__}: {message}", node, source)
         except Exception as exc:
             raise ModelError("model", "the backward pass", exc) from exc
+        return None
+
+    def _locate(self, readings: Readings, batch: Batch, state: replay.RngState) -> NonfiniteOrigin | None:
+        loss = readings.scalars[0]
+        if self.located or not self.plan.localize or (math.isfinite(loss) and not readings.nonfinite):
+            return None
+        kind = bad_kind(loss) if not math.isfinite(loss) else _grad_kind(readings)
+        tensors = replay.batch_tensors(batch.inputs, batch.labels)
+        origin = replay.locate(self.model, tensors, lambda: self.forward(batch), state, kind, math.isfinite(loss))
+        self.located = origin is not None
+        return origin
+
+    def _underflow(self, batch: Batch, state: replay.RngState) -> dict[str, float] | None:
+        if self.plan.precision == "fp32" or not self.plan.underflow:
+            return None
+        return replay.underflow(self.model, lambda: self.forward(batch, precision="fp32"), state)
 
     def _update(self) -> None:
         if self.scaler is None:
@@ -103,10 +152,18 @@ class Engine:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _record(self, index: int, readings: Any) -> StepRecord:
+    def _record(
+        self,
+        index: int,
+        readings: Readings,
+        activations: ActivationProbe | None,
+        origin: NonfiniteOrigin | None,
+        underflow: dict[str, float] | None,
+    ) -> StepRecord:
         params = stats.parameter_stats(self.trainable, readings)
         total = stats.total_norm(params)
-        record: dict[str, Any] = {}
+        record: dict[str, Any] = {"origin": origin, "underflow": underflow}
+        first_count = 1
         if self.plan.clip is not None:
             clip_norm = stats.clip_norm(readings, self.plan.clip.norm_type)
             coef = stats.clip_coefficient(clip_norm, self.plan.clip.max_norm)
@@ -115,6 +172,9 @@ class Engine:
             # The scaler skips the update when any unscaled gradient is non-finite.
             skipped = any(s.nan_count or s.inf_count for s in params.values())
             record.update(loss_scale=readings.scalars[1], skipped=skipped)
+            first_count = 2
+        if activations is not None:
+            record["activations"] = activations.results(readings.scalars[first_count:])
         return StepRecord(
             step=index,
             loss=readings.scalars[0],
@@ -135,63 +195,14 @@ def check_loss(loss: Any) -> None:
         raise ConfigError([("loss", "the loss does not depend on any trainable parameter (all frozen, or the output was detached)")])
 
 
-@contextlib.contextmanager
-def checkpointing(model: nn.Module, patterns: list[str]) -> Iterator[list[str]]:
-    """Run the modules whose qualified names match ``patterns`` under activation checkpointing.
-
-    Each matching module's ``forward`` is wrapped in
-    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` for the
-    duration of the block and restored afterwards, also on error. Modules
-    inside an already-checkpointed module are left alone.
-
-    Yields:
-        The qualified names of the checkpointed modules.
-
-    Raises:
-        ConfigError: a pattern matches no module.
-    """
-    chosen = _matching_modules(model, patterns)
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for _, module in chosen:
-            patched.append((module, module.__dict__.get("forward")))
-            module.forward = _checkpointed(module.forward)  # type: ignore[method-assign]
-        yield [name for name, _ in chosen]
-    finally:
-        for module, original in patched:
-            if original is None:
-                del module.forward
-            else:
-                module.forward = original  # type: ignore[method-assign]
+def _grad_kind(readings: Readings) -> str:
+    return "nan" if any(nans for nans, _ in readings.nonfinite.values()) else "inf"
 
 
-def _matching_modules(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
-    names = [name for name, _ in model.named_modules() if name]
-    for i, pattern in enumerate(patterns):
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ConfigError([(f"checkpointing.modules[{i}]", f"pattern {pattern!r} matches no module; modules are: {sample}")])
-    chosen: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        inside = any(name.startswith(parent + ".") for parent, _ in chosen)
-        if name and not inside and any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            chosen.append((name, module))
-    return chosen
-
-
-def _checkpointed(forward: Any) -> Any:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager[Any]:
-    if plan.precision == "fp32":
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(plan.device.type, dtype=AUTOCAST_DTYPES[plan.precision])
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:

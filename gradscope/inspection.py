@@ -15,7 +15,8 @@ import torch
 
 from gradscope import __version__, loading, rules
 from gradscope.config import Settings, load_config, settings_from_dict
-from gradscope.engine import Engine, StepPlan, checkpointing
+from gradscope.checkpointing import checkpointing
+from gradscope.engine import Engine, StepPlan
 from gradscope.errors import GradscopeError
 from gradscope.probes.gradients import GradientProbe, describe_parameters
 from gradscope.report import Report, RunInfo, StepRecord
@@ -38,6 +39,7 @@ class Inspection:
         self.error: str | None = None
         self.checkpointed: list[str] = []
         self._duration = 0.0
+        self.engine: Engine | None = None
         with _located(settings):
             self.device = loading.resolve_device(settings.device)
             self.model = loading.build_model(settings).to(self.device)
@@ -65,9 +67,11 @@ class Inspection:
                 checkpointing(self.model, _patterns(settings)) as self.checkpointed,
                 GradientProbe(self.model, extra_norm) as probe,
             ):
-                engine = Engine(self.model, self.optimizer, self.loss_fn, probe, plan)
+                self.engine = Engine(self.model, self.optimizer, self.loss_fn, probe, plan)
                 for index in range(settings.steps):
-                    self.steps.append(engine.step(index, self.batch))
+                    self.steps.append(self.engine.step(index, self.batch))
+                    if self.engine.stopped:
+                        break
         except KeyboardInterrupt:
             self.status = "interrupted"
             raise
@@ -104,8 +108,10 @@ class Inspection:
             gradscope_version=__version__,
             duration_s=round(self._duration, 4),
         )
-        report = Report(run, tuple(infos), tuple(self.steps))
-        return dataclasses.replace(report, anomalies=rules.diagnose(report))
+        called = self.engine.called if self.engine is not None else None
+        report = Report(run, tuple(infos), tuple(self.steps), called_modules=called)
+        anomalies, ignored = rules.diagnose(report, settings.checks)
+        return dataclasses.replace(report, anomalies=anomalies, ignored=ignored)
 
 
 def inspect(config: str | Path | Settings | dict[str, Any]) -> Report:

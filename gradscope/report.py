@@ -30,6 +30,7 @@ class ParamInfo:
     dtype: str
     trainable: bool
     aliases: tuple[str, ...] = ()
+    module_type: str = ""  # class name of the owning module: Linear, Embedding, LayerNorm, ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,58 @@ class ModuleStats(GradStats):
 
 
 @dataclass(frozen=True)
+class NonfiniteOrigin:
+    """Where a NaN or Inf was first made.
+
+    ``phase``: ``forward`` (an op inside the model), ``loss`` (an op of the
+    loss, after the model), ``backward`` (an autograd node), ``input`` (the
+    batch already held it) or ``parameter`` (a weight already held it).
+    """
+
+    phase: str
+    kind: str  # nan | inf
+    op: str | None = None  # torch.log, F.softmax, MyFunction.backward, ...
+    module: str | None = None  # innermost module, with the call number if called several times
+    source: str | None = None  # the user's line: file:line in function: code
+    node: str | None = None  # the autograd node (backward only)
+    dtype: str | None = None
+    count: int = 0  # non-finite values in the op's output
+    numel: int = 0
+    input_min: float | None = None  # range of the op's finite inputs (forward only)
+    input_max: float | None = None
+    tensors: tuple[str, ...] = ()  # input/parameter phases: which tensors
+
+
+@dataclass(frozen=True)
+class BackwardFailure:
+    """PyTorch raised in backward: its message, the autograd node that failed, and the
+    user's forward line that created that node."""
+
+    message: str
+    node: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """One activation call site at one step.
+
+    ``fraction``: for a ReLU, of its units that are zero for every sample
+    (dead); for sigmoid/tanh, of its output values within 0.01 of a bound
+    (saturated, where the derivative is below ~0.02). A unit is a feature (the
+    last dimension; the channel for 4-D and 5-D outputs); ``samples`` is how
+    many values of each unit the batch gave.
+    """
+
+    kind: str  # relu | sigmoid | tanh
+    module: str
+    source: str | None
+    units: int
+    samples: int
+    fraction: float  # dead (relu) or saturated (sigmoid/tanh) units
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """One forward/backward pass. Norms are L2 over all trainable gradients, before clipping."""
 
@@ -79,6 +132,10 @@ class StepRecord:
     clip_coefficient: float | None = None  # what gradients were multiplied by (1.0: not clipped)
     loss_scale: float | None = None  # fp16 only: the scale this step's backward used
     skipped: bool = False  # fp16 only: the scaler skipped the optimizer step (non-finite gradients)
+    activations: dict[str, ActivationStats] = field(default_factory=dict)
+    origin: NonfiniteOrigin | None = None  # where this step's first NaN/Inf was made
+    backward_error: BackwardFailure | None = None  # PyTorch raised in backward
+    underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
 
 
 @dataclass(frozen=True)
@@ -127,6 +184,8 @@ class Report:
     parameters: tuple[ParamInfo, ...]
     steps: tuple[StepRecord, ...]
     anomalies: tuple[Anomaly, ...] = ()
+    called_modules: tuple[str, ...] | None = None  # modules that ran in the first forward (None: not tracked)
+    ignored: tuple[Anomaly, ...] = ()  # findings the config's `checks.ignore` accepts
     schema_version: int = SCHEMA_VERSION
 
     def at_or_above(self, severity: str) -> list[Anomaly]:
@@ -144,6 +203,8 @@ class Report:
             "parameters": {p.name: _plain(_without(p, "name")) for p in self.parameters},
             "steps": [_step_dict(s) for s in self.steps],
             "anomalies": [_plain(dataclasses.asdict(a)) for a in self.anomalies],
+            "ignored": [_plain(dataclasses.asdict(a)) for a in self.ignored],
+            "called_modules": list(self.called_modules) if self.called_modules is not None else None,
         }
 
     @classmethod
@@ -157,20 +218,38 @@ class Report:
         )
         steps = tuple(_step_from(s) for s in data["steps"])
         anomalies = tuple(Anomaly(**a) for a in data["anomalies"])
-        return cls(run, params, steps, anomalies, data["schema_version"])
+        called = data.get("called_modules")
+        ignored = tuple(Anomaly(**a) for a in data.get("ignored", []))
+        return cls(
+            run, params, steps, anomalies, tuple(called) if called is not None else None, ignored, data["schema_version"]
+        )
+
+
+_NESTED = ("parameters", "modules", "activations", "origin", "backward_error")
 
 
 def _step_dict(step: StepRecord) -> dict[str, Any]:
-    out = _plain({k: v for k, v in _without(step, "parameters", "modules").items()})
-    out["parameters"] = {name: _plain(dataclasses.asdict(s)) for name, s in step.parameters.items()}
-    out["modules"] = {name: _plain(dataclasses.asdict(s)) for name, s in step.modules.items()}
+    out = _plain(_without(step, *_NESTED))
+    for name in ("parameters", "modules", "activations"):
+        out[name] = {key: _plain(dataclasses.asdict(s)) for key, s in getattr(step, name).items()}
+    for name in ("origin", "backward_error"):
+        value = getattr(step, name)
+        out[name] = _plain(dataclasses.asdict(value)) if value else None
     return out
 
 
 def _step_from(data: dict[str, Any]) -> StepRecord:
     params = {name: ParamStats(**s) for name, s in data.pop("parameters").items()}
     modules = {name: ModuleStats(**s) for name, s in data.pop("modules").items()}
-    return StepRecord(parameters=params, modules=modules, **data)
+    activations = {name: ActivationStats(**s) for name, s in data.pop("activations").items()}
+    origin = data.pop("origin")
+    if origin:
+        origin = NonfiniteOrigin(**{**origin, "tensors": tuple(origin["tensors"])})
+    failure = data.pop("backward_error")
+    failure = BackwardFailure(**failure) if failure else None
+    return StepRecord(
+        parameters=params, modules=modules, activations=activations, origin=origin, backward_error=failure, **data
+    )
 
 
 def _without(obj: Any, *names: str) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class MLP(nn.Module):
         init_std: float = 0.02,
         norm: bool = False,
         residual: bool = False,
+        bias: float | None = None,
     ) -> None:
         super().__init__()
         self.inp = nn.Linear(in_features, hidden)
@@ -85,6 +86,8 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, classes)
         for block in self.blocks:
             _init_linear(block.linear, init, init_std)
+            if bias is not None:
+                nn.init.constant_(block.linear.bias, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)

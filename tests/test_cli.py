@@ -173,7 +173,7 @@ def warn_on_every_run(report: Report) -> list[Anomaly]:
 
 @pytest.mark.parametrize("fail_on, code", [("error", 0), ("warning", 1), ("info", 1), ("never", 0)])
 def test_fail_on_sets_the_exit_code(fail_on, code, monkeypatch):
-    monkeypatch.setattr(rules, "RULES", (warn_on_every_run,))
+    monkeypatch.setattr(rules, "RULES", (("zero_gradient", warn_on_every_run),))
     result = invoke("inspect", str(CONFIGS / "deep_sigmoid_mlp.yaml"), "--steps", "1", "--fail-on", fail_on)
     assert result.exit_code == code, result.output
     assert "zero_gradient" in result.stdout

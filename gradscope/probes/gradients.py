@@ -136,8 +136,10 @@ def describe_parameters(model: nn.Module) -> list[ParamInfo]:
     aliases: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases[id(param)].append(name)
+    modules = dict(model.named_modules())
     infos = []
     for name, param in model.named_parameters():
+        owner = modules.get(name.rpartition(".")[0])
         infos.append(
             ParamInfo(
                 name=name,
@@ -147,6 +149,7 @@ def describe_parameters(model: nn.Module) -> list[ParamInfo]:
                 dtype=str(param.dtype).removeprefix("torch."),
                 trainable=param.requires_grad,
                 aliases=tuple(n for n in aliases[id(param)] if n != name),
+                module_type=type(owner).__name__ if owner is not None else "",
             )
         )
     return infos

@@ -1,0 +1,106 @@
+"""Activation statistics: dead ReLU units and saturated sigmoid/tanh units, per call site.
+
+A ``TorchFunctionMode`` sees every ReLU, sigmoid and tanh however it is
+called (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), and reduces
+each output on the device to one count; the counts join the step's one host
+transfer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from gradscope.probes.modules import ModuleTracker, describe_call, user_site
+from gradscope.report import ActivationStats
+
+KINDS: dict[Any, str] = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    F.relu6: "relu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.Tensor.tanh: "tanh",
+}
+# A sigmoid unit is saturated beyond these outputs (|x| > 4.6, where sigmoid' < 0.01);
+# a tanh unit beyond |y| = 0.99 (|x| > 2.65, where tanh' < 0.02).
+SIGMOID_BOUND = 0.01
+TANH_BOUND = 0.99
+
+
+@dataclass(frozen=True)
+class _Site:
+    kind: str
+    module: str
+    call: int
+    source: str | None
+
+
+class ActivationProbe(TorchFunctionMode):
+    """Counts dead or saturated units of each activation call during a forward pass.
+
+    Args:
+        tracker: an entered ``ModuleTracker`` on the same model.
+    """
+
+    def __init__(self, tracker: ModuleTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.sites: list[_Site] = []
+        self.counts: list[torch.Tensor] = []
+        self.shapes: list[tuple[int, int]] = []  # (units, samples)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        kind = KINDS.get(func)
+        if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
+            self._record(kind, out.detach())
+        return out
+
+    def _record(self, kind: str, out: torch.Tensor) -> None:
+        # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.
+        unit_dim = 1 if out.ndim >= 4 else out.ndim - 1
+        samples = tuple(d for d in range(out.ndim) if d != unit_dim)
+        if kind == "relu":
+            flagged = out.amax(dim=samples) <= 0
+        elif kind == "sigmoid":
+            flagged = (out < SIGMOID_BOUND) | (out > 1 - SIGMOID_BOUND)
+        else:
+            flagged = out.abs() > TANH_BOUND
+        where = self.tracker.current or ("", 0)
+        site = user_site()
+        self.sites.append(_Site(kind, where[0], where[1], f"{site[0]}:{site[1]}" if site else None))
+        units = out.shape[unit_dim]
+        # Dead ReLUs are counted per unit; saturation per value, since every saturated value
+        # cuts its own gradient: fractions are of ``units`` and of all values respectively.
+        self.counts.append(flagged.sum())
+        self.shapes.append((units if kind == "relu" else out.numel(), out.numel() // max(units, 1)))
+
+    def results(self, counts: list[float]) -> dict[str, ActivationStats]:
+        """Key each site by module, call and source line, given the fetched ``counts``."""
+        out = {}
+        for site, count, (total, samples) in zip(self.sites, counts, self.shapes):
+            units = total if site.kind == "relu" else total // max(samples, 1)
+            module = describe_call(site.module or "(model)", site.call, self.tracker.calls[site.module])
+            key = f"{module}:{site.kind}" + (f"@{site.source.rpartition('/')[2]}" if site.source else "")
+            out[_unique(key, out)] = ActivationStats(site.kind, module, site.source, units, samples, count / total)
+        return out
+
+
+def _unique(key: str, taken: dict[str, Any]) -> str:
+    if key not in taken:
+        return key
+    n = 2
+    while f"{key}#{n}" in taken:
+        n += 1
+    return f"{key}#{n}"

@@ -1,0 +1,244 @@
+"""Where a NaN or Inf first appears: the op in the forward pass, or the autograd node in the backward.
+
+Runs only on a step where the loss or a gradient was seen to be non-finite:
+the step's forward and backward are replayed on the same weights, batch and
+random state, checking every op's output (forward) and every autograd node's
+output gradients (backward), which costs a host sync per op and is why it is
+not done on every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from gradscope.probes.modules import ModuleTracker, _tensors, describe_call, user_site
+from gradscope.report import NonfiniteOrigin
+
+ROOT = "(model)"  # how the top-level module is named in messages
+
+
+def bad_kind(value: float) -> str:
+    """``nan`` or ``inf``: the kind of non-finite value to search for."""
+    return "nan" if math.isnan(value) else "inf"
+
+
+class FirstNonfinite(TorchFunctionMode):
+    """Records the first op that creates a NaN (or an Inf) from inputs without one.
+
+    An Inf written on purpose (``masked_fill(mask, -inf)``, an attention mask)
+    is not an origin: ops given an infinite scalar are skipped, and a NaN
+    search ignores Infs in the inputs, so a softmax over a fully masked row is
+    found as the origin of its NaN.
+
+    It also maps the autograd node of every op's output to (op name, user
+    source line) in ``ops``, for naming the op behind a node in the backward.
+    """
+
+    def __init__(self, tracker: ModuleTracker, kind: str) -> None:
+        super().__init__()
+        self.tracker, self.kind = tracker, kind
+        self.found: NonfiniteOrigin | None = None
+        self.ops: dict[Any, tuple[str, str | None]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _is_metadata(func):
+            return func(*args, **kwargs)
+        inputs = [t for t in _tensors([args, kwargs]) if t.is_floating_point()]
+        search = self.found is None
+        clean = search and not any(_has(t, self.kind) for t in inputs) and not _explicit_inf(args, kwargs)
+        out = func(*args, **kwargs)
+        self._record_nodes(func, out)
+        if clean:
+            produced = [t for t in _tensors(out) + inputs if t.is_floating_point() and _has(t, self.kind)]
+            if produced:
+                self.found = self._origin(func, inputs, produced[0])
+        return out
+
+    def _record_nodes(self, func: Any, out: Any) -> None:
+        for t in _tensors(out):
+            if t.grad_fn is not None and t.grad_fn not in self.ops:
+                self.ops[t.grad_fn] = (op_name(func), _source(user_site()))
+
+    def _origin(self, func: Any, inputs: list[torch.Tensor], produced: torch.Tensor) -> NonfiniteOrigin:
+        where = self.tracker.current
+        site = user_site()
+        finite = [t[torch.isfinite(t)] for t in inputs if t.numel()]
+        values = torch.cat([t.float().flatten() for t in finite]) if finite else torch.zeros(0)
+        return NonfiniteOrigin(
+            phase="forward" if where else "loss",
+            kind=self.kind,
+            op=op_name(func),
+            module=_module(where, self.tracker),
+            source=_source(site),
+            dtype=str(produced.dtype).removeprefix("torch."),
+            count=int(_count(produced, self.kind)),
+            numel=produced.numel(),
+            input_min=float(values.min()) if values.numel() else None,
+            input_max=float(values.max()) if values.numel() else None,
+        )
+
+
+def backward_origin(
+    loss: torch.Tensor, inputs: list[torch.Tensor], tracker: ModuleTracker, ops: dict[Any, tuple[str, str | None]], kind: str
+) -> NonfiniteOrigin | None:
+    """Replay backward from ``loss``; the first autograd node whose incoming gradients are free of
+    ``kind`` (nan/inf) but whose outgoing ones are not.
+
+    Args:
+        loss: the replayed forward's loss.
+        inputs: the parameters to differentiate (their ``.grad`` is not touched).
+        tracker: the tracker that claimed the forward's nodes for modules.
+        ops: node -> (op name, source line) recorded in the forward.
+        kind: ``nan`` or ``inf``.
+    """
+    found: list[NonfiniteOrigin] = []
+
+    def hook(node: Any) -> Callable[..., None]:
+        def check(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+            if found or not any(_has(g, kind) for g in grad_inputs if isinstance(g, torch.Tensor)):
+                return
+            if any(_has(g, kind) for g in grad_outputs if isinstance(g, torch.Tensor)):
+                return  # it only passed on what it received
+            found.append(_node_origin(node, grad_inputs, tracker, ops, kind))
+
+        return check
+
+    handles = [node.register_hook(hook(node)) for node in graph_nodes(loss.grad_fn)]
+    try:
+        torch.autograd.grad(loss, inputs, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+def _node_origin(
+    node: Any, grads: tuple[Any, ...], tracker: ModuleTracker, ops: dict[Any, tuple[str, str | None]], kind: str
+) -> NonfiniteOrigin:
+    bad = next(g for g in grads if isinstance(g, torch.Tensor) and _has(g, kind))
+    op, source = ops.get(node, (None, None))
+    forward_cls = getattr(type(node), "_forward_cls", None)  # a custom autograd.Function
+    if forward_cls is not None:
+        op = f"{forward_cls.__qualname__}.backward"
+        source = _function_source(forward_cls.backward)
+    return NonfiniteOrigin(
+        phase="backward",
+        kind=kind,
+        op=op or node.name(),
+        node=node.name(),
+        module=_module(_owner(node, tracker), tracker),
+        source=source,
+        dtype=str(bad.dtype).removeprefix("torch."),
+        count=int(_count(bad, kind)),
+        numel=bad.numel(),
+    )
+
+
+def _owner(node: Any, tracker: ModuleTracker) -> tuple[str, int] | None:
+    """The module call that created ``node``; unclaimed nodes (inside composite ops) take
+    the module of the nearest claimed node they feed into."""
+    if node in tracker.node_module:
+        return tracker.node_module[node]
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or current in seen:
+            continue
+        seen.add(current)
+        if current in tracker.node_module:
+            return tracker.node_module[current]
+        pending.extend(child for child, _ in current.next_functions)
+    return None
+
+
+def graph_nodes(root: Any) -> list[Any]:
+    """Every autograd node reachable from ``root``."""
+    nodes, pending, seen = [], [root], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        pending.extend(child for child, _ in node.next_functions)
+    return nodes
+
+
+def nonfinite_tensors(named: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``name -> (NaN count, Inf count)`` of the tensors that hold any (syncs once per tensor)."""
+    out = {}
+    for name, t in named.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            out[name] = (int(t.isnan().sum()), int(t.isinf().sum()))
+    return out
+
+
+def op_name(func: Any) -> str:
+    """``torch.log``, ``F.softmax``, ``Tensor.relu``: the name a user would write."""
+    name = getattr(func, "__name__", None) or str(func)
+    module = getattr(func, "__module__", "") or ""
+    qual = getattr(func, "__qualname__", name)
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if "Tensor" in qual or module == "torch._tensor" or getattr(func, "__objclass__", None) is torch._C.TensorBase:
+        return f"Tensor.{name}"
+    return f"torch.{name}"
+
+
+def _module(where: tuple[str, int] | None, tracker: ModuleTracker) -> str | None:
+    if where is None:
+        return None
+    name, call = where
+    return describe_call(name or ROOT, call, tracker.calls[name])
+
+
+def _source(site: tuple[str, int, str] | None) -> str | None:
+    if site is None:
+        return None
+    filename, line, function = site
+    text = linecache.getline(filename, line).strip()
+    return f"{filename}:{line} in {function}" + (f": {text}" if text else "")
+
+
+def _function_source(fn: Any) -> str | None:
+    try:
+        filename = inspect.getsourcefile(fn)
+        _, line = inspect.getsourcelines(fn)
+    except (OSError, TypeError):
+        return None
+    return f"{filename}:{line} in {getattr(fn, '__qualname__', 'backward')}"
+
+
+def _has(t: torch.Tensor, kind: str) -> bool:
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    return bool(t.isnan().any()) if kind == "nan" else bool(t.isinf().any())
+
+
+def _count(t: torch.Tensor, kind: str) -> torch.Tensor:
+    return t.isnan().sum() if kind == "nan" else t.isinf().sum()
+
+
+def _explicit_inf(args: Any, kwargs: Any) -> bool:
+    scalars = [a for a in list(args) + list(kwargs.values()) if isinstance(a, float)]
+    return any(math.isinf(a) or math.isnan(a) for a in scalars)
+
+
+_METADATA = {"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point", "__get__", "stride", "data_ptr"}
+
+
+def _is_metadata(func: Any) -> bool:
+    return getattr(func, "__name__", "") in _METADATA
+
+
+def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}

@@ -1,0 +1,155 @@
+"""Replaying one step on the same weights, batch and random state, to look closer.
+
+Used only on steps that need it: to find where a NaN/Inf was made, to
+compare a low-precision step's gradients with an fp32 step's, and to name the
+forward line behind an error PyTorch raised in backward. A replay never
+touches ``.grad`` (it uses ``torch.autograd.grad``) and restores the model's
+buffers (BatchNorm statistics) and the random state afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import pick_user_frame
+from gradscope.probes.modules import ModuleTracker, _tensors
+from gradscope.probes.origins import FirstNonfinite, backward_origin, nonfinite_tensors
+from gradscope.report import NonfiniteOrigin
+
+Forward = Callable[[], torch.Tensor]  # runs model and loss on the step's batch, returns the loss
+RngState = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+def rng_state() -> RngState:
+    """The CPU and CUDA random states (no host sync)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replaying(model: nn.Module, state: RngState) -> Iterator[None]:
+    """Run the block from the step's random state; restore buffers and random state afterwards."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    now = rng_state()
+    _set_rng(state)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        _set_rng(now)
+
+
+def _set_rng(state: RngState) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def locate(
+    model: nn.Module,
+    batch_tensors: dict[str, torch.Tensor],
+    forward: Forward,
+    state: RngState,
+    kind: str,
+    loss_finite: bool,
+) -> NonfiniteOrigin | None:
+    """Where the step's first NaN (``kind="nan"``) or Inf was made.
+
+    With a non-finite loss: checks the batch and the weights, then replays
+    the forward op by op. With a finite loss (only gradients are bad), a NaN
+    made in the forward did not reach the loss (``where`` discarded it), so
+    the backward is replayed node by node to find the gradient that turned.
+    """
+    bad_inputs = nonfinite_tensors(batch_tensors)
+    if bad_inputs:
+        return _already(bad_inputs, "input", kind)
+    params = dict(model.named_parameters())
+    bad_params = nonfinite_tensors({n: p.detach() for n, p in params.items()})
+    if bad_params:
+        return _already(bad_params, "parameter", kind)
+    trainable = [p for p in params.values() if p.requires_grad]
+    with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
+        finder = FirstNonfinite(tracker, kind)
+        with finder:
+            loss = forward()
+        if finder.found is not None and not loss_finite:
+            return finder.found
+        if not loss.requires_grad:
+            return None
+        return backward_origin(loss, trainable, tracker, finder.ops, kind)
+
+
+def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str) -> NonfiniteOrigin:
+    names = tuple(bad)
+    count = sum(n if kind == "nan" else i for n, i in bad.values())
+    return NonfiniteOrigin(phase=phase, kind=kind, tensors=names, count=count)
+
+
+def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, float]:
+    """Per parameter, the fraction of gradient entries that are zero now but not in an fp32 step.
+
+    Call right after a low-precision backward (``.grad`` unscaled). The fp32
+    step replays the forward with autocast off on the same weights and batch.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    zero_now = [p.grad == 0 for _, p in named]
+    with replaying(model, state), torch.autocast(_device_type(model), enabled=False):
+        loss = forward()
+        full = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    lost = []
+    for zero, grad in zip(zero_now, full):
+        flushed = zero & (grad != 0) if grad is not None else torch.zeros_like(zero)
+        lost.append(flushed.sum() / max(zero.numel(), 1))
+    if not lost:
+        return {}
+    values = torch.stack([v.float() for v in lost]).tolist()
+    return {name: value for (name, _), value in zip(named, values)}
+
+
+def backward_error_site(model: nn.Module, forward: Forward, state: RngState) -> tuple[str | None, str | None]:
+    """Replay forward and backward under anomaly mode; the autograd node that failed and the
+    user's forward line that created it (PyTorch records it in anomaly mode)."""
+    with warnings.catch_warnings(record=True) as caught, replaying(model, state):
+        warnings.simplefilter("always")
+        with torch.autograd.detect_anomaly(check_nan=False):
+            try:
+                loss = forward()
+                torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+            except RuntimeError:
+                pass
+    for warning in caught:
+        text = str(warning.message)
+        match = re.search(r"Error detected in (\w+)", text)
+        if match:
+            return match.group(1), _innermost_user_line(text)
+    return None, None
+
+
+def _innermost_user_line(trace: str) -> str | None:
+    return pick_user_frame(re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace))
+
+
+def batch_tensors(inputs: Any, labels: Any) -> dict[str, torch.Tensor]:
+    """The batch's floating tensors by a readable name (``inputs``, ``inputs[1]``, ``labels``)."""
+    named: dict[str, torch.Tensor] = {}
+    for prefix, value in (("inputs", inputs), ("labels", labels)):
+        tensors = _tensors(value)
+        for i, t in enumerate(tensors):
+            if t.is_floating_point():
+                named[prefix if len(tensors) == 1 else f"{prefix}[{i}]"] = t
+    return named
+
+
+def _device_type(model: nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return param.device.type if param is not None else "cpu"
