@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The example has a fault to find: exit code 1 (findings) is its expected outcome.
 demo: $(VENV)/.installed
-	$(BIN)/gradscope inspect configs/deep_sigmoid_mlp.yaml --json report.json
+	$(BIN)/gradscope inspect configs/faults/deep_sigmoid_mlp.yaml --json report.json || test $$? -eq 1
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -184,6 +184,11 @@ class StepFractionCheck(_Check):
     fraction: float = Field(default=0.5, ge=0, le=1)  # of the steps
 
 
+class ClippingCheck(StepFractionCheck):
+    # Clipping that scales gradients by less than this is a warning; milder clipping is info.
+    coefficient: float = Field(default=0.1, gt=0, le=1)
+
+
 class UnderflowCheck(_Check):
     fraction: float = Field(default=0.05, gt=0, le=1)  # of a gradient's entries flushed to zero
 
@@ -210,7 +215,7 @@ class Checks(_Strict):
     saturated_activation: FractionCheck = FractionCheck()
     unused_parameter: _Check = _Check()
     zero_gradient: _Check = _Check()
-    gradient_clipping: StepFractionCheck = StepFractionCheck()
+    gradient_clipping: ClippingCheck = ClippingCheck()
     loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
     gradient_underflow: UnderflowCheck = UnderflowCheck()
     wrong_gradient: _Check = _Check()
@@ -244,6 +249,7 @@ class Settings(_Strict):
     checkpointing: CheckpointSpec | None = None
     clip: ClipSpec | None = None
     checks: Checks = Checks()
+    gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 
     @property

@@ -22,11 +22,12 @@ from gradscope import replay, stats
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
+from gradscope.probes import functions
 from gradscope.probes.activations import ActivationProbe
 from gradscope.probes.gradients import GradientProbe, Readings
 from gradscope.probes.modules import ModuleTracker
 from gradscope.probes.origins import bad_kind
-from gradscope.report import BackwardFailure, NonfiniteOrigin, StepRecord
+from gradscope.report import BackwardFailure, GradcheckResult, NonfiniteOrigin, StepRecord
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,6 +43,7 @@ class StepPlan:
     activations: bool = True  # dead/saturated unit statistics and which modules ran
     localize: bool = True  # replay a step with a NaN/Inf to find where it was made
     underflow: bool = True  # low precision: compare the first step's gradients with fp32
+    gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
 
 
 class Engine:
@@ -69,6 +71,7 @@ class Engine:
         self.located = False  # one fault, one finding: stop looking once an origin is found
         self.stopped = False
         self.called: tuple[str, ...] | None = None
+        self.gradchecks: tuple[GradcheckResult, ...] = ()
 
     def step(self, index: int, batch: Batch) -> StepRecord:
         """One forward/backward/update; returns what it measured."""
@@ -111,12 +114,18 @@ class Engine:
         return loss
 
     def _observed_forward(self, batch: Batch) -> tuple[torch.Tensor, ActivationProbe | None]:
-        if self.tracker is None:
-            return self.forward(batch), None
-        with self.tracker, ActivationProbe(self.tracker) as activations:
+        first = self.called is None
+        with contextlib.ExitStack() as stack:
+            activations = None
+            if self.tracker is not None:
+                stack.enter_context(self.tracker)
+                activations = stack.enter_context(ActivationProbe(self.tracker))
+            applied = stack.enter_context(functions.capturing(self.tracker)) if first and self.plan.gradcheck else None
             loss = self.forward(batch)
-        if self.called is None:
-            self.called = tuple(self.tracker.calls)  # in the order of their first call
+        if first:
+            self.called = tuple(self.tracker.calls) if self.tracker is not None else ()  # in order of first call
+        if applied:
+            self.gradchecks = tuple(functions.check(cls, args, module) for cls, (args, module) in applied.items())
         return loss, activations
 
     def _backward(self, loss: torch.Tensor, batch: Batch, state: replay.RngState) -> BackwardFailure | None:

@@ -57,7 +57,9 @@ class Inspection:
             KeyboardInterrupt: likewise.
         """
         settings = self.settings
-        plan = StepPlan(self.device, settings.precision, settings.clip, settings.loss.name == "output")
+        plan = StepPlan(
+            self.device, settings.precision, settings.clip, settings.loss.name == "output", gradcheck=settings.gradcheck
+        )
         extra_norm = _extra_norm(settings)
         start = time.perf_counter()
         self.status = "running"
@@ -109,7 +111,8 @@ class Inspection:
             duration_s=round(self._duration, 4),
         )
         called = self.engine.called if self.engine is not None else None
-        report = Report(run, tuple(infos), tuple(self.steps), called_modules=called)
+        gradchecks = self.engine.gradchecks if self.engine is not None else ()
+        report = Report(run, tuple(infos), tuple(self.steps), called_modules=called or None, gradchecks=gradchecks)
         anomalies, ignored = rules.diagnose(report, settings.checks)
         return dataclasses.replace(report, anomalies=anomalies, ignored=ignored)
 

@@ -119,6 +119,17 @@ class ActivationStats:
 
 
 @dataclass(frozen=True)
+class GradcheckResult:
+    """A custom autograd.Function's backward checked against finite differences (float64)."""
+
+    function: str
+    source: str | None
+    passed: bool | None  # None: could not be checked
+    detail: str | None = None
+    module: str | None = None
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """One forward/backward pass. Norms are L2 over all trainable gradients, before clipping."""
 
@@ -186,6 +197,7 @@ class Report:
     anomalies: tuple[Anomaly, ...] = ()
     called_modules: tuple[str, ...] | None = None  # modules that ran in the first forward (None: not tracked)
     ignored: tuple[Anomaly, ...] = ()  # findings the config's `checks.ignore` accepts
+    gradchecks: tuple[GradcheckResult, ...] = ()  # with --gradcheck: each custom autograd.Function
     schema_version: int = SCHEMA_VERSION
 
     def at_or_above(self, severity: str) -> list[Anomaly]:
@@ -204,6 +216,7 @@ class Report:
             "steps": [_step_dict(s) for s in self.steps],
             "anomalies": [_plain(dataclasses.asdict(a)) for a in self.anomalies],
             "ignored": [_plain(dataclasses.asdict(a)) for a in self.ignored],
+            "gradchecks": [_plain(dataclasses.asdict(g)) for g in self.gradchecks],
             "called_modules": list(self.called_modules) if self.called_modules is not None else None,
         }
 
@@ -220,9 +233,9 @@ class Report:
         anomalies = tuple(Anomaly(**a) for a in data["anomalies"])
         called = data.get("called_modules")
         ignored = tuple(Anomaly(**a) for a in data.get("ignored", []))
-        return cls(
-            run, params, steps, anomalies, tuple(called) if called is not None else None, ignored, data["schema_version"]
-        )
+        gradchecks = tuple(GradcheckResult(**g) for g in data.get("gradchecks", []))
+        called = tuple(called) if called is not None else None
+        return cls(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"])
 
 
 _NESTED = ("parameters", "modules", "activations", "origin", "backward_error")

@@ -468,6 +468,8 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     if not clipped or len(clipped) / len(steps) <= check.fraction:
         return []
     share = _dominant(clipped[-1])
+    coefficient = _median([s.clip_coefficient for s in clipped])  # type: ignore[misc]
+    severity = "warning" if coefficient < check.coefficient else "info"
     top = ", ".join(f"{name} {frac:.0%}" for name, frac in share[:3])
     max_norm = (report.run.clip or {}).get("max_norm")
     norms = ", ".join(f"{s.clip_norm:.3g}" for s in clipped[:5])
@@ -475,14 +477,15 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     return [
         Anomaly(
             kind="gradient_clipping",
-            severity="warning",
+            severity=severity,
             module=share[0][0].rpartition(".")[0] if share else None,
             parameter=share[0][0] if share else None,
             step=clipped[0].step,
             message=(
                 f"clipping fires in {len(clipped)} of {len(steps)} steps (max_norm {max_norm}): pre-clip norms {norms}, "
-                f"coefficients {coefs}. Largest shares of the squared norm: {top}. With clipping always on, the update "
-                f"size is set by max_norm, not the gradient: raise max_norm, lower the LR, or fix the layer that dominates."
+                f"coefficients {coefs}. Largest shares of the squared norm: {top}. While clipping is on, max_norm, not "
+                f"the gradient, sets the update size; by a factor under {check.coefficient:g} it hides how large the "
+                f"gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
             ),
             evidence={
                 "steps": [s.step for s in clipped],
@@ -558,6 +561,24 @@ def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
     ]
 
 
+def wrong_gradient(report: Report, check: Any) -> list[Anomaly]:
+    """Custom autograd.Functions whose backward disagrees with finite differences (``--gradcheck``)."""
+    return [
+        Anomaly(
+            kind="wrong_gradient",
+            severity="error",
+            module=g.module,
+            message=(
+                f"the hand-written backward of {g.function} ({g.source}) disagrees with finite differences "
+                f"(torch.autograd.gradcheck, float64, on the inputs it saw): {g.detail} Fix its backward formula."
+            ),
+            evidence={"function": g.function, "source": g.source, "detail": g.detail},
+        )
+        for g in report.gradchecks
+        if g.passed is False
+    ]
+
+
 RULES: tuple[tuple[str, Rule], ...] = (
     ("nonfinite_forward", nonfinite),
     ("backward_error", backward_error),
@@ -570,4 +591,5 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("gradient_clipping", gradient_clipping),
     ("loss_scale_overflow", loss_scale_overflow),
     ("gradient_underflow", gradient_underflow),
+    ("wrong_gradient", wrong_gradient),
 )

@@ -1,6 +1,6 @@
 """Small built-in models for the example configs (``target: gradscope.zoo:mlp``).
 
-The lower-case names (``mlp``, ``cnn``, ``resnet``, ``transformer_lm``) are what configs use.
+The lower-case names (``mlp``, ``cnn``, ``resnet``, ``transformer_lm``, ``lstm``) are what configs use.
 
 Each is a plain ``nn.Module`` of the kind people train, small enough to run in
 seconds on a CPU, with the knobs (activation, init, depth, residual, norm) that
@@ -242,3 +242,20 @@ class TransformerLM(nn.Module):
 
 
 transformer_lm = TransformerLM
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> LSTM -> linear head on the last position. Input (B, T) token ids."""
+
+    def __init__(self, vocab: int = 256, embed: int = 32, hidden: int = 64, layers: int = 1, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(idx))  # (B, T, hidden)
+        return self.head(out[:, -1])
+
+
+lstm = LSTMClassifier

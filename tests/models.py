@@ -96,3 +96,79 @@ class FailsOnCall(nn.Module):
         if self.calls == self.call:
             raise {"RuntimeError": RuntimeError, "KeyboardInterrupt": KeyboardInterrupt}[self.error]("stop here")
         return self.lin(x)
+
+
+class LogOnSecondCall(nn.Module):
+    """`shared` is called twice; only its second call takes a log of negatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = LogIfAsked()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(self.shared(x, log=False), log=True))
+
+
+class LogIfAsked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, log: bool) -> torch.Tensor:
+        h = self.lin(x)
+        return torch.log(h) if log else h
+
+
+def nan_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(8, 8)
+    x[3, 2] = float("nan")
+    return x, torch.randint(4, (8,))
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention with a -inf causal mask written by masked_fill (healthy), or a fully masked row (NaN)."""
+
+    def __init__(self, mask_all_first_row: bool = False) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 4)
+        self.mask_all_first_row = mask_all_first_row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(8, dim=-1)
+        scores = q @ k.transpose(-1, -2)  # (B, T, T)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        if self.mask_all_first_row:
+            mask[0] = True
+        scores = scores.masked_fill(mask, float("-inf"))
+        return self.head((torch.softmax(scores, dim=-1) @ v).mean(1))
+
+
+class SeparateKeyBias(nn.Module):
+    """Attention with its own key bias: q.b_k is constant along each softmax row, so its gradient is ~0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), dim=-1)
+        return self.head((att @ self.v(x)).mean(1))
+
+
+class FunctionalRelu(nn.Module):
+    """Two ReLUs called functionally; biases of -100 kill every unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+        for lin in (self.a, self.b):
+            nn.init.constant_(lin.bias, -100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.relu(self.a(x))
+        h = self.b(h + x).relu()
+        return self.head(h + x)

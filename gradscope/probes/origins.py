@@ -71,7 +71,7 @@ class FirstNonfinite(TorchFunctionMode):
     def _origin(self, func: Any, inputs: list[torch.Tensor], produced: torch.Tensor) -> NonfiniteOrigin:
         where = self.tracker.current
         site = user_site()
-        finite = [t[torch.isfinite(t)] for t in inputs if t.numel()]
+        finite = [t.detach()[torch.isfinite(t.detach())] for t in inputs if t.numel()]
         values = torch.cat([t.float().flatten() for t in finite]) if finite else torch.zeros(0)
         return NonfiniteOrigin(
             phase="forward" if where else "loss",
