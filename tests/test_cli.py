@@ -167,7 +167,7 @@ def test_failed_run_writes_what_it_measured(tmp_path):
     assert len(data["steps"]) == 1
 
 
-def warn_on_every_run(report: Report) -> list[Anomaly]:
+def warn_on_every_run(report: Report, check: object) -> list[Anomaly]:
     return [Anomaly(kind="zero_gradient", severity="warning", message="test finding", parameter="out.weight", step=0)]
 
 
