@@ -7,18 +7,29 @@ error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to s
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from gradscope import __version__
 from gradscope.config import load_config
-from gradscope.errors import EXIT_FINDINGS, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError
+from gradscope.errors import (
+    EXIT_FINDINGS,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    GradscopeError,
+)
 from gradscope.inspection import Inspection
 from gradscope.reporters import Reporter
+from gradscope.reporters.ci import GithubReporter, JunitReporter
 from gradscope.reporters.json import JsonReporter
 from gradscope.reporters.terminal import TerminalReporter
 
@@ -63,19 +74,30 @@ def inspect(
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
     ] = FailOn.error,
+    junit: Annotated[
+        str | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML, one test case per check.")
+    ] = None,
+    check: Annotated[
+        list[str] | None,
+        typer.Option("--check", metavar="KIND.KEY=VALUE", help="Override a check's threshold, e.g. dead_relu.fraction=0.3."),
+    ] = None,
+    gradcheck: Annotated[
+        bool, typer.Option("--gradcheck", help="Check custom autograd.Functions against finite differences.")
+    ] = False,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the config's `steps`.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Override the config's `device`.")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients."""
-    overrides: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
     try:
+        overrides = _overrides(config, steps, device, gradcheck, check or [])
         inspection = Inspection(load_config(config, overrides))
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-    code = _run(inspection, _reporters(json_path, show_all), verbose)
+    reporters = _reporters(json_path, junit, show_all, fail_on.value, str(config))
+    code = _run(inspection, reporters, verbose)
     if code is None:
         code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on.value) else EXIT_OK
     raise typer.Exit(code)
@@ -93,21 +115,53 @@ def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> in
         code = _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
         code = _fail(exc, verbose, EXIT_INTERNAL)
-    finally:
+    try:
         report = inspection.report()
         for reporter in reporters:
             reporter.write(report)
             reporter.close()
+    except Exception as exc:
+        return _fail(exc, verbose, EXIT_INTERNAL)
     return code
 
 
-def _reporters(json_path: str | None, show_all: bool) -> list[Reporter]:
+def _reporters(json_path: str | None, junit: str | None, show_all: bool, fail_on: str, config: str) -> list[Reporter]:
     # With the JSON on stdout, the human-readable report moves to stderr.
     terminal = TerminalReporter(sys.stderr if json_path == "-" else sys.stdout, show_all)
     reporters: list[Reporter] = [terminal]
     if json_path:
         reporters.append(JsonReporter(json_path))
+    if junit:
+        reporters.append(JunitReporter(junit, fail_on))
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        reporters.append(GithubReporter(config))
     return reporters
+
+
+def _overrides(config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str]) -> dict[str, Any]:
+    """Top-level config keys the command line replaces; ``--check`` entries merge into ``checks``."""
+    out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+    if gradcheck:
+        out["gradcheck"] = True
+    if checks:
+        merged = _config_checks(config)
+        for entry in checks:
+            key, sep, value = entry.partition("=")
+            kind, dot, name = key.partition(".")
+            if not (sep and dot and kind and name):
+                raise ConfigError([("--check", f"expected KIND.KEY=VALUE (e.g. dead_relu.fraction=0.3), got {entry!r}")])
+            merged.setdefault(kind, {})[name] = yaml.safe_load(value)
+        out["checks"] = merged
+    return out
+
+
+def _config_checks(config: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}  # load_config reports the problem with the file itself
+    checks = raw.get("checks") if isinstance(raw, dict) else None
+    return dict(checks) if isinstance(checks, dict) else {}
 
 
 def _fail(exc: BaseException, verbose: bool, code: int) -> int:

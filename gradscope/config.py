@@ -164,6 +164,12 @@ Severity = Literal["error", "warning", "info", "off"]
 class _Check(_Strict):
     severity: Severity | None = None  # None: the rule's own default
 
+    @field_validator("severity", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 (and so yaml.safe_load) reads a bare `off` as False.
+        return "off" if value is False else value
+
 
 class VanishingCheck(_Check):
     ratio: float = Field(default=1e-4, gt=0, lt=1)  # earliest/latest relative gradient below this

@@ -206,3 +206,58 @@ def test_output_has_no_color_codes_when_not_a_terminal():
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.startswith("gradscope ")
+
+
+FAULTS = CONFIGS / "faults"
+
+
+def test_check_override_from_the_command_line():
+    path = str(FAULTS / "dead_relu.yaml")
+    assert invoke("inspect", path, "--fail-on", "warning").exit_code == 1
+    assert invoke("inspect", path, "--fail-on", "warning", "--check", "dead_relu.severity=off").exit_code == 0
+    assert invoke("inspect", path, "--check", "dead_relu.severity=error").exit_code == 1
+    bad = invoke("inspect", path, "--check", "dead_relu")
+    assert bad.exit_code == 2 and "KIND.KEY=VALUE" in bad.stderr
+
+
+def test_junit_has_one_case_per_check_and_fails_the_found_one(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "junit.xml"
+    invoke("inspect", str(FAULTS / "nan_forward.yaml"), "--junit", str(out))
+    suite = ET.parse(out).getroot()
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert "nonfinite_forward" in cases and "dead_relu" in cases and len(cases) == int(suite.get("tests"))
+    assert cases["nonfinite_forward"].find("failure") is not None
+    assert cases["dead_relu"].find("failure") is None
+    assert suite.get("failures") == "1"
+
+
+def test_github_annotations_and_summary(tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = invoke("inspect", str(FAULTS / "nan_forward.yaml"))
+    assert result.exit_code == 1
+    line = next(l for l in result.stderr.splitlines() if l.startswith("::error "))
+    assert "file=" in line and "faults.py" in line and "line=" in line and "title=gradscope nonfinite_forward" in line
+    assert "| error | `nonfinite_forward` | `blocks.2` |" in summary.read_text()
+
+
+def test_gradcheck_flag_enables_the_check():
+    path = str(FAULTS / "wrong_gradient.yaml")
+    text = Path(path).read_text().replace("gradcheck: true\n", "")
+    off = Path(path).with_name("tmp_no_gradcheck.yaml")
+    off.write_text(text)
+    try:
+        assert invoke("inspect", str(off)).exit_code == 0
+        result = invoke("inspect", str(off), "--gradcheck")
+        assert result.exit_code == 1 and "wrong_gradient" in result.stdout
+    finally:
+        off.unlink()
+
+
+def test_error_while_reporting_is_an_internal_error(monkeypatch):
+    monkeypatch.setattr(rules, "RULES", (("zero_gradient", lambda report: []),))  # wrong signature: a bug
+    result = invoke("inspect", str(CONFIGS / "residual_mlp.yaml"), "--steps", "1")
+    assert result.exit_code == 3 and "internal error" in result.stderr
