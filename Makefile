@@ -19,6 +19,8 @@ demo: $(VENV)/.installed
 	$(BIN)/gradscope inspect configs/faults/deep_sigmoid_mlp.yaml --json report.json || test $$? -eq 1
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check gradscope tests scripts
+	$(BIN)/ruff format --check gradscope tests scripts
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed

@@ -49,7 +49,9 @@ def _matching_modules(model: nn.Module, patterns: list[str]) -> list[tuple[str, 
     for i, pattern in enumerate(patterns):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ConfigError([(f"checkpointing.modules[{i}]", f"pattern {pattern!r} matches no module; modules are: {sample}")])
+            raise ConfigError(
+                [(f"checkpointing.modules[{i}]", f"pattern {pattern!r} matches no module; modules are: {sample}")]
+            )
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(parent + ".") for parent, _ in chosen)

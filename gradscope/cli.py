@@ -79,7 +79,9 @@ def inspect(
     ] = None,
     check: Annotated[
         list[str] | None,
-        typer.Option("--check", metavar="KIND.KEY=VALUE", help="Override a check's threshold, e.g. dead_relu.fraction=0.3."),
+        typer.Option(
+            "--check", metavar="KIND.KEY=VALUE", help="Override a check's threshold, e.g. dead_relu.fraction=0.3."
+        ),
     ] = None,
     gradcheck: Annotated[
         bool, typer.Option("--gradcheck", help="Check custom autograd.Functions against finite differences.")
@@ -138,7 +140,9 @@ def _reporters(json_path: str | None, junit: str | None, show_all: bool, fail_on
     return reporters
 
 
-def _overrides(config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str]) -> dict[str, Any]:
+def _overrides(
+    config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str]
+) -> dict[str, Any]:
     """Top-level config keys the command line replaces; ``--check`` entries merge into ``checks``."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
     if gradcheck:
@@ -149,7 +153,9 @@ def _overrides(config: Path, steps: int | None, device: str | None, gradcheck: b
             key, sep, value = entry.partition("=")
             kind, dot, name = key.partition(".")
             if not (sep and dot and kind and name):
-                raise ConfigError([("--check", f"expected KIND.KEY=VALUE (e.g. dead_relu.fraction=0.3), got {entry!r}")])
+                raise ConfigError(
+                    [("--check", f"expected KIND.KEY=VALUE (e.g. dead_relu.fraction=0.3), got {entry!r}")]
+                )
             merged.setdefault(kind, {})[name] = yaml.safe_load(value)
         out["checks"] = merged
     return out

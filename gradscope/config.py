@@ -7,8 +7,8 @@ loader adds the file and line where the YAML gives them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 

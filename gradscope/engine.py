@@ -199,9 +199,13 @@ def check_loss(loss: Any) -> None:
     if not isinstance(loss, torch.Tensor):
         raise ConfigError([("loss", f"expected the loss to be a scalar tensor, got {type(loss).__name__}")])
     if loss.numel() != 1:
-        raise ConfigError([("loss", f"expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it (e.g. .mean())")])
+        raise ConfigError(
+            [("loss", f"expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it (e.g. .mean())")]
+        )
     if not loss.requires_grad:
-        raise ConfigError([("loss", "the loss does not depend on any trainable parameter (all frozen, or the output was detached)")])
+        raise ConfigError(
+            [("loss", "the loss does not depend on any trainable parameter (all frozen, or the output was detached)")]
+        )
 
 
 def _grad_kind(readings: Readings) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from gradscope import __version__, loading, rules
-from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.checkpointing import checkpointing
+from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
 from gradscope.errors import GradscopeError
 from gradscope.probes.gradients import GradientProbe, describe_parameters

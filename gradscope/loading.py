@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +136,9 @@ def build_optimizer(settings: Settings, params: list[nn.Parameter]) -> torch.opt
     allowed = [name for name in inspect.signature(cls).parameters if name != "params"]
     for key in spec.kwargs:
         if key not in allowed:
-            raise ConfigError([(f"optimizer.{key}", f"{cls.__name__} takes no {key!r}; expected one of: {', '.join(allowed)}")])
+            raise ConfigError(
+                [(f"optimizer.{key}", f"{cls.__name__} takes no {key!r}; expected one of: {', '.join(allowed)}")]
+            )
     try:
         return cls(params, **spec.kwargs)
     except (TypeError, ValueError) as exc:
@@ -170,7 +172,14 @@ def loss_from_output(output: Any, labels: Any) -> torch.Tensor:
         return output
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
-        raise ConfigError([("loss", f"`output` expects the model to return the loss; it returned {type(output).__name__} with no `loss`")])
+        raise ConfigError(
+            [
+                (
+                    "loss",
+                    f"`output` expects the model to return the loss; it returned {type(output).__name__} with no `loss`",
+                )
+            ]
+        )
     return loss
 
 
@@ -183,7 +192,9 @@ def primary_output(output: Any) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ConfigError([("loss", f"cannot find a tensor in the model's output ({type(output).__name__}); use a loss target")])
+    raise ConfigError(
+        [("loss", f"cannot find a tensor in the model's output ({type(output).__name__}); use a loss target")]
+    )
 
 
 def call_model(model: nn.Module, batch: Batch, pass_labels: bool) -> Any:

@@ -158,7 +158,9 @@ def test_interrupted_run_writes_what_it_measured(tmp_path):
 
 
 def test_failed_run_writes_what_it_measured(tmp_path):
-    text = "model: {target: 'MODELS_PY:FailsOnCall', args: {call: 2}}\ndata: {input: {shape: [8]}, labels: {classes: 4}}\n"
+    text = (
+        "model: {target: 'MODELS_PY:FailsOnCall', args: {call: 2}}\ndata: {input: {shape: [8]}, labels: {classes: 4}}\n"
+    )
     out = tmp_path / "r.json"
     result = invoke("inspect", write(tmp_path, text), "--json", str(out))
     assert result.exit_code == 2
@@ -239,7 +241,7 @@ def test_github_annotations_and_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     result = invoke("inspect", str(FAULTS / "nan_forward.yaml"))
     assert result.exit_code == 1
-    line = next(l for l in result.stderr.splitlines() if l.startswith("::error "))
+    line = next(x for x in result.stderr.splitlines() if x.startswith("::error "))
     assert "file=" in line and "faults.py" in line and "line=" in line and "title=gradscope nonfinite_forward" in line
     assert "| error | `nonfinite_forward` | `blocks.2` |" in summary.read_text()
 

@@ -10,7 +10,9 @@ from tests.conftest import config
 
 def test_line_numbers_point_at_the_key(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("seed: 0\nmodel:\n  target: gradscope.zoo:mlp\n  args:\n    depth: 2\ndata:\n  input: {shape: [-4]}\n")
+    path.write_text(
+        "seed: 0\nmodel:\n  target: gradscope.zoo:mlp\n  args:\n    depth: 2\ndata:\n  input: {shape: [-4]}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert f"{path}:7: data.input.shape" in str(info.value)
@@ -46,7 +48,12 @@ def test_nested_targets_are_built_first():
     pytest.importorskip("transformers")
     raw = config(
         "transformers:GPT2LMHeadModel",
-        {"config": {"target": "transformers:GPT2Config", "args": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 32}}},
+        {
+            "config": {
+                "target": "transformers:GPT2Config",
+                "args": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 32},
+            }
+        },
     )
     model = Inspection(settings_from_dict(raw)).model
     assert model.config.n_layer == 1 and model.config.vocab_size == 32

@@ -30,7 +30,8 @@ MODELS = {
         data={"batch_size": 2, "input": {"tokens": {"vocab": 32, "length": 8}}, "labels": "next_token"},
     ),
     "lstm": config(
-        target("Lstm"), data={"batch_size": 4, "input": {"tokens": {"vocab": 64, "length": 6}}, "labels": {"classes": 5}}
+        target("Lstm"),
+        data={"batch_size": 4, "input": {"tokens": {"vocab": 64, "length": 6}}, "labels": {"classes": 5}},
     ),
 }
 

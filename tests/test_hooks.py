@@ -19,7 +19,9 @@ def assert_untouched(model: torch.nn.Module) -> None:
 
 
 def test_hooks_removed_after_a_run():
-    raw = config("gradscope.zoo:mlp", {"in_features": 8, "depth": 2, "classes": 4}, checkpointing={"modules": ["blocks.*"]})
+    raw = config(
+        "gradscope.zoo:mlp", {"in_features": 8, "depth": 2, "classes": 4}, checkpointing={"modules": ["blocks.*"]}
+    )
     inspection = gradscope.Inspection(settings_from_dict(raw))
     inspection.run()
     assert_untouched(inspection.model)

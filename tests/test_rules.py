@@ -83,18 +83,27 @@ def test_nan_in_the_batch_is_blamed_on_the_data():
 
 
 def test_masked_fill_with_minus_inf_is_not_an_origin():
-    report = gradscope.inspect(config(target("MaskedAttention"), data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}}))
+    report = gradscope.inspect(
+        config(target("MaskedAttention"), data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}})
+    )
     assert report.anomalies == ()
 
 
 def test_fully_masked_softmax_row_is_the_origin():
-    raw = config(target("MaskedAttention"), {"mask_all_first_row": True}, data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}})
+    raw = config(
+        target("MaskedAttention"),
+        {"mask_all_first_row": True},
+        data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}},
+    )
     o = origin_of(raw)
     assert o["finding"] == "nonfinite_forward" and o["op"] == "torch.softmax" and o["module"] == "(model)"
 
 
 def test_ignore_entry_accepts_a_finding():
-    raw = config(target("WithUnused"), checks={"ignore": [{"kind": "unused_parameter", "module": "spare", "reason": "kept for export"}]})
+    raw = config(
+        target("WithUnused"),
+        checks={"ignore": [{"kind": "unused_parameter", "module": "spare", "reason": "kept for export"}]},
+    )
     report = gradscope.inspect(raw)
     assert report.anomalies == ()
     assert [a.kind for a in report.ignored] == ["unused_parameter"]
@@ -121,14 +130,18 @@ def test_sparse_embedding_rows_and_layernorm_gains_raise_nothing():
 
 
 def test_attention_key_bias_that_cancels_in_softmax_raises_nothing():
-    report = gradscope.inspect(config(target("SeparateKeyBias"), data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}}))
+    report = gradscope.inspect(
+        config(target("SeparateKeyBias"), data={"batch_size": 8, "input": {"shape": [6, 8]}, "labels": {"classes": 4}})
+    )
     k_bias = report.steps[0].parameters["k.bias"].grad_norm
     assert k_bias < 1e-5 * report.steps[0].parameters["k.weight"].grad_norm
     assert report.anomalies == ()
 
 
 def test_dead_relu_counts_functional_calls_with_their_line():
-    report = gradscope.inspect(config(target("FunctionalRelu"), data={"batch_size": 32, "input": {"shape": [8]}, "labels": {"classes": 4}}))
+    report = gradscope.inspect(
+        config(target("FunctionalRelu"), data={"batch_size": 32, "input": {"shape": [8]}, "labels": {"classes": 4}})
+    )
     dead = [a for a in report.anomalies if a.kind == "dead_relu"]
     assert len(dead) == 2  # F.relu and x.relu() at two lines
     assert all(a.module == "(model)" and "models.py:" in a.evidence["source"] for a in dead)
@@ -136,12 +149,16 @@ def test_dead_relu_counts_functional_calls_with_their_line():
 
 
 def test_too_few_samples_is_not_called_dead():
-    report = gradscope.inspect(config(target("FunctionalRelu"), data={"batch_size": 4, "input": {"shape": [8]}, "labels": {"classes": 4}}))
+    report = gradscope.inspect(
+        config(target("FunctionalRelu"), data={"batch_size": 4, "input": {"shape": [8]}, "labels": {"classes": 4}})
+    )
     assert [a for a in report.anomalies if a.kind == "dead_relu"] == []
 
 
 def test_dead_fraction_is_per_unit():
-    settings = settings_from_dict(config("gradscope.zoo:mlp", {"in_features": 8, "hidden": 16, "depth": 1, "classes": 4, "bias": -100.0}))
+    settings = settings_from_dict(
+        config("gradscope.zoo:mlp", {"in_features": 8, "hidden": 16, "depth": 1, "classes": 4, "bias": -100.0})
+    )
     report = gradscope.inspect(settings)
     (stats,) = [a for a in report.steps[0].activations.values()]
     assert isinstance(stats, ActivationStats)

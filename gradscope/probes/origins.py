@@ -88,7 +88,11 @@ class FirstNonfinite(TorchFunctionMode):
 
 
 def backward_origin(
-    loss: torch.Tensor, inputs: list[torch.Tensor], tracker: ModuleTracker, ops: dict[Any, tuple[str, str | None]], kind: str
+    loss: torch.Tensor,
+    inputs: list[torch.Tensor],
+    tracker: ModuleTracker,
+    ops: dict[Any, tuple[str, str | None]],
+    kind: str,
 ) -> NonfiniteOrigin | None:
     """Replay backward from ``loss``; the first autograd node whose incoming gradients are free of
     ``kind`` (nan/inf) but whose outgoing ones are not.

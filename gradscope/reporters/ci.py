@@ -86,7 +86,9 @@ class JunitReporter:
             bad = [a for a in found if id(a) in failing]
             if bad:
                 failures += 1
-                text = "\n".join(f"[{a.severity}] {a.module or a.parameter or ''} step {a.step}: {a.message}" for a in bad)
+                text = "\n".join(
+                    f"[{a.severity}] {a.module or a.parameter or ''} step {a.step}: {a.message}" for a in bad
+                )
                 ET.SubElement(case, "failure", message=bad[0].message[:200], type=bad[0].severity).text = text
             elif found:
                 ET.SubElement(case, "system-out").text = "\n".join(f"[{a.severity}] {a.message}" for a in found)
@@ -124,4 +126,3 @@ def _escape(text: str) -> str:
 
 def _escape_prop(text: str) -> str:
     return _escape(text).replace(":", "%3A").replace(",", "%2C")
-

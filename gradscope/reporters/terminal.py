@@ -74,8 +74,10 @@ def _steps_table(report: Report) -> Table:
     clip = any(s.clip_coefficient is not None for s in steps)
     amp = any(s.loss_scale is not None for s in steps)
     table = Table(title="per step", title_justify="left", box=None, pad_edge=False)
-    for column in ["step", "loss", "grad norm"] + (["clipped norm", "clip coef"] if clip else []) + (
-        ["loss scale", "update"] if amp else []
+    for column in (
+        ["step", "loss", "grad norm"]
+        + (["clipped norm", "clip coef"] if clip else [])
+        + (["loss scale", "update"] if amp else [])
     ):
         table.add_column(column, justify="right")
     for s in steps:
@@ -93,7 +95,9 @@ def _findings(anomalies: tuple[Anomaly, ...]) -> Text:
         return Text("no anomalies found", style="green")
     text = Text(f"{len(anomalies)} finding(s):\n", style="bold")
     for a in anomalies:
-        where = " ".join(x for x in (a.module or a.parameter or "", f"step {a.step}" if a.step is not None else "") if x)
+        where = " ".join(
+            x for x in (a.module or a.parameter or "", f"step {a.step}" if a.step is not None else "") if x
+        )
         text.append(f"  {a.severity.upper():7} ", style=SEVERITY_STYLE.get(a.severity, ""))
         text.append(f"{a.kind}", style="bold")
         text.append(f" [{where}] " if where else " ")

@@ -1,0 +1,71 @@
+"""Anomaly rules: pure functions from a report's statistics to findings.
+
+Each rule takes the report (no anomalies yet) and its thresholds from the
+config's ``checks:`` and returns what it finds; ``RULES`` lists them, one
+module per family. ``diagnose`` applies severity overrides and ``ignore``
+entries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from gradscope.config import Checks
+from gradscope.report import Anomaly, Report
+from gradscope.rules.activations import dead_relu, saturated_activation
+from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
+from gradscope.rules.flow import exploding_gradient, unused_parameter, vanishing_gradient, zero_gradient
+from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
+
+Rule = Callable[[Report, Any], list[Anomaly]]
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+# (the kind whose thresholds the rule reads, the rule); the nonfinite rule reports three kinds.
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("nonfinite_forward", nonfinite),
+    ("backward_error", backward_error),
+    ("vanishing_gradient", vanishing_gradient),
+    ("exploding_gradient", exploding_gradient),
+    ("dead_relu", dead_relu),
+    ("saturated_activation", saturated_activation),
+    ("unused_parameter", unused_parameter),
+    ("zero_gradient", zero_gradient),
+    ("gradient_clipping", gradient_clipping),
+    ("loss_scale_overflow", loss_scale_overflow),
+    ("gradient_underflow", gradient_underflow),
+    ("wrong_gradient", wrong_gradient),
+)
+
+
+def diagnose(report: Report, checks: Checks | None = None) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
+    """Every rule's findings, most severe first, and those the config's ``ignore`` accepts.
+
+    Returns:
+        ``(anomalies, ignored)``.
+    """
+    checks = checks or Checks()
+    found: list[Anomaly] = []
+    for kind, rule in RULES:
+        for anomaly in rule(report, checks.rule(kind)):
+            severity = checks.rule(anomaly.kind).severity
+            if severity != "off":
+                found.append(replace(anomaly, severity=severity) if severity else anomaly)
+    kept = [a for a in found if not _ignored(a, checks)]
+    ignored = [a for a in found if _ignored(a, checks)]
+    return tuple(sorted(kept, key=_rank)), tuple(ignored)
+
+
+def _rank(a: Anomaly) -> tuple[int, int]:
+    return SEVERITY_ORDER[a.severity], a.step if a.step is not None else -1
+
+
+def _ignored(anomaly: Anomaly, checks: Checks) -> bool:
+    return any(
+        entry.kind == anomaly.kind
+        and fnmatch.fnmatchcase(anomaly.module or "", entry.module)
+        and fnmatch.fnmatchcase(anomaly.parameter or "", entry.parameter)
+        for entry in checks.ignore
+    )

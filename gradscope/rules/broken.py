@@ -1,0 +1,157 @@
+"""Broken gradients: NaN/Inf origins, errors raised in backward, hand-written backwards that are wrong."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradscope.report import Anomaly, Report, StepRecord
+from gradscope.rules.common import nonfinite_step
+
+PHASE_KIND = {
+    "forward": "nonfinite_forward",
+    "parameter": "nonfinite_forward",
+    "loss": "nonfinite_loss",
+    "input": "nonfinite_loss",
+    "backward": "nonfinite_gradient",
+}
+
+
+def nonfinite(report: Report, check: Any) -> list[Anomaly]:
+    """The first NaN/Inf of the run, at the op or node that made it; later spread is summarised."""
+    bad = [s for s in report.steps if nonfinite_step(s)]
+    if not bad:
+        return []
+    first = next((s for s in bad if s.origin is not None), None)
+    if first is None:
+        return [_unlocated(bad[0], len(bad))]
+    o = first.origin
+    assert o is not None
+    value = "NaN" if o.kind == "nan" else "Inf"
+    spread = _spread(first, bad, o.kind)
+    evidence = {k: v for k, v in vars(o).items() if v not in (None, (), 0)}
+    evidence["steps_affected"] = [s.step for s in bad]
+    return [
+        Anomaly(
+            kind=PHASE_KIND[o.phase],
+            severity="error",
+            module=o.module,
+            parameter=o.tensors[0] if o.phase == "parameter" and o.tensors else None,
+            step=first.step,
+            message=_origin_message(o, value) + spread + " " + _fix(o),
+            evidence=evidence,
+        )
+    ]
+
+
+def _origin_message(o: Any, value: str) -> str:
+    count = f"{o.count} of {o.numel} values" if o.numel else f"{o.count} values"
+    where = f" in {o.module}" if o.module else ""
+    at = f" Source: {o.source}." if o.source else ""
+    if o.phase == "input":
+        return f"{value} is already in the batch ({', '.join(o.tensors)}: {o.count} values) before the model runs."
+    if o.phase == "parameter":
+        return f"{value} is already in parameter {', '.join(o.tensors[:3])} before the forward pass."
+    if o.phase == "backward":
+        node = f" (autograd node {o.node})" if o.node and o.node not in (o.op or "") else ""
+        return (
+            f"{value} first appears in the backward pass: the gradient of {o.op}{node}{where} "
+            f"is {value} ({count}, {o.dtype}) although the gradient flowing into it is finite.{at}"
+        )
+    span = ""
+    if o.input_min is not None:
+        span = f" from finite inputs in [{o.input_min:.4g}, {o.input_max:.4g}]"
+    phase = "the loss" if o.phase == "loss" else "the forward pass"
+    return f"{value} first appears in {phase}: {o.op}{where} returned {value} ({count}, {o.dtype}){span}.{at}"
+
+
+def _spread(first: StepRecord, bad: list[StepRecord], kind: str) -> str:
+    grads = sum(1 for s in first.parameters.values() if s.nan_count or s.inf_count)
+    parts = []
+    if grads:
+        parts.append(f"{grads} parameters' gradients")
+    if not math.isfinite(first.loss):
+        parts.append("the loss")
+    later = [s.step for s in bad if s.step != first.step]
+    text = f" It reaches {' and '.join(parts)} at step {first.step}" if parts else ""
+    if later:
+        text += f"{',' if text else ' It'} and persists in {len(later)} later step(s)"
+    return text + "." if text else ""
+
+
+def _fix(o: Any) -> str:
+    op = (o.op or "").lower()
+    if o.phase == "input":
+        return "Fix the data (or filter non-finite samples) before it reaches the model."
+    if o.phase == "parameter":
+        return "Check the initialisation or the update that wrote it (learning rate, a NaN gradient earlier)."
+    if o.dtype == "float16" and o.kind == "inf":
+        return "float16 overflows above 65504: run in bf16, or keep this op in fp32 (autocast(enabled=False))."
+    if any(k in op for k in ("log", "sqrt", "pow", "rsqrt")):
+        return "Its input leaves the function's domain (log/sqrt of <= 0): clamp it or add an epsilon."
+    if any(k in op for k in ("div", "reciprocal")):
+        return "A division by zero: add an epsilon to the denominator."
+    if "softmax" in op:
+        return "A softmax over a row that is all -inf (fully masked): keep at least one position unmasked."
+    if "exp" in op:
+        return "exp overflows: subtract the maximum first (logsumexp) or clamp its input."
+    if o.phase == "backward":
+        return "A backward formula divides by or multiplies into 0/Inf: check the op's domain (or the custom backward)."
+    return "Check this op's inputs."
+
+
+def _unlocated(step: StepRecord, count: int) -> Anomaly:
+    names = [n for n, s in step.parameters.items() if s.nan_count or s.inf_count]
+    kind = "nonfinite_loss" if not math.isfinite(step.loss) else "nonfinite_gradient"
+    what = "the loss" if kind == "nonfinite_loss" else f"the gradients of {len(names)} parameters"
+    return Anomaly(
+        kind=kind,
+        severity="error",
+        step=step.step,
+        parameter=names[0] if names else None,
+        message=f"{what} became non-finite at step {step.step} (in {count} step(s)); the op that made it could not be pinned.",
+        evidence={"parameters": names[:20]},
+    )
+
+
+def backward_error(report: Report, check: Any) -> list[Anomaly]:
+    """PyTorch raised during backward: the error and the forward line that created the failing node."""
+    out = []
+    for step in report.steps:
+        failure = step.backward_error
+        if failure is None:
+            continue
+        where = f" The failing node {failure.node} was created at {failure.source}." if failure.source else ""
+        hint = (
+            " An in-place op (x.add_(), x[...] = , relu(inplace=True)) changed a tensor backward needs: use its out-of-place form."
+            if "inplace" in failure.message
+            else ""
+        )
+        out.append(
+            Anomaly(
+                kind="backward_error",
+                severity="error",
+                step=step.step,
+                message=f"backward raised at step {step.step}: {failure.message.splitlines()[0]}{where}{hint}",
+                evidence={"node": failure.node, "source": failure.source, "error": failure.message},
+            )
+        )
+    return out
+
+
+def wrong_gradient(report: Report, check: Any) -> list[Anomaly]:
+    """Custom autograd.Functions whose backward disagrees with finite differences (``--gradcheck``)."""
+    return [
+        Anomaly(
+            kind="wrong_gradient",
+            severity="error",
+            module=g.module,
+            message=(
+                f"the hand-written backward of {g.function} ({g.source}) disagrees with finite differences "
+                f"(torch.autograd.gradcheck, float64, on the inputs it saw): {g.detail} Fix its backward formula."
+            ),
+            evidence={"function": g.function, "source": g.source, "detail": g.detail},
+        )
+        for g in report.gradchecks
+        if g.passed is False
+    ]

@@ -1,0 +1,56 @@
+"""Helpers the rules share: which steps to judge, and the model's layers in forward order."""
+
+from __future__ import annotations
+
+import math
+
+from gradscope.report import ParamInfo, Report, StepRecord
+
+EMBEDDINGS = ("Embedding", "EmbeddingBag")
+
+
+def clean_steps(report: Report) -> list[StepRecord]:
+    return [s for s in report.steps if s.backward_error is None and not nonfinite_step(s) and not s.skipped]
+
+
+def nonfinite_step(step: StepRecord) -> bool:
+    if step.backward_error is not None:
+        return False
+    grads_bad = any(s.nan_count or s.inf_count for s in step.parameters.values())
+    if step.skipped and step.origin is None:
+        return False  # a grad-scaler overflow: loss_scale_overflow reports it
+    return not math.isfinite(step.loss) or grads_bad
+
+
+def weights_in_order(report: Report) -> list[ParamInfo]:
+    """Weight matrices and kernels (not biases, norms or embeddings), from input to output."""
+    weights = [p for p in report.parameters if p.trainable and len(p.shape) >= 2 and p.module_type not in EMBEDDINGS]
+    order = {name: i for i, name in enumerate(report.called_modules or ())}
+    if order:
+        weights = [p for p in weights if p.module in order]
+        weights.sort(key=lambda p: order[p.module])
+    return weights
+
+
+def in_forward_order(report: Report) -> list[ParamInfo]:
+    order = {name: i for i, name in enumerate(report.called_modules or ())}
+    if not order:
+        return list(report.parameters)
+    return sorted(report.parameters, key=lambda p: order.get(p.module, len(order)))
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else math.sqrt(ordered[mid - 1] * ordered[mid])
+
+
+def by_module(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
+    groups: dict[str, list[ParamInfo]] = {}
+    for p in params:
+        groups.setdefault(p.module, []).append(p)
+    return groups
+
+
+def fully_dead(step: StepRecord) -> bool:
+    return any(a.kind == "relu" and a.fraction == 1.0 for a in step.activations.values())

@@ -1,0 +1,111 @@
+"""Clipping and precision: clipping that always fires, grad-scaler overflows, fp16/bf16 underflow."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradscope.report import Anomaly, Report, StepRecord
+from gradscope.rules.common import in_forward_order, median
+
+
+def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
+    """Clipping fires in more than ``fraction`` of the steps."""
+    steps = [s for s in report.steps if s.clip_coefficient is not None and math.isfinite(s.grad_norm_total)]
+    clipped = [s for s in steps if s.clip_coefficient < 1.0]
+    if not clipped or len(clipped) / len(steps) <= check.fraction:
+        return []
+    share = _dominant(clipped[-1])
+    coefficient = median([s.clip_coefficient for s in clipped])  # type: ignore[misc]
+    severity = "warning" if coefficient < check.coefficient else "info"
+    top = ", ".join(f"{name} {frac:.0%}" for name, frac in share[:3])
+    max_norm = (report.run.clip or {}).get("max_norm")
+    norms = ", ".join(f"{s.clip_norm:.3g}" for s in clipped[:5])
+    coefs = ", ".join(f"{s.clip_coefficient:.3g}" for s in clipped[:5])
+    return [
+        Anomaly(
+            kind="gradient_clipping",
+            severity=severity,
+            module=share[0][0].rpartition(".")[0] if share else None,
+            parameter=share[0][0] if share else None,
+            step=clipped[0].step,
+            message=(
+                f"clipping fires in {len(clipped)} of {len(steps)} steps (max_norm {max_norm}): pre-clip norms {norms}, "
+                f"coefficients {coefs}. Largest shares of the squared norm: {top}. While clipping is on, max_norm, not "
+                f"the gradient, sets the update size; by a factor under {check.coefficient:g} it hides how large the "
+                f"gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
+            ),
+            evidence={
+                "steps": [s.step for s in clipped],
+                "pre_clip_norms": [s.clip_norm for s in clipped],
+                "coefficients": [s.clip_coefficient for s in clipped],
+                "dominant": dict(share[:5]),
+            },
+        )
+    ]
+
+
+def _dominant(step: StepRecord) -> list[tuple[str, float]]:
+    total = sum(s.grad_norm**2 for s in step.parameters.values() if s.grad_norm)
+    if not total:
+        return []
+    shares = [(n, s.grad_norm**2 / total) for n, s in step.parameters.items() if s.grad_norm]
+    return sorted(shares, key=lambda item: -item[1])
+
+
+def loss_scale_overflow(report: Report, check: Any) -> list[Anomaly]:
+    """fp16: steps the grad scaler skipped because the scaled gradients overflowed."""
+    skipped = [s for s in report.steps if s.skipped and s.origin is None]
+    if not skipped:
+        return []
+    fraction = len(skipped) / len(report.steps)
+    first = skipped[0]
+    bad = [n for n, s in first.parameters.items() if s.nan_count or s.inf_count]
+    severity = "warning" if fraction > check.fraction or skipped[-1] is report.steps[-1] else "info"
+    scales = ", ".join(f"step {s.step}: {s.loss_scale:g}" for s in skipped[:5])
+    return [
+        Anomaly(
+            kind="loss_scale_overflow",
+            severity=severity,
+            parameter=bad[0] if bad else None,
+            module=bad[0].rpartition(".")[0] if bad else None,
+            step=first.step,
+            message=(
+                f"the grad scaler skipped {len(skipped)} of {len(report.steps)} steps ({scales}): scaled fp16 gradients "
+                f"overflowed in {len(bad)} parameters ({', '.join(bad[:4])}{'...' if len(bad) > 4 else ''}). A few skips "
+                f"while the scale calibrates are normal; many mean gradients near fp16's limit: use bf16, or find the "
+                f"layer whose gradients are that large."
+            ),
+            evidence={"steps": [s.step for s in skipped], "scales": [s.loss_scale for s in skipped], "parameters": bad},
+        )
+    ]
+
+
+def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
+    """Low precision flushes gradient entries to zero that an fp32 step keeps."""
+    step = next((s for s in report.steps if s.underflow), None)
+    if step is None or step.underflow is None:
+        return []
+    order = {p.name: i for i, p in enumerate(in_forward_order(report))}
+    lost = sorted(
+        ((n, f) for n, f in step.underflow.items() if f > check.fraction), key=lambda item: order.get(item[0], 0)
+    )
+    if not lost:
+        return []
+    worst = lost[-1][0]  # where it starts: the affected parameter nearest the loss
+    listing = ", ".join(f"{n} {f:.0%}" for n, f in lost[-6:])
+    return [
+        Anomaly(
+            kind="gradient_underflow",
+            severity="warning",
+            module=worst.rpartition(".")[0],
+            parameter=worst,
+            step=step.step,
+            message=(
+                f"{report.run.precision} flushes gradients to zero that fp32 keeps, on the same weights and batch: "
+                f"{len(lost)} parameters lose more than {check.fraction:.0%} of their entries ({listing}). "
+                f"Use bf16 (fp32's range), a larger loss scale, or keep these layers in fp32."
+            ),
+            evidence={"lost_fraction": dict(lost)},
+        )
+    ]
