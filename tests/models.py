@@ -172,3 +172,17 @@ class FunctionalRelu(nn.Module):
         h = torch.nn.functional.relu(self.a(x))
         h = self.b(h + x).relu()
         return self.head(h + x)
+
+
+class Fp16Overflow(nn.Module):
+    """A linear whose outputs exceed float16's 65504 under fp16 autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.big.weight.mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.big(x))

@@ -163,3 +163,25 @@ def test_dead_fraction_is_per_unit():
     (stats,) = [a for a in report.steps[0].activations.values()]
     assert isinstance(stats, ActivationStats)
     assert stats.kind == "relu" and stats.fraction == 1.0 and stats.units == 16 and stats.samples == 8
+
+
+def test_fp16_forward_overflow_is_located_with_the_bf16_hint():
+    raw = config(target("Fp16Overflow"), precision="fp16")
+    report = gradscope.inspect(raw)
+    (finding,) = [a for a in report.anomalies if a.severity == "error"]
+    assert finding.kind == "nonfinite_forward" and finding.module == "big"
+    assert finding.evidence["dtype"] == "float16" and "bf16" in finding.message
+    assert not [a for a in report.anomalies if a.kind == "loss_scale_overflow"]  # one fault, one finding
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resnet_with_batchnorm_is_clean(precision):
+    raw = config(
+        "gradscope.zoo:resnet",
+        {"in_channels": 3, "width": 8, "stages": [2, 2], "classes": 10},
+        data={"batch_size": 16, "input": {"shape": [3, 16, 16]}, "labels": {"classes": 10}},
+        steps=3,
+        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        precision=precision,
+    )
+    assert gradscope.inspect(raw).anomalies == ()

@@ -34,9 +34,10 @@ class FirstNonfinite(TorchFunctionMode):
     """Records the first op that creates a NaN (or an Inf) from inputs without one.
 
     An Inf written on purpose (``masked_fill(mask, -inf)``, an attention mask)
-    is not an origin: ops given an infinite scalar are skipped, and a NaN
-    search ignores Infs in the inputs, so a softmax over a fully masked row is
-    found as the origin of its NaN.
+    is not an origin: ops given an infinite scalar are skipped, so a softmax
+    over a fully masked row is found as the origin of its NaN. A NaN made
+    from an Inf that an earlier op made from finite inputs (an overflow, a
+    log of 0) is traced to that op.
 
     It also maps the autograd node of every op's output to (op name, user
     source line) in ``ops``, for naming the op behind a node in the backward.
@@ -46,6 +47,7 @@ class FirstNonfinite(TorchFunctionMode):
         super().__init__()
         self.tracker, self.kind = tracker, kind
         self.found: NonfiniteOrigin | None = None
+        self.first_inf: NonfiniteOrigin | None = None  # the first Inf made from finite inputs (an overflow)
         self.ops: dict[Any, tuple[str, str | None]] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -53,14 +55,26 @@ class FirstNonfinite(TorchFunctionMode):
         if _is_metadata(func):
             return func(*args, **kwargs)
         inputs = [t for t in _tensors([args, kwargs]) if t.is_floating_point()]
-        search = self.found is None
-        clean = search and not any(_has(t, self.kind) for t in inputs) and not _explicit_inf(args, kwargs)
+        if self.found is not None:
+            out = func(*args, **kwargs)
+            self._record_nodes(func, out)
+            return out
+        explicit = _explicit_inf(args, kwargs)
+        had = {kind: any(_has(t, kind) for t in inputs) for kind in ("nan", "inf")}
         out = func(*args, **kwargs)
         self._record_nodes(func, out)
-        if clean:
-            produced = [t for t in _tensors(out) + inputs if t.is_floating_point() and _has(t, self.kind)]
-            if produced:
-                self.found = self._origin(func, inputs, produced[0])
+        for kind in ("nan", "inf"):
+            if had[kind] or explicit or (kind == "inf" and had["nan"]):
+                continue
+            produced = [t for t in _tensors(out) + inputs if t.is_floating_point() and _has(t, kind)]
+            if not produced:
+                continue
+            origin = self._origin(func, inputs, produced[0], kind)
+            if kind == self.kind:
+                # A NaN made from an overflowed Inf (inf - inf, inf * 0) starts at that overflow.
+                self.found = self.first_inf if kind == "nan" and had["inf"] and self.first_inf else origin
+            elif self.first_inf is None:
+                self.first_inf = origin
         return out
 
     def _record_nodes(self, func: Any, out: Any) -> None:
@@ -68,19 +82,19 @@ class FirstNonfinite(TorchFunctionMode):
             if t.grad_fn is not None and t.grad_fn not in self.ops:
                 self.ops[t.grad_fn] = (op_name(func), _source(user_site()))
 
-    def _origin(self, func: Any, inputs: list[torch.Tensor], produced: torch.Tensor) -> NonfiniteOrigin:
+    def _origin(self, func: Any, inputs: list[torch.Tensor], produced: torch.Tensor, kind: str) -> NonfiniteOrigin:
         where = self.tracker.current
         site = user_site()
         finite = [t.detach()[torch.isfinite(t.detach())] for t in inputs if t.numel()]
         values = torch.cat([t.float().flatten() for t in finite]) if finite else torch.zeros(0)
         return NonfiniteOrigin(
             phase="forward" if where else "loss",
-            kind=self.kind,
+            kind=kind,
             op=op_name(func),
             module=_module(where, self.tracker),
             source=_source(site),
             dtype=str(produced.dtype).removeprefix("torch."),
-            count=int(_count(produced, self.kind)),
+            count=int(_count(produced, kind)),
             numel=produced.numel(),
             input_min=float(values.min()) if values.numel() else None,
             input_max=float(values.max()) if values.numel() else None,
