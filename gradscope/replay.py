@@ -98,12 +98,12 @@ def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str) -> Nonfinit
 def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, float]:
     """Per parameter, the fraction of gradient entries that are zero now but not in an fp32 step.
 
-    Call right after a low-precision backward (``.grad`` unscaled). The fp32
-    step replays the forward with autocast off on the same weights and batch.
+    Call right after a low-precision backward (``.grad`` unscaled), with a
+    ``forward`` that runs in fp32 (autocast off) on the same weights and batch.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     zero_now = [p.grad == 0 for _, p in named]
-    with replaying(model, state), torch.autocast(_device_type(model), enabled=False):
+    with replaying(model, state):
         loss = forward()
         full = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     lost = []
@@ -148,8 +148,3 @@ def batch_tensors(inputs: Any, labels: Any) -> dict[str, torch.Tensor]:
             if t.is_floating_point():
                 named[prefix if len(tensors) == 1 else f"{prefix}[{i}]"] = t
     return named
-
-
-def _device_type(model: nn.Module) -> str:
-    param = next(model.parameters(), None)
-    return param.device.type if param is not None else "cpu"

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradscope.probes.modules import ModuleTracker, _tensors, describe_call, user_site
@@ -256,7 +255,3 @@ _METADATA = {"size", "dim", "shape", "dtype", "device", "numel", "is_floating_po
 
 def _is_metadata(func: Any) -> bool:
     return getattr(func, "__name__", "") in _METADATA
-
-
-def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters()}
