@@ -10,6 +10,8 @@ step) of:
   stats      the same step through gradscope's engine with gradient statistics
              (per-parameter norms, max |g|, zeros, parameter norms: one host
              transfer per step);
+  all        everything on: statistics, activation statistics (dead/saturated
+             units, which modules ran), the cheap NaN/Inf detector;
   anomaly    the plain step under torch.autograd.detect_anomaly, for comparison.
 It prints ms/step and the ratio to plain. CUDA times are taken with
 torch.cuda.synchronize() around each round.
@@ -94,12 +96,14 @@ class Plain:
         self.optimizer.step()
 
 
-class Stats:
-    """The same step through gradscope's engine (gradient statistics)."""
+class Instrumented:
+    """The same step through gradscope's engine."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, activations: bool
+    ) -> None:
         self.probe = GradientProbe(model).__enter__()
-        plan = StepPlan(device, clip=ClipSpec(max_norm=1.0))
+        plan = StepPlan(device, clip=ClipSpec(max_norm=1.0), activations=activations)
         self.engine = Engine(model, optimizer, cross_entropy, self.probe, plan)
         self.index = 0
 
@@ -130,7 +134,8 @@ def bench(case: Case, device: torch.device, rounds: int, steps: int, modes: list
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runners = {
         "plain": Plain(model, optimizer).step,
-        "stats": Stats(model, optimizer, device).step,
+        "stats": Instrumented(model, optimizer, device, activations=False).step,
+        "all": Instrumented(model, optimizer, device, activations=True).step,
         "anomaly": Plain(model, optimizer, anomaly=True).step,
     }
     for mode in modes:  # warm-up: allocator, optimizer state, kernels
@@ -151,7 +156,7 @@ def main() -> None:
     parser.add_argument("--no-anomaly", action="store_true", help="skip the detect_anomaly comparison")
     args = parser.parse_args()
     device = torch.device(args.device)
-    modes = ["plain", "stats"] + ([] if args.no_anomaly else ["anomaly"])
+    modes = ["plain", "stats", "all"] + ([] if args.no_anomaly else ["anomaly"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians")
     print(f"{'model':32} {'params':>8} " + " ".join(f"{m + ' ms':>12} {'ratio':>6}" for m in modes))

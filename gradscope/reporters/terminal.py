@@ -11,6 +11,7 @@ import os
 from typing import IO
 
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
@@ -41,12 +42,18 @@ class TerminalReporter:
         self.console.print(_steps_table(report))
         if report.anomalies or report.run.status == "completed":
             self.console.print(_findings(report.anomalies))
-        self.console.print(_layer_table(report, report.steps[-1], self.show_all))
+        self.console.print(_layer_table(report, _table_step(report), self.show_all))
         if report.run.status != "completed":
             self.console.print(_status_line(report))
 
     def close(self) -> None:
         self.console.file.flush()
+
+
+def _table_step(report: Report) -> StepRecord:
+    """The step of the first error finding (where a NaN started, say), else the last step."""
+    first = next((a.step for a in report.anomalies if a.severity == "error" and a.step is not None), None)
+    return next((s for s in report.steps if s.step == first), report.steps[-1])
 
 
 def _header(report: Report) -> Text:
@@ -90,19 +97,33 @@ def _steps_table(report: Report) -> Table:
     return table
 
 
-def _findings(anomalies: tuple[Anomaly, ...]) -> Text:
+def _findings(anomalies: tuple[Anomaly, ...]) -> Text | Panel:
     if not anomalies:
         return Text("no anomalies found", style="green")
-    text = Text(f"{len(anomalies)} finding(s):\n", style="bold")
-    for a in anomalies:
+    text = Text()
+    for i, a in enumerate(anomalies):
         where = " ".join(
             x for x in (a.module or a.parameter or "", f"step {a.step}" if a.step is not None else "") if x
         )
-        text.append(f"  {a.severity.upper():7} ", style=SEVERITY_STYLE.get(a.severity, ""))
+        text.append("\n" if i else "")
+        text.append(f"{a.severity.upper():7} ", style=SEVERITY_STYLE.get(a.severity, ""))
         text.append(f"{a.kind}", style="bold")
         text.append(f" [{where}] " if where else " ")
         text.append(a.message + "\n")
-    return text
+        trace = _origin_trace(a)
+        if trace:
+            text.append(f"        origin: {trace}\n", style="dim")
+    worst = anomalies[0].severity
+    return Panel(text, title=f"{len(anomalies)} finding(s)", title_align="left", border_style=SEVERITY_STYLE[worst])
+
+
+def _origin_trace(a: Anomaly) -> str:
+    """``phase > module > op (node) @ source`` for NaN/Inf findings."""
+    e = a.evidence
+    if not a.kind.startswith("nonfinite") or "phase" not in e:
+        return ""
+    parts = [e["phase"], e.get("module"), e.get("op"), e.get("node"), e.get("source")]
+    return " > ".join(str(p) for p in parts if p)
 
 
 def _layer_table(report: Report, step: StepRecord, show_all: bool) -> Table:
