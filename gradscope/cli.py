@@ -31,6 +31,7 @@ from gradscope.inspection import Inspection
 from gradscope.reporters import Reporter
 from gradscope.reporters.ci import GithubReporter, JunitReporter
 from gradscope.reporters.json import JsonReporter
+from gradscope.reporters.tensorboard import TensorBoardReporter
 from gradscope.reporters.terminal import TerminalReporter
 
 app = typer.Typer(
@@ -74,6 +75,7 @@ def inspect(
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
     ] = FailOn.error,
+    logdir: Annotated[str | None, typer.Option("--logdir", metavar="DIR", help="Write a TensorBoard run here.")] = None,
     junit: Annotated[
         str | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML, one test case per check.")
     ] = None,
@@ -92,13 +94,16 @@ def inspect(
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients."""
     try:
-        overrides = _overrides(config, steps, device, gradcheck, check or [])
+        overrides = _overrides(config, steps, device, gradcheck, check or [], logdir)
         inspection = Inspection(load_config(config, overrides))
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-    reporters = _reporters(json_path, junit, show_all, fail_on.value, str(config))
+    try:
+        reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection)
+    except Exception as exc:
+        raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     code = _run(inspection, reporters, verbose)
     if code is None:
         code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on.value) else EXIT_OK
@@ -108,8 +113,9 @@ def inspect(
 def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> int | None:
     """Run, then write the report whatever happened; an exit code if the run did not complete."""
     code = None
+    streams = [r.on_step for r in reporters if hasattr(r, "on_step")]
     try:
-        inspection.run()
+        inspection.run(on_step=lambda step: [stream(step) for stream in streams])
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         print("gradscope: interrupted; writing the steps measured so far", file=sys.stderr)
@@ -127,7 +133,9 @@ def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> in
     return code
 
 
-def _reporters(json_path: str | None, junit: str | None, show_all: bool, fail_on: str, config: str) -> list[Reporter]:
+def _reporters(
+    json_path: str | None, junit: str | None, show_all: bool, fail_on: str, inspection: Inspection
+) -> list[Reporter]:
     # With the JSON on stdout, the human-readable report moves to stderr.
     terminal = TerminalReporter(sys.stderr if json_path == "-" else sys.stdout, show_all)
     reporters: list[Reporter] = [terminal]
@@ -135,20 +143,26 @@ def _reporters(json_path: str | None, junit: str | None, show_all: bool, fail_on
         reporters.append(JsonReporter(json_path))
     if junit:
         reporters.append(JunitReporter(junit, fail_on))
+    settings = inspection.settings
+    if settings.tensorboard.logdir:
+        config_text = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+        reporters.append(TensorBoardReporter(settings.tensorboard.logdir, config_text))
     if os.environ.get("GITHUB_ACTIONS") == "true":
-        reporters.append(GithubReporter(config))
+        reporters.append(GithubReporter(settings.origin.source))
     return reporters
 
 
 def _overrides(
-    config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str]
+    config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str], logdir: str | None
 ) -> dict[str, Any]:
-    """Top-level config keys the command line replaces; ``--check`` entries merge into ``checks``."""
+    """Top-level config keys the command line replaces; ``--check`` and ``--logdir`` merge into their sections."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
     if gradcheck:
         out["gradcheck"] = True
+    if logdir:
+        out["tensorboard"] = {**_config_section(config, "tensorboard"), "logdir": logdir}
     if checks:
-        merged = _config_checks(config)
+        merged = _config_section(config, "checks")
         for entry in checks:
             key, sep, value = entry.partition("=")
             kind, dot, name = key.partition(".")
@@ -161,13 +175,13 @@ def _overrides(
     return out
 
 
-def _config_checks(config: Path) -> dict[str, Any]:
+def _config_section(config: Path, key: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError):
         return {}  # load_config reports the problem with the file itself
-    checks = raw.get("checks") if isinstance(raw, dict) else None
-    return dict(checks) if isinstance(checks, dict) else {}
+    section = raw.get(key) if isinstance(raw, dict) else None
+    return dict(section) if isinstance(section, dict) else {}
 
 
 def _fail(exc: BaseException, verbose: bool, code: int) -> int:

@@ -241,6 +241,11 @@ class Checks(_Strict):
         return getattr(self, kind)
 
 
+class TensorBoardSpec(_Strict):
+    logdir: str | None = None  # relative paths start at the current directory, as with --logdir
+    histograms_every: int = Field(default=10, ge=0)  # gradient histograms every N steps (0: none)
+
+
 class Settings(_Strict):
     """A whole gradscope config."""
 
@@ -255,6 +260,7 @@ class Settings(_Strict):
     checkpointing: CheckpointSpec | None = None
     clip: ClipSpec | None = None
     checks: Checks = Checks()
+    tensorboard: TensorBoardSpec = TensorBoardSpec()
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 

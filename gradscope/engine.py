@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from gradscope.loading import Batch, LossFn, call_model
 from gradscope.probes import functions
 from gradscope.probes.activations import ActivationProbe
 from gradscope.probes.gradients import GradientProbe, Readings
+from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker
 from gradscope.probes.origins import bad_kind
 from gradscope.report import BackwardFailure, GradcheckResult, NonfiniteOrigin, StepRecord
@@ -44,6 +45,7 @@ class StepPlan:
     localize: bool = True  # replay a step with a NaN/Inf to find where it was made
     underflow: bool = True  # low precision: compare the first step's gradients with fp32
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
+    histograms_every: int = 0  # gradient histograms every N steps (0: never)
 
 
 class Engine:
@@ -85,15 +87,37 @@ class Engine:
             return StepRecord(index, float(loss.detach()), math.nan, {}, {}, backward_error=failure)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # measure and clip the true gradients
-        extra = [_scale_tensor(self.scaler)] if self.scaler is not None else []
-        readings = self.probe.read([loss, *extra, *(activations.counts if activations else [])])
+        fetch = _Fetch(loss)
+        if self.scaler is not None:
+            fetch.add("scale", _scale_tensor(self.scaler))
+        histogram_names = self._histograms(index, fetch)
+        if activations is not None:
+            fetch.add("activations", *activations.counts)
+        readings = self.probe.read(fetch.tensors)
+        values = fetch.split(readings.scalars)
         origin = self._locate(readings, batch, state)
         underflow = self._underflow(batch, state) if index == 0 and not readings.nonfinite else None
         if self.plan.clip is not None:
             clip = self.plan.clip
             torch.nn.utils.clip_grad_norm_(self.probe.params, clip.max_norm, clip.norm_type)
         self._update()
-        return self._record(index, readings, activations, origin, underflow)
+        record = self._record(index, readings, values, origin, underflow)
+        if activations is not None:
+            record = replace(record, activations=activations.results(values["activations"]))
+        if histogram_names:
+            rows = values["histograms"]
+            found = {n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(histogram_names)}
+            record = replace(record, histograms=found)
+        return record
+
+    def _histograms(self, index: int, fetch: _Fetch) -> list[str]:
+        every = self.plan.histograms_every
+        if not every or index % every:
+            return []
+        params = [(self.probe.names[i], self.probe.params[i].grad) for i in self.probe.arrived()]
+        named = [(name, grad) for name, grad in params if grad is not None]
+        fetch.add("histograms", gradient_histograms([grad for _, grad in named]))
+        return [name for name, _ in named]
 
     def forward(self, batch: Batch, precision: str | None = None) -> torch.Tensor:
         """Model and loss on ``batch`` under autocast; the checked scalar loss."""
@@ -165,14 +189,13 @@ class Engine:
         self,
         index: int,
         readings: Readings,
-        activations: ActivationProbe | None,
+        values: dict[str, list[float]],
         origin: NonfiniteOrigin | None,
         underflow: dict[str, float] | None,
     ) -> StepRecord:
         params = stats.parameter_stats(self.trainable, readings)
         total = stats.total_norm(params)
         record: dict[str, Any] = {"origin": origin, "underflow": underflow}
-        first_count = 1
         if self.plan.clip is not None:
             clip_norm = stats.clip_norm(readings, self.plan.clip.norm_type)
             coef = stats.clip_coefficient(clip_norm, self.plan.clip.max_norm)
@@ -180,18 +203,34 @@ class Engine:
         if self.scaler is not None:
             # The scaler skips the update when any unscaled gradient is non-finite.
             skipped = any(s.nan_count or s.inf_count for s in params.values())
-            record.update(loss_scale=readings.scalars[1], skipped=skipped)
-            first_count = 2
-        if activations is not None:
-            record["activations"] = activations.results(readings.scalars[first_count:])
+            record.update(loss_scale=values["scale"][0], skipped=skipped)
         return StepRecord(
             step=index,
-            loss=readings.scalars[0],
+            loss=values["loss"][0],
             grad_norm_total=total,
             parameters=params,
             modules=stats.module_stats(self.trainable, params),
             **record,
         )
+
+
+class _Fetch:
+    """Named tensors to fetch in the step's one transfer, and the fetched values split back by name."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.parts: list[tuple[str, int]] = []
+        self.add("loss", loss)
+
+    def add(self, name: str, *tensors: torch.Tensor) -> None:
+        self.tensors.extend(tensors)
+        self.parts.append((name, sum(t.numel() for t in tensors)))
+
+    def split(self, flat: list[float]) -> dict[str, list[float]]:
+        out, at = {}, 0
+        for name, size in self.parts:
+            out[name], at = flat[at : at + size], at + size
+        return out
 
 
 def check_loss(loss: Any) -> None:

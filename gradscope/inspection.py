@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,11 @@ class Inspection:
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = loading.build_optimizer(settings, trainable)
 
-    def run(self) -> Report:
+    def run(self, on_step: Callable[[StepRecord], None] | None = None) -> Report:
         """Run every step; the report of the completed run.
+
+        Args:
+            on_step: called with each step's record as soon as it is measured.
 
         Raises:
             GradscopeError: user code raised, or the loss is not usable; the
@@ -57,8 +61,14 @@ class Inspection:
             KeyboardInterrupt: likewise.
         """
         settings = self.settings
+        tensorboard = settings.tensorboard
         plan = StepPlan(
-            self.device, settings.precision, settings.clip, settings.loss.name == "output", gradcheck=settings.gradcheck
+            self.device,
+            settings.precision,
+            settings.clip,
+            settings.loss.name == "output",
+            gradcheck=settings.gradcheck,
+            histograms_every=tensorboard.histograms_every if tensorboard.logdir else 0,
         )
         extra_norm = _extra_norm(settings)
         start = time.perf_counter()
@@ -72,6 +82,8 @@ class Inspection:
                 self.engine = Engine(self.model, self.optimizer, self.loss_fn, probe, plan)
                 for index in range(settings.steps):
                     self.steps.append(self.engine.step(index, self.batch))
+                    if on_step is not None:
+                        on_step(self.steps[-1])
                     if self.engine.stopped:
                         break
         except KeyboardInterrupt:

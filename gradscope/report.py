@@ -119,6 +119,24 @@ class ActivationStats:
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """A gradient's finite values in equal buckets between ``min`` and ``max``; ``nonfinite`` left out."""
+
+    min: float
+    max: float
+    count: int
+    sum: float
+    sum_squares: float
+    nonfinite: int
+    buckets: tuple[int, ...]
+
+    def limits(self) -> list[float]:
+        """The upper edge of each bucket."""
+        n = len(self.buckets)
+        return [self.min + (self.max - self.min) * (i + 1) / n for i in range(n)]
+
+
+@dataclass(frozen=True)
 class GradcheckResult:
     """A custom autograd.Function's backward checked against finite differences (float64)."""
 
@@ -147,6 +165,7 @@ class StepRecord:
     origin: NonfiniteOrigin | None = None  # where this step's first NaN/Inf was made
     backward_error: BackwardFailure | None = None  # PyTorch raised in backward
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
+    histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
 
 
 @dataclass(frozen=True)
@@ -238,12 +257,12 @@ class Report:
         return cls(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"])
 
 
-_NESTED = ("parameters", "modules", "activations", "origin", "backward_error")
+_NESTED = ("parameters", "modules", "activations", "origin", "backward_error", "histograms")
 
 
 def _step_dict(step: StepRecord) -> dict[str, Any]:
     out = _plain(_without(step, *_NESTED))
-    for name in ("parameters", "modules", "activations"):
+    for name in ("parameters", "modules", "activations", "histograms"):
         out[name] = {key: _plain(dataclasses.asdict(s)) for key, s in getattr(step, name).items()}
     for name in ("origin", "backward_error"):
         value = getattr(step, name)
@@ -255,13 +274,22 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     params = {name: ParamStats(**s) for name, s in data.pop("parameters").items()}
     modules = {name: ModuleStats(**s) for name, s in data.pop("modules").items()}
     activations = {name: ActivationStats(**s) for name, s in data.pop("activations").items()}
+    histograms = {
+        name: Histogram(**{**h, "buckets": tuple(h["buckets"])}) for name, h in data.pop("histograms", {}).items()
+    }
     origin = data.pop("origin")
     if origin:
         origin = NonfiniteOrigin(**{**origin, "tensors": tuple(origin["tensors"])})
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
     return StepRecord(
-        parameters=params, modules=modules, activations=activations, origin=origin, backward_error=failure, **data
+        parameters=params,
+        modules=modules,
+        activations=activations,
+        origin=origin,
+        backward_error=failure,
+        histograms=histograms,
+        **data,
     )
 
 

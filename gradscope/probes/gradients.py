@@ -92,7 +92,8 @@ class GradientProbe:
         the gradients or parameters (clipping, the optimizer step).
 
         Args:
-            scalars: 0-d tensors to fetch in the same transfer (loss, loss scale, ...).
+            scalars: tensors to fetch in the same transfer (loss, loss scale, ...), flattened
+                into ``Readings.scalars`` in order.
         """
         index = [i for i in self.arrived() if self.params[i].grad is not None]
         grads = [self.params[i].grad for i in index]
@@ -252,5 +253,5 @@ def _values(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _fetch(table: torch.Tensor, scalars: list[torch.Tensor]) -> list[float]:
-    parts = [table.flatten()] + [s.detach().reshape(1).to(table.device, table.dtype) for s in scalars]
+    parts = [table.flatten()] + [s.detach().reshape(-1).to(table.device, table.dtype) for s in scalars]
     return torch.cat(parts).tolist()

@@ -1,0 +1,121 @@
+"""TensorBoard: one run per inspection, written step by step so an interrupted run stays readable.
+
+Tags follow what Lightning and wandb users know: ``loss``, ``grad_norm/total``
+(and ``grad_norm/total_clipped``), ``grad_norm/<param>``, ``gradients/<param>``
+histograms (finite values; non-finite ones counted as ``nonfinite/<param>``),
+``dead_fraction/<site>``, ``saturated_fraction/<site>``, ``clip/coefficient``,
+``amp/loss_scale``, each anomaly as text at its step, the config as text, and a
+custom-scalars layout that groups layers by their top-level module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+from gradscope.report import Report, StepRecord
+
+
+class TensorBoardReporter:
+    """Writes scalars, histograms and text with one ``SummaryWriter``.
+
+    Args:
+        logdir: the run's folder.
+        config_text: the resolved config, logged as text.
+    """
+
+    def __init__(self, logdir: str, config_text: str | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # heavy import, only when asked for
+
+        self.writer = SummaryWriter(log_dir=logdir)
+        self.written: set[int] = set()
+        if config_text:
+            self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+
+    def on_step(self, step: StepRecord) -> None:
+        """Write one step as soon as it is measured."""
+        if step.step in self.written:
+            return
+        self.written.add(step.step)
+        for tag, value in _scalars(step):
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step.step)
+        for name, h in step.histograms.items():
+            if h.nonfinite:
+                self.writer.add_scalar(f"nonfinite/{name}", h.nonfinite, step.step)
+            if h.count:
+                self.writer.add_histogram_raw(
+                    f"gradients/{name}",
+                    h.min,
+                    h.max,
+                    h.count,
+                    h.sum,
+                    h.sum_squares,
+                    h.limits(),
+                    list(h.buckets),
+                    step.step,
+                )
+        self.writer.flush()
+
+    def write(self, report: Report) -> None:
+        """The steps not written yet, the anomalies as text, and the layout."""
+        for step in report.steps:
+            self.on_step(step)
+        for a in report.anomalies:
+            where = " ".join(x for x in (a.module or "", a.parameter or "") if x)
+            text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
+            self.writer.add_text(f"anomalies/{a.kind}", text, a.step if a.step is not None else 0)
+        self.writer.add_custom_scalars(layout(report))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
+    out: list[tuple[str, float | None]] = [
+        ("loss", step.loss),
+        ("grad_norm/total", step.grad_norm_total),
+        ("grad_norm/total_clipped", step.grad_norm_total_clipped),
+        ("clip/coefficient", step.clip_coefficient),
+        ("amp/loss_scale", step.loss_scale),
+    ]
+    for name, s in step.parameters.items():
+        out.append((f"grad_norm/{name}", s.grad_norm))
+        if s.nan_count or s.inf_count:
+            out.append((f"nonfinite/{name}", float(s.nan_count + s.inf_count)))
+    for site, a in step.activations.items():
+        prefix = "dead_fraction" if a.kind == "relu" else "saturated_fraction"
+        out.append((f"{prefix}/{site}", a.fraction))
+    return out
+
+
+def layout(report: Report) -> dict[str, Any]:
+    """Custom-scalars layout: the totals, then one chart per top-level module of its parameters' norms."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for p in report.parameters:
+        if p.trainable:
+            groups[_group(p.name)].append(p.name)
+    charts = {
+        group: ["Multiline", [f"grad_norm/{re.escape(group)}(\\.|$).*" if group != "(top)" else "grad_norm/[^.]*$"]]
+        for group in groups
+    }
+    overview = {
+        "loss": ["Multiline", ["loss"]],
+        "total grad norm": ["Multiline", ["grad_norm/total", "grad_norm/total_clipped"]],
+        "clipping and loss scale": ["Multiline", ["clip/coefficient", "amp/loss_scale"]],
+        "dead / saturated": ["Multiline", ["dead_fraction/.*", "saturated_fraction/.*"]],
+    }
+    return {"gradscope": overview, "grad norm by module": charts}
+
+
+def _group(name: str) -> str:
+    """``blocks.3.attn.qkv.weight`` -> ``blocks.3``; ``tok.weight`` -> ``tok``; ``scale`` -> ``(top)``."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return "(top)"
+    if len(parts) > 2 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    return parts[0]
