@@ -30,7 +30,8 @@ from gradscope.errors import (
 from gradscope.inspection import Inspection
 from gradscope.reporters import Reporter
 from gradscope.reporters.ci import GithubReporter, JunitReporter
-from gradscope.reporters.json import JsonReporter
+from gradscope.reporters.json import JsonReporter, load_report
+from gradscope.reporters.plot import PlotReporter
 from gradscope.reporters.tensorboard import TensorBoardReporter
 from gradscope.reporters.terminal import TerminalReporter
 
@@ -72,6 +73,10 @@ def inspect(
         str | None, typer.Option("--json", metavar="PATH", help="Write the JSON report here ('-' for stdout).")
     ] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib)."),
+    ] = None,
     fail_on: Annotated[
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
     ] = FailOn.error,
@@ -101,13 +106,42 @@ def inspect(
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     try:
-        reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection)
+        reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
+    except GradscopeError as exc:
+        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     code = _run(inspection, reporters, verbose)
     if code is None:
         code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on.value) else EXIT_OK
     raise typer.Exit(code)
+
+
+@app.command()
+def show(
+    report_path: Annotated[Path, typer.Argument(metavar="REPORT.json", help="A report written by --json.")],
+    show_all: Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib)."),
+    ] = None,
+    fail_on: Annotated[
+        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
+    ] = FailOn.error,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Render a saved JSON report again, without rerunning the model."""
+    try:
+        report = load_report(report_path)
+        reporters: list[Reporter] = [TerminalReporter(sys.stdout, show_all)]
+        if plot:
+            reporters.append(PlotReporter(plot))
+    except GradscopeError as exc:
+        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
+    for reporter in reporters:
+        reporter.write(report)
+        reporter.close()
+    raise typer.Exit(EXIT_FINDINGS if report.at_or_above(fail_on.value) else EXIT_OK)
 
 
 def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> int | None:
@@ -134,11 +168,13 @@ def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> in
 
 
 def _reporters(
-    json_path: str | None, junit: str | None, show_all: bool, fail_on: str, inspection: Inspection
+    json_path: str | None, junit: str | None, show_all: bool, fail_on: str, inspection: Inspection, plot: str | None
 ) -> list[Reporter]:
     # With the JSON on stdout, the human-readable report moves to stderr.
     terminal = TerminalReporter(sys.stderr if json_path == "-" else sys.stdout, show_all)
     reporters: list[Reporter] = [terminal]
+    if plot:
+        reporters.append(PlotReporter(plot))
     if json_path:
         reporters.append(JsonReporter(json_path))
     if junit:

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from gradscope.report import Report
+from gradscope.errors import GradscopeError
+from gradscope.report import SCHEMA_VERSION, Report
 
 
 class JsonReporter:
@@ -33,3 +34,26 @@ class JsonReporter:
 
     def close(self) -> None:
         return None
+
+
+def load_report(path: str | Path) -> Report:
+    """Read a report written by ``JsonReporter``.
+
+    Raises:
+        GradscopeError: the file is missing, not JSON, or not a gradscope report of a known schema.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise GradscopeError(f"cannot read report {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise GradscopeError(f"{path} is not JSON: {exc}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise GradscopeError(
+            f"{path}: expected a gradscope report with schema_version {SCHEMA_VERSION}, got {version!r}"
+        )
+    try:
+        return Report.from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise GradscopeError(f"{path}: not a complete gradscope report ({type(exc).__name__}: {exc})") from None

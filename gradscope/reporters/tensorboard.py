@@ -10,6 +10,7 @@ custom-scalars layout that groups layers by their top-level module.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections import defaultdict
@@ -68,7 +69,16 @@ class TensorBoardReporter:
             text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
             self.writer.add_text(f"anomalies/{a.kind}", text, a.step if a.step is not None else 0)
         self.writer.add_custom_scalars(layout(report))
+        self._picture(report)
         self.writer.flush()
+
+    def _picture(self, report: Report) -> None:
+        """The gradient-flow picture as an image, when matplotlib is installed."""
+        if not report.steps or importlib.util.find_spec("matplotlib") is None:
+            return
+        from gradscope.reporters.plot import figure
+
+        self.writer.add_figure("gradient_flow", figure(report), report.steps[-1].step, close=True)
 
     def close(self) -> None:
         self.writer.close()
