@@ -7,6 +7,7 @@ picture is a clear error rather than a crash.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from gradscope.errors import GradscopeError
@@ -57,9 +58,11 @@ def _layers(report: Report) -> list[str]:
 def _flow(ax: Any, report: Report) -> None:
     layers = _layers(report)
     x = range(len(layers))
+    plotted = False
     for step in report.steps:
         norms = [step.parameters[n].grad_norm if n in step.parameters else None for n in layers]
-        values = [v if v and v > 0 else float("nan") for v in norms]
+        values = [v if v and 0 < v < math.inf else math.nan for v in norms]
+        plotted = plotted or any(not math.isnan(v) for v in values)
         ax.plot(x, values, marker="o", markersize=3, label=f"step {step.step}", alpha=0.8)
     position = {name: i for i, name in enumerate(layers)}
     for a in report.anomalies:
@@ -67,7 +70,10 @@ def _flow(ax: Any, report: Report) -> None:
         if where is not None:
             ax.axvline(where, color=SEVERITY_COLOR[a.severity], linestyle="--", alpha=0.7)
             ax.annotate(a.kind, (where, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=8)
-    ax.set_yscale("log")
+    if plotted:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finite, non-zero gradient norm to plot", transform=ax.transAxes, ha="center")
     ax.set_xticks(list(x))
     ax.set_xticklabels(layers, rotation=90, fontsize=7)
     ax.set_ylabel("gradient L2 norm")
