@@ -81,6 +81,13 @@ def inspect(
         FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
     ] = FailOn.error,
     logdir: Annotated[str | None, typer.Option("--logdir", metavar="DIR", help="Write a TensorBoard run here.")] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", metavar="BASE.json", help="Compare per-layer gradient norms with a saved report."),
+    ] = None,
+    update_baseline: Annotated[
+        bool, typer.Option("--update-baseline", help="Write this run's report to --baseline instead of comparing.")
+    ] = False,
     junit: Annotated[
         str | None, typer.Option("--junit", metavar="PATH", help="Write JUnit XML, one test case per check.")
     ] = None,
@@ -100,13 +107,18 @@ def inspect(
     """Run a config's model through instrumented forward/backward passes and report its gradients."""
     try:
         overrides = _overrides(config, steps, device, gradcheck, check or [], logdir)
-        inspection = Inspection(load_config(config, overrides))
+        if update_baseline and baseline is None:
+            raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
+        saved = load_report(baseline) if baseline is not None and not update_baseline else None
+        inspection = Inspection(load_config(config, overrides), saved)
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     try:
         reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
+        if update_baseline and baseline is not None:
+            reporters.append(JsonReporter(str(baseline)))
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:

@@ -199,6 +199,10 @@ class UnderflowCheck(_Check):
     fraction: float = Field(default=0.05, gt=0, le=1)  # of a gradient's entries flushed to zero
 
 
+class DriftCheck(_Check):
+    factor: float = Field(default=10.0, gt=1)  # a layer's gradient norm moving more than this, either way
+
+
 class IgnoreEntry(_Strict):
     """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
 
@@ -225,6 +229,7 @@ class Checks(_Strict):
     loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
     gradient_underflow: UnderflowCheck = UnderflowCheck()
     wrong_gradient: _Check = _Check()
+    baseline_drift: DriftCheck = DriftCheck()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

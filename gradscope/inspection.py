@@ -28,13 +28,15 @@ class Inspection:
 
     Args:
         settings: a validated config.
+        baseline: a saved report of the same config; gradient norms that moved from it are findings.
 
     Raises:
         GradscopeError: building the device, model, batch, loss or optimizer failed.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, baseline: Report | None = None) -> None:
         self.settings = settings
+        self.baseline = baseline
         self.steps: list[StepRecord] = []
         self.status = "not started"
         self.error: str | None = None
@@ -125,7 +127,7 @@ class Inspection:
         called = self.engine.called if self.engine is not None else None
         gradchecks = self.engine.gradchecks if self.engine is not None else ()
         report = Report(run, tuple(infos), tuple(self.steps), called_modules=called or None, gradchecks=gradchecks)
-        anomalies, ignored = rules.diagnose(report, settings.checks)
+        anomalies, ignored = rules.diagnose(report, settings.checks, self.baseline)
         return dataclasses.replace(report, anomalies=anomalies, ignored=ignored)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from gradscope.config import Checks
 from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
+from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
 from gradscope.rules.flow import exploding_gradient, unused_parameter, vanishing_gradient, zero_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
@@ -40,22 +41,35 @@ RULES: tuple[tuple[str, Rule], ...] = (
 )
 
 
-def diagnose(report: Report, checks: Checks | None = None) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
+def diagnose(
+    report: Report, checks: Checks | None = None, baseline: Report | None = None
+) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
     """Every rule's findings, most severe first, and those the config's ``ignore`` accepts.
+
+    Args:
+        report: the report to judge (its anomalies are ignored).
+        checks: thresholds, severities and accepted findings.
+        baseline: a saved report of the same config to compare gradient norms with.
 
     Returns:
         ``(anomalies, ignored)``.
     """
     checks = checks or Checks()
     found: list[Anomaly] = []
+    drift = baseline_drift(report, baseline, checks.baseline_drift) if baseline is not None else []
     for kind, rule in RULES:
         for anomaly in rule(report, checks.rule(kind)):
-            severity = checks.rule(anomaly.kind).severity
-            if severity != "off":
-                found.append(replace(anomaly, severity=severity) if severity else anomaly)
+            found.append(anomaly)
+    found.extend(drift)
+    found = [_with_severity(a, checks) for a in found if checks.rule(a.kind).severity != "off"]
     kept = [a for a in found if not _ignored(a, checks)]
     ignored = [a for a in found if _ignored(a, checks)]
     return tuple(sorted(kept, key=_rank)), tuple(ignored)
+
+
+def _with_severity(anomaly: Anomaly, checks: Checks) -> Anomaly:
+    severity = checks.rule(anomaly.kind).severity
+    return replace(anomaly, severity=severity) if severity else anomaly
 
 
 def _rank(a: Anomaly) -> tuple[int, int]:
