@@ -229,6 +229,7 @@ class Checks(_Strict):
     loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
     gradient_underflow: UnderflowCheck = UnderflowCheck()
     wrong_gradient: _Check = _Check()
+    stale_gradient: _Check = _Check()
     baseline_drift: DriftCheck = DriftCheck()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 

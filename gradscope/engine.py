@@ -24,7 +24,7 @@ from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
 from gradscope.probes import functions
 from gradscope.probes.activations import ActivationProbe
-from gradscope.probes.gradients import GradientProbe, Readings
+from gradscope.probes.gradients import Fetch, GradientProbe, Readings
 from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker
 from gradscope.probes.origins import bad_kind
@@ -87,7 +87,8 @@ class Engine:
             return StepRecord(index, float(loss.detach()), math.nan, {}, {}, backward_error=failure)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # measure and clip the true gradients
-        fetch = _Fetch(loss)
+        fetch = Fetch()
+        fetch.add("loss", loss)
         if self.scaler is not None:
             fetch.add("scale", _scale_tensor(self.scaler))
         histogram_names = self._histograms(index, fetch)
@@ -110,7 +111,7 @@ class Engine:
             record = replace(record, histograms=found)
         return record
 
-    def _histograms(self, index: int, fetch: _Fetch) -> list[str]:
+    def _histograms(self, index: int, fetch: Fetch) -> list[str]:
         every = self.plan.histograms_every
         if not every or index % every:
             return []
@@ -169,7 +170,7 @@ class Engine:
             return None
         kind = bad_kind(loss) if not math.isfinite(loss) else _grad_kind(readings)
         tensors = replay.batch_tensors(batch.inputs, batch.labels)
-        origin = replay.locate(self.model, tensors, lambda: self.forward(batch), state, kind, math.isfinite(loss))
+        origin = replay.locate(self.model, tensors, lambda: self.forward(batch), state, kind)
         self.located = origin is not None
         return origin
 
@@ -212,25 +213,6 @@ class Engine:
             modules=stats.module_stats(self.trainable, params),
             **record,
         )
-
-
-class _Fetch:
-    """Named tensors to fetch in the step's one transfer, and the fetched values split back by name."""
-
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.tensors: list[torch.Tensor] = []
-        self.parts: list[tuple[str, int]] = []
-        self.add("loss", loss)
-
-    def add(self, name: str, *tensors: torch.Tensor) -> None:
-        self.tensors.extend(tensors)
-        self.parts.append((name, sum(t.numel() for t in tensors)))
-
-    def split(self, flat: list[float]) -> dict[str, list[float]]:
-        out, at = {}, 0
-        for name, size in self.parts:
-            out[name], at = flat[at : at + size], at + size
-        return out
 
 
 def check_loss(loss: Any) -> None:

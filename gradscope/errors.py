@@ -74,6 +74,18 @@ class ConfigError(GradscopeError):
         return f"{self.source}{line}: " if self.source else ""
 
 
+class GradientAnomaly(Exception):
+    """Raised by ``gradscope.watch(..., raise_on=...)`` at the first step with a finding that severe.
+
+    Attributes:
+        anomaly: the finding (kind, place, step, message, evidence).
+    """
+
+    def __init__(self, anomaly: Any) -> None:
+        self.anomaly = anomaly
+        super().__init__(f"{anomaly.kind} at step {anomaly.step}: {anomaly.message}")
+
+
 class ModelError(GradscopeError):
     """User code (model, data or loss factory, forward, backward) raised.
 

@@ -23,6 +23,7 @@ from gradscope.probes.modules import ModuleTracker, _tensors
 from gradscope.probes.origins import FirstNonfinite, backward_origin, nonfinite_tensors
 from gradscope.report import NonfiniteOrigin
 
+REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
 Forward = Callable[[], torch.Tensor]  # runs model and loss on the step's batch, returns the loss
 RngState = tuple[torch.Tensor, list[torch.Tensor]]
 
@@ -36,12 +37,15 @@ def rng_state() -> RngState:
 @contextlib.contextmanager
 def replaying(model: nn.Module, state: RngState) -> Iterator[None]:
     """Run the block from the step's random state; restore buffers and random state afterwards."""
+    global REPLAYING
     buffers = [b.detach().clone() for b in model.buffers()]
     now = rng_state()
     _set_rng(state)
+    REPLAYING = True
     try:
         yield
     finally:
+        REPLAYING = False
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
@@ -61,14 +65,14 @@ def locate(
     forward: Forward,
     state: RngState,
     kind: str,
-    loss_finite: bool,
 ) -> NonfiniteOrigin | None:
     """Where the step's first NaN (``kind="nan"``) or Inf was made.
 
-    With a non-finite loss: checks the batch and the weights, then replays
-    the forward op by op. With a finite loss (only gradients are bad), a NaN
-    made in the forward did not reach the loss (``where`` discarded it), so
-    the backward is replayed node by node to find the gradient that turned.
+    Checks the batch and the weights, then replays the forward op by op. If
+    the replayed loss is not finite, the first op that made the value is the
+    origin. If it is finite (only gradients are bad), a NaN made in the
+    forward did not reach the loss (``where`` discarded it), so the backward
+    is replayed node by node to find the gradient that turned.
     """
     bad_inputs = nonfinite_tensors(batch_tensors)
     if bad_inputs:
@@ -82,7 +86,7 @@ def locate(
         finder = FirstNonfinite(tracker, kind)
         with finder:
             loss = forward()
-        if finder.found is not None and not loss_finite:
+        if finder.found is not None and not bool(torch.isfinite(loss.detach()).all()):
             return finder.found
         if not loss.requires_grad:
             return None

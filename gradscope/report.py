@@ -152,7 +152,7 @@ class StepRecord:
     """One forward/backward pass. Norms are L2 over all trainable gradients, before clipping."""
 
     step: int
-    loss: float
+    loss: float | None  # None: not known (gradscope.watch with an optimizer hook sees no loss)
     grad_norm_total: float
     parameters: dict[str, ParamStats]
     modules: dict[str, ModuleStats]
@@ -166,6 +166,7 @@ class StepRecord:
     backward_error: BackwardFailure | None = None  # PyTorch raised in backward
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
     histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
+    stale: tuple[str, ...] = ()  # parameters whose gradient was added onto the previous step's (no zero_grad)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ class RunInfo:
     torch_version: str | None = None
     gradscope_version: str | None = None
     duration_s: float | None = None
+    notes: tuple[str, ...] = ()  # what could not be observed, and why
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,14 @@ class Report:
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """Read back what ``to_dict`` wrote."""
         data = _unplain(data)
-        run = RunInfo(**{**data["run"], "checkpointed_modules": tuple(data["run"]["checkpointed_modules"])})
+        run_data = data["run"]
+        run = RunInfo(
+            **{
+                **run_data,
+                "checkpointed_modules": tuple(run_data["checkpointed_modules"]),
+                "notes": tuple(run_data.get("notes", ())),
+            }
+        )
         params = tuple(
             ParamInfo(name=name, **{**p, "shape": tuple(p["shape"]), "aliases": tuple(p["aliases"])})
             for name, p in data["parameters"].items()
@@ -282,6 +291,7 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
         origin = NonfiniteOrigin(**{**origin, "tensors": tuple(origin["tensors"])})
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
+    data["stale"] = tuple(data.get("stale", ()))
     return StepRecord(
         parameters=params,
         modules=modules,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from gradscope.probes.modules import ModuleTracker, describe_call, user_site
+from gradscope.probes.modules import ModuleTracker, describe_call, in_backward, user_site
 from gradscope.report import ActivationStats
 
 KINDS: dict[Any, str] = {
@@ -56,6 +56,7 @@ class ActivationProbe(TorchFunctionMode):
     def __init__(self, tracker: ModuleTracker) -> None:
         super().__init__()
         self.tracker = tracker
+        self.paused = False  # while gradscope replays a step of its own
         self.sites: list[_Site] = []
         self.counts: list[torch.Tensor] = []
         self.shapes: list[tuple[int, int]] = []  # (units, samples)
@@ -63,9 +64,15 @@ class ActivationProbe(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         kind = KINDS.get(func)
-        if kind is not None and isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
+        if kind is None or self.paused or in_backward():
+            return out  # checkpointed modules recompute their forward in backward: counted once
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
             self._record(kind, out.detach())
         return out
+
+    def reset(self) -> None:
+        """Start a new step's statistics."""
+        self.sites, self.counts, self.shapes = [], [], []
 
     def _record(self, kind: str, out: torch.Tensor) -> None:
         # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.

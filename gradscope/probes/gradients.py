@@ -10,18 +10,29 @@ parameter, one host sync per step.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
 from gradscope.report import ParamInfo
 
 # Columns of the per-parameter readings, in order (EXTRA_NORM only when asked for).
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONZERO, PARAM_NORM, EXTRA_NORM = range(5)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Device-side statistics: ``table`` row ``r`` belongs to ``params[index[r]]``."""
+
+    index: list[int]
+    table: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,11 @@ class GradientProbe:
         by_name = dict(model.named_parameters())
         self.params = [by_name[info.name] for info in self.infos if info.trainable]
         self.names = [info.name for info in self.infos if info.trainable]
+        self.on_backward_end: Callable[[], None] | None = None  # called once at the end of each backward
+        self.stale: set[int] = set()  # parameters whose gradient was added onto the last step's
         self._arrived: set[int] = set()
+        self._marks: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._queued = False
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> GradientProbe:
@@ -80,6 +95,14 @@ class GradientProbe:
     def begin_step(self) -> None:
         """Forget which parameters got a gradient: call before each backward."""
         self._arrived.clear()
+        self.stale.clear()
+
+    def mark_step(self) -> None:
+        """Remember each gradient as the optimizer leaves it; a later backward that accumulates onto
+        it unchanged (no ``zero_grad`` in between) marks the parameter stale."""
+        self._marks = {
+            i: (weakref.ref(p.grad), p.grad._version) for i, p in enumerate(self.params) if p.grad is not None
+        }
 
     def arrived(self) -> list[int]:
         """Indices (into ``params``) of the parameters that got a gradient since ``begin_step``."""
@@ -95,10 +118,25 @@ class GradientProbe:
             scalars: tensors to fetch in the same transfer (loss, loss scale, ...), flattened
                 into ``Readings.scalars`` in order.
         """
+        return self.fetch(self.measure(), scalars)
+
+    def measure(self) -> Measurement:
+        """Start the statistics of the gradients that arrived, on the device (no host sync)."""
         index = [i for i in self.arrived() if self.params[i].grad is not None]
         grads = [self.params[i].grad for i in index]
         order, table = summarize(grads, [self.params[i] for i in index], self.extra_norm)
-        index = [index[j] for j in order]
+        return Measurement([index[j] for j in order], table)
+
+    def grad_norms(self) -> tuple[list[int], torch.Tensor]:
+        """The L2 norm of each gradient that arrived, on the device: indices and norms (no sync)."""
+        index = [i for i in self.arrived() if self.params[i].grad is not None]
+        if not index:
+            return [], torch.zeros(0)
+        return index, _norms([_values(self.params[i].grad) for i in index], 2.0).double()
+
+    def fetch(self, measurement: Measurement, scalars: list[torch.Tensor]) -> Readings:
+        """Copy a measurement and ``scalars`` to the host in one transfer."""
+        index, table = measurement.index, measurement.table
         flat = _fetch(table, scalars)  # the step's one host sync
         width = table.shape[1]
         rows = [flat[r * width : (r + 1) * width] for r in range(len(index))]
@@ -123,13 +161,42 @@ class GradientProbe:
             if nans or infs:
                 readings.nonfinite[readings.index[r]] = (int(nans), int(infs))
 
-    def _arrival(self, i: int):  # noqa: ANN202 - a hook closure
+    def _arrival(self, i: int) -> Callable[[torch.Tensor], None]:
         arrived = self._arrived
 
-        def hook(_: torch.Tensor) -> None:
+        def hook(param: torch.Tensor) -> None:
             arrived.add(i)
+            mark = self._marks.get(i)
+            if mark is not None and mark[0]() is param.grad and param.grad._version == mark[1] + 1:
+                self.stale.add(i)  # accumulated onto last step's gradient, which nobody zeroed
+            if not self._queued and self.on_backward_end is not None:
+                self._queued = True
+                Variable._execution_engine.queue_callback(self._backward_done)
 
         return hook
+
+    def _backward_done(self) -> None:
+        self._queued = False
+        if self.on_backward_end is not None:
+            self.on_backward_end()
+
+
+class Fetch:
+    """Named tensors to fetch in the step's one transfer, and the fetched values split back by name."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.parts: list[tuple[str, int]] = []
+
+    def add(self, name: str, *tensors: torch.Tensor) -> None:
+        self.tensors.extend(tensors)
+        self.parts.append((name, sum(t.numel() for t in tensors)))
+
+    def split(self, flat: list[float]) -> dict[str, list[float]]:
+        out, at = {}, 0
+        for name, size in self.parts:
+            out[name], at = flat[at : at + size], at + size
+        return out
 
 
 def describe_parameters(model: nn.Module) -> list[ParamInfo]:

@@ -44,10 +44,7 @@ class ModuleTracker:
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> ModuleTracker:
-        self.stack.clear()
-        self._inputs.clear()
-        self.calls.clear()
-        self.node_module.clear()
+        self.reset()
         self._handles = [
             register_module_forward_pre_hook(self._enter_module),
             register_module_forward_hook(self._leave_module),
@@ -60,6 +57,13 @@ class ModuleTracker:
         self._handles.clear()
         self.stack.clear()
 
+    def reset(self) -> None:
+        """Forget the calls seen so far (a new step)."""
+        self.stack.clear()
+        self._inputs.clear()
+        self.calls.clear()
+        self.node_module.clear()
+
     @property
     def current(self) -> tuple[str, int] | None:
         """The innermost running module of the model, or None outside it."""
@@ -67,7 +71,7 @@ class ModuleTracker:
 
     def _enter_module(self, module: nn.Module, args: Any) -> None:
         name = self.names.get(id(module))
-        if name is not None:
+        if name is not None and not in_backward():
             self.calls[name] += 1
             self.stack.append((name, self.calls[name]))
             if self.claim_nodes:
@@ -75,7 +79,7 @@ class ModuleTracker:
 
     def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names.get(id(module))
-        if name is None or not self.stack:
+        if name is None or not self.stack or in_backward():
             return
         owner = self.stack.pop()
         if self.claim_nodes:
@@ -107,6 +111,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
         if isinstance(inner, torch.Tensor):
             return [inner]
     return []
+
+
+def in_backward() -> bool:
+    """Whether a backward pass is running (where checkpointed modules recompute their forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def user_site() -> tuple[str, int, str] | None:

@@ -18,7 +18,13 @@ from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
 from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
-from gradscope.rules.flow import exploding_gradient, unused_parameter, vanishing_gradient, zero_gradient
+from gradscope.rules.flow import (
+    exploding_gradient,
+    stale_gradient,
+    unused_parameter,
+    vanishing_gradient,
+    zero_gradient,
+)
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 
 Rule = Callable[[Report, Any], list[Anomaly]]
@@ -38,6 +44,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss_scale_overflow", loss_scale_overflow),
     ("gradient_underflow", gradient_underflow),
     ("wrong_gradient", wrong_gradient),
+    ("stale_gradient", stale_gradient),
 )
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gradscope.report import Anomaly, Report, StepRecord
-from gradscope.rules.common import nonfinite_step
+from gradscope.rules.common import loss_is_bad, nonfinite_step
 
 PHASE_KIND = {
     "forward": "nonfinite_forward",
@@ -70,7 +69,7 @@ def _spread(first: StepRecord, bad: list[StepRecord], kind: str) -> str:
     parts = []
     if grads:
         parts.append(f"{grads} parameters' gradients")
-    if not math.isfinite(first.loss):
+    if loss_is_bad(first):
         parts.append("the loss")
     later = [s.step for s in bad if s.step != first.step]
     text = f" It reaches {' and '.join(parts)} at step {first.step}" if parts else ""
@@ -102,7 +101,7 @@ def _fix(o: Any) -> str:
 
 def _unlocated(step: StepRecord, count: int) -> Anomaly:
     names = [n for n, s in step.parameters.items() if s.nan_count or s.inf_count]
-    kind = "nonfinite_loss" if not math.isfinite(step.loss) else "nonfinite_gradient"
+    kind = "nonfinite_loss" if loss_is_bad(step) else "nonfinite_gradient"
     what = "the loss" if kind == "nonfinite_loss" else f"the gradients of {len(names)} parameters"
     return Anomaly(
         kind=kind,

@@ -19,7 +19,12 @@ def nonfinite_step(step: StepRecord) -> bool:
     grads_bad = any(s.nan_count or s.inf_count for s in step.parameters.values())
     if step.skipped and step.origin is None:
         return False  # a grad-scaler overflow: loss_scale_overflow reports it
-    return not math.isfinite(step.loss) or grads_bad
+    return loss_is_bad(step) or grads_bad
+
+
+def loss_is_bad(step: StepRecord) -> bool:
+    """The loss is known and not finite."""
+    return step.loss is not None and not math.isfinite(step.loss)
 
 
 def weights_in_order(report: Report) -> list[ParamInfo]:

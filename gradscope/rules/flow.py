@@ -187,3 +187,28 @@ def _always_zero(name: str, steps: list[StepRecord]) -> bool:
         if s.underflow and s.underflow.get(name, 0.0) > 0:
             return False  # fp32 keeps it: gradient_underflow reports that
     return True
+
+
+def stale_gradient(report: Report, check: Any) -> list[Anomaly]:
+    """Gradients added onto the previous step's because nothing zeroed them (a forgotten ``zero_grad()``)."""
+    step = next((s for s in report.steps if s.stale), None)
+    if step is None:
+        return []
+    steps = [s.step for s in report.steps if s.stale]
+    names = list(step.stale)
+    return [
+        Anomaly(
+            kind="stale_gradient",
+            severity="error",
+            module=names[0].rpartition(".")[0] or None,
+            parameter=names[0],
+            step=step.step,
+            message=(
+                f"gradients accumulate across optimizer steps: at step {step.step} the backward added onto the previous "
+                f"step's gradient of {len(names)} parameters ({', '.join(names[:4])}{'...' if len(names) > 4 else ''}), "
+                f"which nothing had zeroed (in {len(steps)} step(s)). Call optimizer.zero_grad() before each backward "
+                f"(or after each step); accumulating over micro-batches on purpose zeroes after the optimizer step."
+            ),
+            evidence={"steps": steps, "parameters": names},
+        )
+    ]

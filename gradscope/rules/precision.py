@@ -11,8 +11,11 @@ from gradscope.rules.common import in_forward_order, median
 
 def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     """Clipping fires in more than ``fraction`` of the steps."""
-    steps = [s for s in report.steps if s.clip_coefficient is not None and math.isfinite(s.grad_norm_total)]
-    clipped = [s for s in steps if s.clip_coefficient < 1.0]
+    if all(s.clip_coefficient is None for s in report.steps):
+        return []
+    # A step with no coefficient was not clipped (gradscope.watch records one only when clipping happened).
+    steps = [s for s in report.steps if math.isfinite(s.grad_norm_total)]
+    clipped = [s for s in steps if s.clip_coefficient is not None and s.clip_coefficient < 1.0]
     if not clipped or len(clipped) / len(steps) <= check.fraction:
         return []
     share = _dominant(clipped[-1])
@@ -20,7 +23,9 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     severity = "warning" if coefficient < check.coefficient else "info"
     top = ", ".join(f"{name} {frac:.0%}" for name, frac in share[:3])
     max_norm = (report.run.clip or {}).get("max_norm")
-    norms = ", ".join(f"{s.clip_norm:.3g}" for s in clipped[:5])
+    # Without a configured clip (gradscope.watch sees the user's), the pre-clip norm is the L2 total.
+    pre = [s.clip_norm if s.clip_norm is not None else s.grad_norm_total for s in clipped]
+    norms = ", ".join(f"{n:.3g}" for n in pre[:5])
     coefs = ", ".join(f"{s.clip_coefficient:.3g}" for s in clipped[:5])
     return [
         Anomaly(
@@ -30,14 +35,15 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
             parameter=share[0][0] if share else None,
             step=clipped[0].step,
             message=(
-                f"clipping fires in {len(clipped)} of {len(steps)} steps (max_norm {max_norm}): pre-clip norms {norms}, "
+                f"clipping fires in {len(clipped)} of {len(steps)} steps{f' (max_norm {max_norm})' if max_norm else ''}: "
+                f"pre-clip norms {norms}, "
                 f"coefficients {coefs}. Largest shares of the squared norm: {top}. While clipping is on, max_norm, not "
                 f"the gradient, sets the update size; by a factor under {check.coefficient:g} it hides how large the "
                 f"gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
             ),
             evidence={
                 "steps": [s.step for s in clipped],
-                "pre_clip_norms": [s.clip_norm for s in clipped],
+                "pre_clip_norms": pre,
                 "coefficients": [s.clip_coefficient for s in clipped],
                 "dominant": dict(share[:5]),
             },

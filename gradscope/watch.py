@@ -1,0 +1,416 @@
+"""gradscope inside your own training loop: ``with gradscope.watch(model, optimizer=opt) as scope``.
+
+The same probes, statistics, rules and reporters as ``gradscope inspect``; here
+the user's loop drives the steps and gradscope observes them:
+
+- each backward ends with a callback that takes every gradient's L2 norm on the
+  device (before any clipping, and before unscaling when a grad scaler is given);
+- at the optimizer step (a step pre-hook), or at ``scope.step()`` without an
+  optimizer, the full statistics are taken and fetched in one host transfer;
+  the norms taken at the end of backward give the true (unclipped) norms and
+  the clip coefficient the user's clipping applied;
+- a step with a NaN/Inf is replayed from the model's last forward call (its
+  inputs, random state and autocast are kept; so is the gradient that reached
+  its output) to find where the NaN was made, before the weights change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope import __version__, replay, rules, stats
+from gradscope.config import Checks
+from gradscope.errors import GradientAnomaly
+from gradscope.probes.activations import ActivationProbe
+from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, Fetch, GradientProbe, Readings
+from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
+from gradscope.probes.modules import ModuleTracker, _tensors
+from gradscope.report import SEVERITIES, NonfiniteOrigin, Report, RunInfo, StepRecord
+
+AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class Watch:
+    """Observes a model's training steps. Use through ``gradscope.watch``; see its arguments."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        logdir: str | None = None,
+        raise_on: str | None = None,
+        checks: Checks | None = None,
+        activations: bool = True,
+        locate: bool = True,
+        histograms_every: int = 10,
+    ) -> None:
+        if raise_on is not None and raise_on not in SEVERITIES:
+            raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
+        self.histograms_every = histograms_every if logdir else 0
+        self.notes: list[str] = []
+        if _is_compiled(model) and activations:
+            activations = False
+            self.notes.append("torch.compile'd model: activation statistics are off (global module hooks and ")
+            self.notes[-1] += "TorchFunctionMode would force graph breaks); gradient statistics work as usual"
+        self.probe = GradientProbe(model)
+        self.trainable = [info for info in self.probe.infos if info.trainable]
+        self.tracker = ModuleTracker(model) if activations else None
+        self.activations = ActivationProbe(self.tracker) if self.tracker is not None else None
+        self.steps: list[StepRecord] = []
+        self.called: tuple[str, ...] | None = None
+        self.located = False
+        self._logdir = logdir
+        self._reporter: Any = None
+        self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
+        self._capture = _ForwardCapture(model) if locate and not _is_compiled(model) else None
+        self._stack = contextlib.ExitStack()
+
+    # --- the with block ------------------------------------------------------------------------
+
+    def __enter__(self) -> Watch:
+        try:
+            self._stack.enter_context(self.probe)
+            self.probe.on_backward_end = self._backward_end
+            if self.optimizer is not None:
+                self._hook(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+                self._hook(self.optimizer.register_step_post_hook(lambda *_: self.probe.mark_step()))
+            if self.scaler is not None and self.optimizer is not None:
+                self._stack.enter_context(_watch_scaler_skips(self.scaler, self))
+            if self._capture is not None:
+                self._stack.enter_context(self._capture)
+            if self.tracker is not None and self.activations is not None:
+                self._stack.enter_context(self.tracker)
+                self._stack.enter_context(self.activations)
+            if self._logdir:
+                from gradscope.reporters.tensorboard import TensorBoardReporter
+
+                self._reporter = TensorBoardReporter(self._logdir)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.close()  # every hook and mode comes off, also when the loop raised
+        finally:
+            if self._reporter is not None:
+                self._reporter.write(self.report)
+                self._reporter.close()
+
+    def _hook(self, handle: Any) -> None:
+        self._stack.callback(handle.remove)
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def step(self, loss: torch.Tensor | None = None) -> StepRecord:
+        """Record a step now (when no optimizer was given): call after ``backward()`` (and after
+        ``scaler.unscale_(optimizer)`` when a grad scaler is given), before the weights change."""
+        if self.optimizer is not None:
+            raise RuntimeError("gradscope.watch was given an optimizer: steps are recorded at optimizer.step()")
+        record = self._finish(loss=loss)
+        self.probe.mark_step()
+        return record
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        self._finish(loss=None)  # a step pre-hook must return None
+
+    def _backward_end(self) -> None:
+        self._pre = self.probe.grad_norms()
+
+    def _finish(self, loss: torch.Tensor | None, skipped: bool = False) -> StepRecord:
+        """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
+        index = len(self.steps)
+        pre_index, pre = self._pre if self._pre is not None else self.probe.grad_norms()
+        fetch = Fetch()
+        fetch.add("loss", loss.detach().float() if loss is not None else torch.tensor(math.nan))
+        fetch.add("pre", pre)
+        if self.scaler is not None:
+            fetch.add(
+                "scale",
+                self.scaler._scale
+                if isinstance(getattr(self.scaler, "_scale", None), torch.Tensor)
+                else torch.tensor(1.0),
+            )
+        names = self._histograms(index, fetch)
+        if self.activations is not None:
+            fetch.add("activations", *self.activations.counts)
+        readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
+        values = fetch.split(readings.scalars)
+        record = self._record(index, readings, values, dict(zip(pre_index, values["pre"])), skipped)
+        if loss is None:
+            record = replace(record, loss=None)
+        if names:
+            rows = values["histograms"]
+            record = replace(
+                record, histograms={n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(names)}
+            )
+        if self.activations is not None:
+            record = replace(record, activations=self.activations.results(values["activations"]))
+        record = replace(record, origin=self._locate(record))
+        return self._append(record)
+
+    def _append(self, record: StepRecord) -> StepRecord:
+        self.steps.append(record)
+        if self.called is None and self.tracker is not None:
+            self.called = tuple(self.tracker.calls)
+        if self.activations is not None and self.tracker is not None:
+            self.activations.reset()
+            self.tracker.reset()
+        self._pre = None
+        if self._capture is not None:
+            self._capture.release()
+        if self._reporter is not None:
+            self._reporter.on_step(record)
+        self.probe.begin_step()
+        self._raise_if_found(record)
+        return record
+
+    def _record(
+        self, index: int, readings: Readings, values: dict[str, list[float]], pre: dict[int, float], skipped: bool
+    ) -> StepRecord:
+        scale = values["scale"][0] if "scale" in values else 1.0
+        post = stats.combine_norms([row[GRAD_NORM] for row in readings.rows])
+        before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index])
+        coefficient = post / before if before and math.isfinite(before) else 1.0
+        clipped = abs(coefficient - 1.0) > 1e-6
+        for i, row in zip(readings.index, readings.rows):
+            # The true gradient is the one before the user's clipping (and the grad scaler's scale).
+            if i in pre:
+                row[GRAD_NORM] = pre[i] / scale
+            if clipped and coefficient > 0:
+                row[GRAD_MAX_ABS] /= coefficient
+        params = stats.parameter_stats(self.trainable, readings)
+        extra: dict[str, Any] = {}
+        if clipped:
+            extra.update(clip_coefficient=coefficient, grad_norm_total_clipped=post)
+        if self.scaler is not None:
+            extra.update(loss_scale=scale, skipped=skipped)
+        return StepRecord(
+            step=index,
+            loss=values["loss"][0],
+            grad_norm_total=stats.total_norm(params),
+            parameters=params,
+            modules=stats.module_stats(self.trainable, params),
+            stale=tuple(self.probe.names[i] for i in sorted(self.probe.stale)),
+            **extra,
+        )
+
+    def _histograms(self, index: int, fetch: Fetch) -> list[str]:
+        if not self.histograms_every or index % self.histograms_every:
+            return []
+        named = [(self.probe.names[i], self.probe.params[i].grad) for i in self.probe.arrived()]
+        named = [(n, g) for n, g in named if g is not None]
+        fetch.add("histograms", gradient_histograms([g for _, g in named]))
+        return [n for n, _ in named]
+
+    def _locate(self, record: StepRecord) -> NonfiniteOrigin | None:
+        bad = [s for s in record.parameters.values() if s.nan_count or s.inf_count]
+        if self.located or self._capture is None or record.skipped or not (bad or not _finite(record.loss)):
+            return None
+        kind = (
+            "nan" if any(s.nan_count for s in bad) or (record.loss is not None and math.isnan(record.loss)) else "inf"
+        )
+        if self.activations is not None:
+            self.activations.paused = True
+        try:
+            origin = self._capture.locate(kind, loss_bad=not _finite(record.loss))
+        finally:
+            if self.activations is not None:
+                self.activations.paused = False
+        self.located = origin is not None
+        return origin
+
+    def _raise_if_found(self, record: StepRecord) -> None:
+        if self.raise_on is None:
+            return
+        single = Report(self._run_info(), tuple(self.probe.infos), (record,), called_modules=self.called)
+        found, _ = rules.diagnose(single, self.checks)
+        worst = [a for a in found if SEVERITIES.index(a.severity) >= SEVERITIES.index(self.raise_on)]
+        if worst:
+            raise GradientAnomaly(worst[0])
+
+    # --- the report -----------------------------------------------------------------------------
+
+    @property
+    def report(self) -> Report:
+        """Everything recorded so far, with the anomalies the rules find in it."""
+        report = Report(self._run_info(), tuple(self.probe.infos), tuple(self.steps), called_modules=self.called)
+        anomalies, ignored = rules.diagnose(report, self.checks)
+        return replace(report, anomalies=anomalies, ignored=ignored)
+
+    def _run_info(self) -> RunInfo:
+        param = next(self.model.parameters(), None)
+        precision = self._capture.precision if self._capture is not None else "unknown"
+        return RunInfo(
+            model=type(getattr(self.model, "_orig_mod", self.model)).__name__,
+            device=str(param.device) if param is not None else "cpu",
+            precision=precision,
+            steps_requested=len(self.steps),
+            steps_completed=len(self.steps),
+            parameters_total=sum(i.numel for i in self.probe.infos),
+            parameters_trainable=sum(i.numel for i in self.trainable),
+            optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
+            torch_version=torch.__version__,
+            gradscope_version=__version__,
+            notes=tuple(self.notes),
+        )
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    logdir: str | None = None,
+    raise_on: str | None = None,
+    checks: Checks | dict[str, Any] | None = None,
+    activations: bool = True,
+    locate: bool = True,
+    histograms_every: int = 10,
+) -> Watch:
+    """Watch ``model``'s gradients in your own training loop.
+
+    Args:
+        model: the model being trained; left as it was when the block exits.
+        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook).
+            Without one, call ``scope.step(loss)`` after ``backward()``.
+        scaler: your ``torch.amp.GradScaler``, so gradients are reported unscaled and steps it
+            skips are recorded as skipped.
+        logdir: write a TensorBoard run there, step by step.
+        raise_on: ``"error"`` (or ``"warning"``, ``"info"``): raise ``GradientAnomaly`` at the first
+            step with such a finding, before the optimizer updates the weights.
+        checks: thresholds and accepted findings, as the config's ``checks:`` section.
+        activations: dead/saturated unit statistics (a TorchFunctionMode over the block).
+        locate: keep the model's last forward call to replay a step that shows a NaN/Inf.
+        histograms_every: gradient histograms for TensorBoard every N steps.
+
+    Returns:
+        A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
+    """
+    if isinstance(checks, dict):
+        checks = Checks.model_validate(checks)
+    return Watch(model, optimizer, scaler, logdir, raise_on, checks, activations, locate, histograms_every)
+
+
+class _ForwardCapture:
+    """Keeps the model's last forward call (inputs, random state, autocast) and the gradient that
+    reached its outputs, so a step can be replayed inside the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.precision = "fp32"
+        self._call: tuple[tuple[Any, ...], dict[str, Any], replay.RngState, str, torch.dtype | None] | None = None
+        self._outputs: list[torch.Tensor] = []
+        self._grads: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _ForwardCapture:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the kept output gradients (they are only needed until the step is recorded)."""
+        self._outputs, self._grads = [], {}
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if torch.is_grad_enabled() and not replay.REPLAYING:
+            device = next(module.parameters()).device.type if any(True for _ in module.parameters()) else "cpu"
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            self.precision = AUTOCAST_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"
+            self._call = (args, kwargs, replay.rng_state(), device, dtype)
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or replay.REPLAYING:
+            return
+        self._outputs = [t for t in _tensors(output) if t.requires_grad]
+        self._grads = {}
+        for i, t in enumerate(self._outputs):
+            t.register_hook(self._keep(i))
+
+    def _keep(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self._grads[i] = grad
+
+        return hook
+
+    def locate(self, kind: str, loss_bad: bool) -> NonfiniteOrigin | None:
+        """Replay the last forward call; where the ``kind`` (nan/inf) was made.
+
+        Args:
+            kind: ``nan`` or ``inf``.
+            loss_bad: the step's loss is known to be non-finite.
+        """
+        if self._call is None:
+            return None
+        args, kwargs, state, device, dtype = self._call
+        grads = [self._grads.get(i) for i in range(len(self._outputs))]
+        from_loss = loss_bad or any(g is not None and _has(g, kind) for g in grads)
+
+        def forward() -> torch.Tensor:
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                outputs = [t for t in _tensors(self.model(*args, **kwargs)) if t.requires_grad]
+            if from_loss:
+                return sum(o.sum() for o in outputs)  # finite exactly when the outputs are
+            # A stand-in loss whose gradient at each output is the one the real loss sent there.
+            return sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None) or outputs[0].sum() * 0
+
+        origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind)
+        if from_loss and (origin is None or origin.phase == "backward"):
+            # The model's outputs are finite: the loss, computed after the model, made it.
+            count = sum(_count(g, kind) for g in grads if g is not None)
+            return NonfiniteOrigin(phase="loss", kind=kind, count=count, source="after the model's forward (the loss)")
+        return origin
+
+
+@contextlib.contextmanager
+def _watch_scaler_skips(scaler: torch.amp.GradScaler, scope: Watch) -> Any:
+    """Record the steps a grad scaler skips (it does not call ``optimizer.step``, so no pre-hook fires)."""
+    original = scaler.step
+
+    def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        before = len(scope.steps)
+        result = original(optimizer, *args, **kwargs)
+        if len(scope.steps) == before and optimizer is scope.optimizer:
+            scope._finish(loss=None, skipped=True)
+        return result
+
+    scaler.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del scaler.step
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def _has(t: torch.Tensor, kind: str) -> bool:
+    return bool(t.isnan().any()) if kind == "nan" else bool(t.isinf().any())
+
+
+def _count(t: torch.Tensor, kind: str) -> int:
+    return int(t.isnan().sum()) if kind == "nan" else int(t.isinf().sum())
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"

@@ -1,0 +1,220 @@
+"""gradscope.watch in a user's own training loop: the same numbers and findings as inspect."""
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradscope
+from gradscope import faults, zoo
+from tests.conftest import norm64
+
+
+def batch(n: int = 16, features: int = 16, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=gen), torch.randint(classes, (n,), generator=gen)
+
+
+def mlp(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zoo.MLP(in_features=16, hidden=32, depth=2, classes=4, **kwargs)
+
+
+def test_optimizer_hook_records_true_norms_and_the_users_clipping():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    expected = []
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            expected.append({n: norm64(p.grad) for n, p in model.named_parameters()})
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1).item()
+            opt.step()
+    report = scope.report
+    assert len(report.steps) == 3
+    for step, norms in zip(report.steps, expected):
+        for name, value in norms.items():
+            assert step.parameters[name].grad_norm == pytest.approx(value, rel=1e-6)  # before clipping
+        assert step.clip_coefficient == pytest.approx(0.1 / math.sqrt(sum(v * v for v in norms.values())), rel=1e-4)
+        assert step.grad_norm_total_clipped == pytest.approx(0.1, rel=1e-4)
+    assert total > 0.1
+    assert_untouched(model, opt)
+
+
+def test_manual_steps_record_the_loss():
+    model = mlp()
+    x, y = batch()
+    with gradscope.watch(model) as scope:
+        for _ in range(2):
+            model.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            scope.step(loss)
+    assert [s.loss for s in scope.report.steps] == pytest.approx([loss.item()] * 2)
+
+
+def test_same_numbers_as_inspect():
+    raw = {
+        "model": {"target": "gradscope.zoo:mlp", "args": {"in_features": 16, "hidden": 32, "depth": 2, "classes": 4}},
+        "data": {"batch_size": 16, "input": {"shape": [16]}, "labels": {"classes": 4}},
+        "steps": 1,
+    }
+    inspected = gradscope.inspect(raw).steps[0]
+    inspection = gradscope.Inspection(gradscope.config.settings_from_dict(raw))
+    model, data = inspection.model, inspection.batch
+    with gradscope.watch(model) as scope:
+        loss = torch.nn.functional.cross_entropy(model(data.inputs), data.labels)
+        loss.backward()
+        scope.step(loss)
+    watched = scope.report.steps[0]
+    for name, stats in inspected.parameters.items():
+        assert watched.parameters[name].grad_norm == pytest.approx(stats.grad_norm, rel=1e-6)
+        assert watched.parameters[name].zero_fraction == stats.zero_fraction
+    assert watched.loss == pytest.approx(inspected.loss)
+
+
+def test_grad_scaler_norms_are_unscaled():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt, scaler=scaler) as scope:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaled = {n: norm64(p.grad) for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+    step = scope.report.steps[0]
+    assert step.loss_scale == 1024.0 and step.skipped is False
+    for name, value in scaled.items():
+        assert step.parameters[name].grad_norm == pytest.approx(value / 1024.0, rel=1e-6)
+    assert scope.report.run.precision == "fp16"
+
+
+def test_skipped_scaler_step_is_recorded():
+    torch.manual_seed(0)
+    model = faults.ScaledOutput(scale=1000.0, in_features=16, hidden=32, depth=2, classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt, scaler=scaler) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    steps = scope.report.steps
+    assert [s.skipped for s in steps] == [True, True]
+    assert [s.loss_scale for s in steps] == [65536.0, 32768.0]
+    assert [a.kind for a in scope.report.anomalies] == ["loss_scale_overflow"]
+
+
+def test_forgotten_zero_grad_is_a_stale_gradient():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(model(x), y).backward()  # no zero_grad
+            opt.step()
+    stale = [a for a in scope.report.anomalies if a.kind == "stale_gradient"]
+    assert len(stale) == 1 and stale[0].step == 1 and stale[0].evidence["steps"] == [1, 2]
+
+
+def test_accumulating_micro_batches_on_purpose_is_not_stale():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for step in range(2):
+            opt.zero_grad()
+            for micro in range(3):
+                x, y = batch(seed=10 * step + micro)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert len(scope.report.steps) == 2
+    assert not [a for a in scope.report.anomalies if a.kind == "stale_gradient"]
+
+
+def test_raise_on_error_stops_before_the_update_with_the_origin():
+    torch.manual_seed(0)
+    model = faults.NanInForward(width=16, depth=4, fault_at=2, classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch()
+    with pytest.raises(gradscope.GradientAnomaly) as info, gradscope.watch(model, optimizer=opt, raise_on="error"):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    anomaly = info.value.anomaly
+    assert anomaly.kind == "nonfinite_forward" and anomaly.module == "blocks.2" and anomaly.step == 0
+    assert anomaly.evidence["op"] == "torch.log" and "faults.py" in anomaly.evidence["source"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # not updated
+    assert_untouched(model, opt)
+
+
+def test_nan_made_in_backward_is_located_in_a_user_loop():
+    torch.manual_seed(0)
+    model = faults.NanInBackward(width=16, depth=4, fault_at=1, classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt) as scope:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    (finding,) = scope.report.anomalies
+    assert finding.kind == "nonfinite_gradient" and finding.module == "blocks.1"
+    assert finding.evidence["op"] == "torch.sqrt"
+
+
+def test_nan_made_by_the_loss_is_placed_after_the_model():
+    model = mlp()
+    x, y = batch()
+    with gradscope.watch(model) as scope:
+        loss = faults.log_loss(model(x), y)
+        loss.backward()
+        scope.step(loss)
+    (finding,) = scope.report.anomalies
+    assert finding.kind == "nonfinite_loss" and finding.evidence["phase"] == "loss"
+
+
+def test_dead_relus_and_tensorboard_from_a_user_loop(tmp_path):
+    model = mlp(bias=-5.0, init="kaiming")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch(n=32)
+    with gradscope.watch(model, optimizer=opt, logdir=str(tmp_path)) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert [a.module for a in scope.report.anomalies if a.kind == "dead_relu"] == ["blocks.0.act", "blocks.1.act"]
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert {e.step for e in acc.Scalars("grad_norm/out.weight")} == {0, 1}
+
+
+def test_hooks_come_off_when_the_loop_raises():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError), gradscope.watch(model, optimizer=opt):
+        torch.nn.functional.cross_entropy(model(batch()[0]), batch()[1]).backward()
+        raise ValueError("the user's loop failed")
+    assert_untouched(model, opt)
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def assert_untouched(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    for p in model.parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    from torch.nn.modules import module as nn_module
+
+    assert not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
