@@ -19,22 +19,31 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradscope import __version__, replay, rules, stats
-from gradscope.config import Checks
+from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.probes.activations import ActivationProbe
-from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, Fetch, GradientProbe, Readings
+from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Fetch, GradientProbe, Readings
 from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker, _tensors
-from gradscope.report import SEVERITIES, NonfiniteOrigin, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, Report, RunInfo, StepRecord
 
 AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How to replay a whole step (model and loss) when it shows a NaN/Inf: the driver knows."""
+
+    forward: Callable[[], torch.Tensor]
+    state: replay.RngState
+    inputs: dict[str, torch.Tensor]
 
 
 class Watch:
@@ -51,18 +60,22 @@ class Watch:
         activations: bool = True,
         locate: bool = True,
         histograms_every: int = 10,
+        clip: ClipSpec | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
-        self.histograms_every = histograms_every if logdir else 0
+        self.histograms_every = histograms_every if logdir or on_step else 0
+        self.clip, self.on_step = clip, on_step
         self.notes: list[str] = []
         if _is_compiled(model) and activations:
             activations = False
             self.notes.append("torch.compile'd model: activation statistics are off (global module hooks and ")
             self.notes[-1] += "TorchFunctionMode would force graph breaks); gradient statistics work as usual"
-        self.probe = GradientProbe(model)
+        extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
+        self.probe = GradientProbe(model, extra_norm=extra)
         self.trainable = [info for info in self.probe.infos if info.trainable]
         self.tracker = ModuleTracker(model) if activations else None
         self.activations = ActivationProbe(self.tracker) if self.tracker is not None else None
@@ -72,6 +85,7 @@ class Watch:
         self._logdir = logdir
         self._reporter: Any = None
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
+        self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
         self._capture = _ForwardCapture(model) if locate and not _is_compiled(model) else None
         self._stack = contextlib.ExitStack()
 
@@ -83,7 +97,7 @@ class Watch:
             self.probe.on_backward_end = self._backward_end
             if self.optimizer is not None:
                 self._hook(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
-                self._hook(self.optimizer.register_step_post_hook(lambda *_: self.probe.mark_step()))
+                self._hook(self.optimizer.register_step_post_hook(self._after_optimizer_step))
             if self.scaler is not None and self.optimizer is not None:
                 self._stack.enter_context(_watch_scaler_skips(self.scaler, self))
             if self._capture is not None:
@@ -113,22 +127,41 @@ class Watch:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def step(self, loss: torch.Tensor | None = None) -> StepRecord:
-        """Record a step now (when no optimizer was given): call after ``backward()`` (and after
-        ``scaler.unscale_(optimizer)`` when a grad scaler is given), before the weights change."""
-        if self.optimizer is not None:
-            raise RuntimeError("gradscope.watch was given an optimizer: steps are recorded at optimizer.step()")
-        record = self._finish(loss=loss)
-        self.probe.mark_step()
+    def step(self, loss: torch.Tensor | None = None, **extra: Any) -> StepRecord:
+        """Record a step now: call after ``backward()`` (and after ``scaler.unscale_(optimizer)``
+        when a grad scaler is given), before the weights change. Needed without an optimizer; with
+        one, it records the step before clipping (and ``optimizer.step()`` then adds nothing).
+
+        Args:
+            loss: the step's loss (recorded; a non-finite loss is located).
+            extra: ``replay=Replay(...)`` to replay the whole step (model and loss) when it shows a
+                NaN/Inf; other ``StepRecord`` fields to record with it (``underflow=...``).
+        """
+        record = self._finish(loss=loss, **extra)
+        self._recorded = True
+        if self.optimizer is None:
+            self.probe.mark_step()
+            self._recorded = False
         return record
 
+    def record_failure(self, loss: float, failure: BackwardFailure) -> StepRecord:
+        """Record a step whose backward raised."""
+        return self._append(StepRecord(len(self.steps), loss, math.nan, {}, {}, backward_error=failure))
+
     def _before_optimizer_step(self, *_: Any) -> None:
-        self._finish(loss=None)  # a step pre-hook must return None
+        if not self._recorded:
+            self._finish(loss=None)  # a step pre-hook must return None
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        self._recorded = False
+        self.probe.mark_step()
 
     def _backward_end(self) -> None:
         self._pre = self.probe.grad_norms()
 
-    def _finish(self, loss: torch.Tensor | None, skipped: bool = False) -> StepRecord:
+    def _finish(
+        self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
+    ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
         index = len(self.steps)
         pre_index, pre = self._pre if self._pre is not None else self.probe.grad_norms()
@@ -157,7 +190,7 @@ class Watch:
             )
         if self.activations is not None:
             record = replace(record, activations=self.activations.results(values["activations"]))
-        record = replace(record, origin=self._locate(record))
+        record = replace(record, origin=self._locate(record, replay), **extra)
         return self._append(record)
 
     def _append(self, record: StepRecord) -> StepRecord:
@@ -170,8 +203,9 @@ class Watch:
         self._pre = None
         if self._capture is not None:
             self._capture.release()
-        if self._reporter is not None:
-            self._reporter.on_step(record)
+        for stream in (self._reporter.on_step if self._reporter is not None else None, self.on_step):
+            if stream is not None:
+                stream(record)
         self.probe.begin_step()
         self._raise_if_found(record)
         return record
@@ -182,24 +216,33 @@ class Watch:
         scale = values["scale"][0] if "scale" in values else 1.0
         post = stats.combine_norms([row[GRAD_NORM] for row in readings.rows])
         before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index])
-        coefficient = post / before if before and math.isfinite(before) else 1.0
-        clipped = abs(coefficient - 1.0) > 1e-6
+        measured = post / before if before and math.isfinite(before) else 1.0
+        clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
         for i, row in zip(readings.index, readings.rows):
-            # The true gradient is the one before the user's clipping (and the grad scaler's scale).
+            # The true gradient is the one before clipping (and before the grad scaler's scale).
             if i in pre:
                 row[GRAD_NORM] = pre[i] / scale
-            if clipped and coefficient > 0:
-                row[GRAD_MAX_ABS] /= coefficient
+            if clipped and measured > 0:
+                row[GRAD_MAX_ABS] /= measured
+                if len(row) > EXTRA_NORM:
+                    row[EXTRA_NORM] /= measured
         params = stats.parameter_stats(self.trainable, readings)
+        total = stats.total_norm(params)
         extra: dict[str, Any] = {}
-        if clipped:
-            extra.update(clip_coefficient=coefficient, grad_norm_total_clipped=post)
+        if self.clip is not None:
+            clip_norm = stats.clip_norm(readings, self.clip.norm_type)
+            coefficient = measured if clipped else stats.clip_coefficient(clip_norm, self.clip.max_norm)
+            extra.update(clip_norm=clip_norm, clip_coefficient=coefficient, grad_norm_total_clipped=total * coefficient)
+        elif clipped:
+            extra.update(clip_coefficient=measured, grad_norm_total_clipped=post)
         if self.scaler is not None:
+            # The scaler skips the update exactly when an unscaled gradient is not finite.
+            skipped = skipped or any(s.nan_count or s.inf_count for s in params.values())
             extra.update(loss_scale=scale, skipped=skipped)
         return StepRecord(
             step=index,
             loss=values["loss"][0],
-            grad_norm_total=stats.total_norm(params),
+            grad_norm_total=total,
             parameters=params,
             modules=stats.module_stats(self.trainable, params),
             stale=tuple(self.probe.names[i] for i in sorted(self.probe.stale)),
@@ -214,21 +257,30 @@ class Watch:
         fetch.add("histograms", gradient_histograms([g for _, g in named]))
         return [n for n, _ in named]
 
-    def _locate(self, record: StepRecord) -> NonfiniteOrigin | None:
+    def _locate(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
         bad = [s for s in record.parameters.values() if s.nan_count or s.inf_count]
-        if self.located or self._capture is None or record.skipped or not (bad or not _finite(record.loss)):
+        loss_bad = not _finite(record.loss)
+        if self.located or not self.locate or not (bad or loss_bad):
             return None
-        kind = (
-            "nan" if any(s.nan_count for s in bad) or (record.loss is not None and math.isnan(record.loss)) else "inf"
-        )
+        if self._capture is None and step_replay is None:
+            return None
+        if record.skipped and step_replay is None and not loss_bad:
+            return None  # kept output gradients are scaled: a scaled overflow is the scaler's (skipped step)
+        if loss_bad:
+            kind = "nan" if math.isnan(record.loss) else "inf"  # type: ignore[arg-type]
+        else:
+            kind = "nan" if any(s.nan_count for s in bad) else "inf"
         if self.activations is not None:
             self.activations.paused = True
         try:
-            origin = self._capture.locate(kind, loss_bad=not _finite(record.loss))
+            if step_replay is not None:
+                origin = replay.locate(self.model, step_replay.inputs, step_replay.forward, step_replay.state, kind)
+            else:
+                origin = self._capture.locate(kind, loss_bad=loss_bad)  # type: ignore[union-attr]
         finally:
             if self.activations is not None:
                 self.activations.paused = False
-        self.located = origin is not None
+        self.located = origin is not None  # one fault, one finding
         return origin
 
     def _raise_if_found(self, record: StepRecord) -> None:
