@@ -19,7 +19,7 @@ from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
 from gradscope.errors import GradscopeError
-from gradscope.probes.gradients import GradientProbe, describe_parameters
+from gradscope.probes.gradients import describe_parameters
 from gradscope.report import Report, RunInfo, StepRecord
 
 
@@ -72,20 +72,17 @@ class Inspection:
             gradcheck=settings.gradcheck,
             histograms_every=tensorboard.histograms_every if tensorboard.logdir else 0,
         )
-        extra_norm = _extra_norm(settings)
         start = time.perf_counter()
         self.status = "running"
         try:
+            self.engine = Engine(self.model, self.optimizer, self.loss_fn, plan, on_step)
             with (
                 _located(settings),
                 checkpointing(self.model, _patterns(settings)) as self.checkpointed,
-                GradientProbe(self.model, extra_norm) as probe,
+                self.engine.watch,
             ):
-                self.engine = Engine(self.model, self.optimizer, self.loss_fn, probe, plan)
                 for index in range(settings.steps):
                     self.steps.append(self.engine.step(index, self.batch))
-                    if on_step is not None:
-                        on_step(self.steps[-1])
                     if self.engine.stopped:
                         break
         except KeyboardInterrupt:
@@ -124,7 +121,7 @@ class Inspection:
             gradscope_version=__version__,
             duration_s=round(self._duration, 4),
         )
-        called = self.engine.called if self.engine is not None else None
+        called = self.engine.watch.called if self.engine is not None else None
         gradchecks = self.engine.gradchecks if self.engine is not None else ()
         report = Report(run, tuple(infos), tuple(self.steps), called_modules=called or None, gradchecks=gradchecks)
         anomalies, ignored = rules.diagnose(report, settings.checks, self.baseline)
@@ -163,11 +160,3 @@ class _located:
 
 def _patterns(settings: Settings) -> list[str]:
     return settings.checkpointing.modules if settings.checkpointing else []
-
-
-def _extra_norm(settings: Settings) -> float | None:
-    # clip_grad_norm_ with another p-norm than 2 or inf needs that norm of each gradient.
-    clip = settings.clip
-    if clip is None or clip.norm_type == 2.0 or clip.norm_type == float("inf"):
-        return None
-    return clip.norm_type

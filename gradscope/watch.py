@@ -157,41 +157,44 @@ class Watch:
         self.probe.mark_step()
 
     def _backward_end(self) -> None:
-        self._pre = self.probe.grad_norms()
+        with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
+            self._pre = self.probe.grad_norms()
 
     def _finish(
         self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
     ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
         index = len(self.steps)
+        with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
+            readings, values, pre, names = self._measure(index, loss)
+        record = self._record(index, readings, values, pre, skipped)
+        if loss is None:
+            record = replace(record, loss=None)
+        if names:
+            rows = values["histograms"]
+            found = {n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(names)}
+            record = replace(record, histograms=found)
+        if self.activations is not None:
+            record = replace(record, activations=self.activations.results(values["activations"]))
+        record = replace(record, origin=self._locate(record, replay), **extra)
+        return self._append(record)
+
+    def _measure(
+        self, index: int, loss: torch.Tensor | None
+    ) -> tuple[Readings, dict[str, list[float]], dict[int, float], list[str]]:
+        """Statistics on the device, fetched with everything else of the step in one transfer."""
         pre_index, pre = self._pre if self._pre is not None else self.probe.grad_norms()
         fetch = Fetch()
         fetch.add("loss", loss.detach().float() if loss is not None else torch.tensor(math.nan))
         fetch.add("pre", pre)
         if self.scaler is not None:
-            fetch.add(
-                "scale",
-                self.scaler._scale
-                if isinstance(getattr(self.scaler, "_scale", None), torch.Tensor)
-                else torch.tensor(1.0),
-            )
+            fetch.add("scale", _scale_tensor(self.scaler))
         names = self._histograms(index, fetch)
         if self.activations is not None:
             fetch.add("activations", *self.activations.counts)
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
-        record = self._record(index, readings, values, dict(zip(pre_index, values["pre"])), skipped)
-        if loss is None:
-            record = replace(record, loss=None)
-        if names:
-            rows = values["histograms"]
-            record = replace(
-                record, histograms={n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(names)}
-            )
-        if self.activations is not None:
-            record = replace(record, activations=self.activations.results(values["activations"]))
-        record = replace(record, origin=self._locate(record, replay), **extra)
-        return self._append(record)
+        return readings, values, dict(zip(pre_index, values["pre"])), names
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
@@ -218,11 +221,10 @@ class Watch:
         before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index])
         measured = post / before if before and math.isfinite(before) else 1.0
         clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
-        for i, row in zip(readings.index, readings.rows):
-            # The true gradient is the one before clipping (and before the grad scaler's scale).
-            if i in pre:
-                row[GRAD_NORM] = pre[i] / scale
-            if clipped and measured > 0:
+        if clipped and measured > 0:
+            # Clipping multiplied every gradient by `measured`: the true gradient is the one before.
+            for row in readings.rows:
+                row[GRAD_NORM] /= measured
                 row[GRAD_MAX_ABS] /= measured
                 if len(row) > EXTRA_NORM:
                     row[EXTRA_NORM] /= measured
@@ -450,6 +452,12 @@ def _watch_scaler_skips(scaler: torch.amp.GradScaler, scope: Watch) -> Any:
         yield
     finally:
         del scaler.step
+
+
+def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    # get_scale() would sync the host; the scale tensor joins the step's one transfer instead.
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
 
 
 def _finite(value: float | None) -> bool:
