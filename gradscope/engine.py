@@ -80,6 +80,7 @@ class Engine:
             histograms_every=plan.histograms_every,
             clip=plan.clip,
             on_step=on_step,
+            recorded_before_clipping=True,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()

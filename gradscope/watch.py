@@ -62,6 +62,7 @@ class Watch:
         histograms_every: int = 10,
         clip: ClipSpec | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
+        recorded_before_clipping: bool = False,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -69,6 +70,8 @@ class Watch:
         self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
         self.histograms_every = histograms_every if logdir or on_step else 0
         self.clip, self.on_step = clip, on_step
+        # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
+        self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
         if _is_compiled(model) and activations:
             activations = False
@@ -94,7 +97,8 @@ class Watch:
     def __enter__(self) -> Watch:
         try:
             self._stack.enter_context(self.probe)
-            self.probe.on_backward_end = self._backward_end
+            if self._norms_at_backward_end:
+                self.probe.on_backward_end = self._backward_end
             if self.optimizer is not None:
                 self._hook(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._hook(self.optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -104,7 +108,7 @@ class Watch:
                 self._stack.enter_context(self._capture)
             if self.tracker is not None and self.activations is not None:
                 self._stack.enter_context(self.tracker)
-                self._stack.enter_context(self.activations)
+                self._stack.enter_context(_during_forward(self.model, self.activations))
             if self._logdir:
                 from gradscope.reporters.tensorboard import TensorBoardReporter
 
@@ -181,11 +185,11 @@ class Watch:
 
     def _measure(
         self, index: int, loss: torch.Tensor | None
-    ) -> tuple[Readings, dict[str, list[float]], dict[int, float], list[str]]:
+    ) -> tuple[Readings, dict[str, list[float]], dict[int, float] | None, list[str]]:
         """Statistics on the device, fetched with everything else of the step in one transfer."""
-        pre_index, pre = self._pre if self._pre is not None else self.probe.grad_norms()
         fetch = Fetch()
         fetch.add("loss", loss.detach().float() if loss is not None else torch.tensor(math.nan))
+        pre_index, pre = self._pre if self._pre is not None else ([], torch.zeros(0))
         fetch.add("pre", pre)
         if self.scaler is not None:
             fetch.add("scale", _scale_tensor(self.scaler))
@@ -194,7 +198,8 @@ class Watch:
             fetch.add("activations", *self.activations.counts)
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
-        return readings, values, dict(zip(pre_index, values["pre"])), names
+        # Norms from the end of backward (None: none taken, the gradients are measured as they were then).
+        return readings, values, dict(zip(pre_index, values["pre"])) if self._pre is not None else None, names
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
@@ -214,11 +219,17 @@ class Watch:
         return record
 
     def _record(
-        self, index: int, readings: Readings, values: dict[str, list[float]], pre: dict[int, float], skipped: bool
+        self,
+        index: int,
+        readings: Readings,
+        values: dict[str, list[float]],
+        pre: dict[int, float] | None,
+        skipped: bool,
     ) -> StepRecord:
         scale = values["scale"][0] if "scale" in values else 1.0
         post = stats.combine_norms([row[GRAD_NORM] for row in readings.rows])
-        before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index])
+        # The end-of-backward norms are before any clipping (and before unscaling, by `scale`).
+        before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index]) if pre is not None else post
         measured = post / before if before and math.isfinite(before) else 1.0
         clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
         if clipped and measured > 0:
@@ -433,6 +444,32 @@ class _ForwardCapture:
             count = sum(_count(g, kind) for g in grads if g is not None)
             return NonfiniteOrigin(phase="loss", kind=kind, count=count, source="after the model's forward (the loss)")
         return origin
+
+
+@contextlib.contextmanager
+def _during_forward(model: nn.Module, mode: ActivationProbe) -> Any:
+    """Keep ``mode`` active only while ``model``'s forward runs (not in the loss, backward or the
+    optimizer, whose ops it would only slow down); pushed back off also when the forward raises."""
+    depth = [0]
+
+    def enter(*_: Any) -> None:
+        depth[0] += 1
+        if depth[0] == 1:
+            mode.__enter__()
+
+    def leave(*_: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            mode.__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while depth[0] > 0:  # a forward still running (the block exited from inside it)
+            leave()
 
 
 @contextlib.contextmanager
