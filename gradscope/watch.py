@@ -63,6 +63,7 @@ class Watch:
         clip: ClipSpec | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
         recorded_before_clipping: bool = False,
+        plot: str | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -78,14 +79,17 @@ class Watch:
             self.notes.append("torch.compile'd model: activation statistics are off (global module hooks and ")
             self.notes[-1] += "TorchFunctionMode would force graph breaks); gradient statistics work as usual"
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
-        self.probe = GradientProbe(model, extra_norm=extra)
+        # A compiled model shares its parameters with the module it wraps: report them by their own names.
+        self.probe = GradientProbe(
+            getattr(model, "_orig_mod", model) if _is_compiled(model) else model, extra_norm=extra
+        )
         self.trainable = [info for info in self.probe.infos if info.trainable]
         self.tracker = ModuleTracker(model) if activations else None
         self.activations = ActivationProbe(self.tracker) if self.tracker is not None else None
         self.steps: list[StepRecord] = []
         self.called: tuple[str, ...] | None = None
         self.located = False
-        self._logdir = logdir
+        self._logdir, self._plot = logdir, plot
         self._reporter: Any = None
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
@@ -122,9 +126,12 @@ class Watch:
         try:
             self._stack.close()  # every hook and mode comes off, also when the loop raised
         finally:
-            if self._reporter is not None:
-                self._reporter.write(self.report)
-                self._reporter.close()
+            reporters = [r for r in (self._reporter, _plotter(self._plot)) if r is not None]
+            if reporters:
+                report = self.report
+                for reporter in reporters:
+                    reporter.write(report)
+                    reporter.close()
 
     def _hook(self, handle: Any) -> None:
         self._stack.callback(handle.remove)
@@ -343,6 +350,7 @@ def watch(
     activations: bool = True,
     locate: bool = True,
     histograms_every: int = 10,
+    plot: str | None = None,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -359,13 +367,14 @@ def watch(
         activations: dead/saturated unit statistics (a TorchFunctionMode over the block).
         locate: keep the model's last forward call to replay a step that shows a NaN/Inf.
         histograms_every: gradient histograms for TensorBoard every N steps.
+        plot: save the gradient-flow picture there when the block exits (needs matplotlib).
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
     """
     if isinstance(checks, dict):
         checks = Checks.model_validate(checks)
-    return Watch(model, optimizer, scaler, logdir, raise_on, checks, activations, locate, histograms_every)
+    return Watch(model, optimizer, scaler, logdir, raise_on, checks, activations, locate, histograms_every, plot=plot)
 
 
 class _ForwardCapture:
@@ -489,6 +498,14 @@ def _watch_scaler_skips(scaler: torch.amp.GradScaler, scope: Watch) -> Any:
         yield
     finally:
         del scaler.step
+
+
+def _plotter(path: str | None) -> Any:
+    if path is None:
+        return None
+    from gradscope.reporters.plot import PlotReporter
+
+    return PlotReporter(path)
 
 
 def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:

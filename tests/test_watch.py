@@ -218,3 +218,46 @@ def assert_untouched(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None
     from torch.nn.modules import module as nn_module
 
     assert not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
+
+
+def test_checkpointed_modules_in_a_user_model():
+    class Checkpointed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inner.inp(x)
+            for block in self.inner.blocks:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            return self.inner.out(h)
+
+    model = Checkpointed()
+    x, y = batch()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = {n: norm64(p.grad) for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with gradscope.watch(model) as scope:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        scope.step(loss)
+    step = scope.report.steps[0]
+    for name, value in expected.items():
+        assert step.parameters[name].grad_norm == pytest.approx(value, rel=1e-6)
+    assert len(step.activations) == 2  # each ReLU once, not again in the recompute
+
+
+def test_compiled_model_gets_gradient_statistics_and_says_what_is_off(tmp_path):
+    model = mlp()
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with gradscope.watch(compiled, optimizer=opt, plot=str(tmp_path / "flow.png")) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+    report = scope.report
+    assert len(report.steps) == 2 and "inp.weight" in report.steps[0].parameters
+    assert any("torch.compile" in note for note in report.run.notes)
+    assert (tmp_path / "flow.png").read_bytes()[:4] == b"\x89PNG"
