@@ -57,6 +57,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Options both commands take.
+ShowAll = Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")]
+Plot = Annotated[
+    str | None, typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib).")
+]
+FailOnOption = Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")]
+Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")]
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -72,14 +81,9 @@ def inspect(
     json_path: Annotated[
         str | None, typer.Option("--json", metavar="PATH", help="Write the JSON report here ('-' for stdout).")
     ] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")] = False,
-    plot: Annotated[
-        str | None,
-        typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib)."),
-    ] = None,
-    fail_on: Annotated[
-        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
-    ] = FailOn.error,
+    show_all: ShowAll = False,
+    plot: Plot = None,
+    fail_on: FailOnOption = FailOn.error,
     logdir: Annotated[str | None, typer.Option("--logdir", metavar="DIR", help="Write a TensorBoard run here.")] = None,
     baseline: Annotated[
         Path | None,
@@ -102,7 +106,7 @@ def inspect(
     ] = False,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the config's `steps`.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Override the config's `device`.")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients."""
     try:
@@ -132,15 +136,10 @@ def inspect(
 @app.command()
 def show(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT.json", help="A report written by --json.")],
-    show_all: Annotated[bool, typer.Option("--all", help="Show every parameter row in the table.")] = False,
-    plot: Annotated[
-        str | None,
-        typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib)."),
-    ] = None,
-    fail_on: Annotated[
-        FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")
-    ] = FailOn.error,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")] = False,
+    show_all: ShowAll = False,
+    plot: Plot = None,
+    fail_on: FailOnOption = FailOn.error,
+    verbose: Verbose = False,
 ) -> None:
     """Render a saved JSON report again, without rerunning the model."""
     try:

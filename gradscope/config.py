@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from gradscope.checks import Checks
+from gradscope.config_base import Strict as _Strict
 from gradscope.errors import ConfigError
 
 LOSS_NAMES = ("cross_entropy", "mse", "output")
@@ -31,8 +33,7 @@ class Origin:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from gradscope.checks import ClippingCheck, DriftCheck, IgnoreEntry  # noqa: E402,F401
 
 
 class TargetSpec(_Strict):
@@ -156,95 +157,6 @@ class ClipSpec(_Strict):
         if not (value >= 1 or math.isinf(value)):
             raise ValueError(f"expected a number >= 1 or inf, got {value}")
         return value
-
-
-Severity = Literal["error", "warning", "info", "off"]
-
-
-class _Check(_Strict):
-    severity: Severity | None = None  # None: the rule's own default
-
-    @field_validator("severity", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 (and so yaml.safe_load) reads a bare `off` as False.
-        return "off" if value is False else value
-
-
-class VanishingCheck(_Check):
-    ratio: float = Field(default=1e-4, gt=0, lt=1)  # earliest/latest relative gradient below this
-    negligible: float = Field(default=1e-10, gt=0)  # every layer's relative gradient below this
-
-
-class ExplodingCheck(_Check):
-    ratio: float = Field(default=1e4, gt=1)  # earliest/latest relative gradient above this
-    relative: float = Field(default=1e2, gt=0)  # a layer's |grad| / |weight| above this
-
-
-class FractionCheck(_Check):
-    fraction: float = Field(default=0.5, gt=0, le=1)
-    min_samples: int = Field(default=16, gt=0)  # fewer samples per unit cannot tell dead from unlucky
-
-
-class StepFractionCheck(_Check):
-    fraction: float = Field(default=0.5, ge=0, le=1)  # of the steps
-
-
-class ClippingCheck(StepFractionCheck):
-    # Clipping that scales gradients by less than this is a warning; milder clipping is info.
-    coefficient: float = Field(default=0.1, gt=0, le=1)
-
-
-class UnderflowCheck(_Check):
-    fraction: float = Field(default=0.05, gt=0, le=1)  # of a gradient's entries flushed to zero
-
-
-class DriftCheck(_Check):
-    factor: float = Field(default=10.0, gt=1)  # a layer's gradient norm moving more than this, either way
-
-
-class IgnoreEntry(_Strict):
-    """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
-
-    kind: str
-    module: str = "*"
-    parameter: str = "*"
-    reason: str = Field(min_length=1)
-
-
-class Checks(_Strict):
-    """Thresholds of the anomaly rules, and findings to accept."""
-
-    nonfinite_loss: _Check = _Check()
-    nonfinite_forward: _Check = _Check()
-    nonfinite_gradient: _Check = _Check()
-    backward_error: _Check = _Check()
-    vanishing_gradient: VanishingCheck = VanishingCheck()
-    exploding_gradient: ExplodingCheck = ExplodingCheck()
-    dead_relu: FractionCheck = FractionCheck()
-    saturated_activation: FractionCheck = FractionCheck()
-    unused_parameter: _Check = _Check()
-    zero_gradient: _Check = _Check()
-    gradient_clipping: ClippingCheck = ClippingCheck()
-    loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
-    gradient_underflow: UnderflowCheck = UnderflowCheck()
-    wrong_gradient: _Check = _Check()
-    stale_gradient: _Check = _Check()
-    baseline_drift: DriftCheck = DriftCheck()
-    ignore: list[IgnoreEntry] = Field(default_factory=list)
-
-    @field_validator("ignore")
-    @classmethod
-    def _known_kinds(cls, entries: list[IgnoreEntry]) -> list[IgnoreEntry]:
-        kinds = [name for name in cls.model_fields if name != "ignore"]
-        for entry in entries:
-            if entry.kind not in kinds:
-                raise ValueError(f"unknown kind {entry.kind!r}; expected one of: {', '.join(kinds)}")
-        return entries
-
-    def rule(self, kind: str) -> Any:
-        """The thresholds of one rule."""
-        return getattr(self, kind)
 
 
 class TensorBoardSpec(_Strict):
