@@ -14,7 +14,6 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -132,7 +131,7 @@ class GradientProbe:
         index = [i for i in self.arrived() if self.params[i].grad is not None]
         if not index:
             return [], torch.zeros(0)
-        return index, _norms([_values(self.params[i].grad) for i in index], 2.0).double()
+        return index, l2_norms([_values(self.params[i].grad) for i in index]).double()
 
     def fetch(self, measurement: Measurement, scalars: list[torch.Tensor]) -> Readings:
         """Copy a measurement and ``scalars`` to the host in one transfer."""
@@ -250,46 +249,91 @@ def summarize(
     tables = []
     for members in groups.values():
         gs = [_values(grads[i]) for i in members]
-        columns = [_norms(gs, 2.0), _max_abs(gs), _nonzero(gs), _norms([params[i].detach() for i in members], 2.0)]
-        if extra_norm is not None:
-            columns.append(_norms(gs, extra_norm))
+        ps = [params[i].detach() for i in members]
+        columns = _cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else _device_columns(gs, ps, extra_norm)
         tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
         order.extend(members)
     return order, torch.cat(tables)
 
 
-# On the CPU, torch's foreach reductions loop over tensors in C++ but the
-# inf- and 0-"norms" are slow per element; large tensors go through aminmax
-# and count_nonzero instead. On GPUs the foreach kernels are fused and fast.
+def _device_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> list[torch.Tensor]:
+    """On GPUs the foreach reductions are fused multi-tensor kernels: a few launches for any count."""
+    columns = [
+        _norms(gs, 2.0),
+        _norms(gs, math.inf),
+        # Counts go in float64: float32 counts stop being exact past 2**24 entries.
+        torch.stack(torch._foreach_norm(gs, 0.0, dtype=torch.float64)),
+        _norms(ps, 2.0),
+    ]
+    if extra_norm is not None:
+        columns.append(_norms(gs, extra_norm))
+    return columns
+
+
+# On the CPU, a foreach reduction is a loop of per-tensor kernels (~2 us each), and the inf- and
+# 0-"norms" are slow per element. Small tensors of one shape are stacked and reduced together
+# (a deep model has hundreds of them and a handful of shapes); large ones are reduced one by one.
 _CPU_LARGE = 1 << 14
+
+
+def _cpu_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> list[torch.Tensor]:
+    width = 4 if extra_norm is None else 5
+    out = torch.empty((len(gs), width), dtype=torch.float64)
+    shapes: dict[torch.Size, list[int]] = defaultdict(list)
+    for i, g in enumerate(gs):
+        if g.numel() < _CPU_LARGE:
+            shapes[g.shape].append(i)
+        else:
+            out[i] = _row_stats(g.reshape(1, -1), ps[i].reshape(1, -1), extra_norm)[0]
+    for members in shapes.values():
+        g = torch.stack([gs[i] for i in members]).reshape(len(members), -1)  # (tensors, entries)
+        p = torch.stack([ps[i] for i in members]).reshape(len(members), -1)
+        out[members] = _row_stats(g, p, extra_norm)
+    return list(out.unbind(1))
+
+
+def _row_stats(g: torch.Tensor, p: torch.Tensor, extra_norm: float | None) -> torch.Tensor:
+    """Per row of ``g`` (tensors, entries): L2 norm, max |g|, non-zero count, ``p``'s L2 norm."""
+    columns = [
+        torch.linalg.vector_norm(g, dim=1, dtype=torch.float32),
+        _row_max_abs(g),
+        # count_nonzero over a dim is several times slower than over a whole tensor.
+        torch.count_nonzero(g).double().reshape(1) if g.shape[0] == 1 else (g != 0).sum(dim=1).double(),
+        torch.linalg.vector_norm(p, dim=1, dtype=torch.float32),
+    ]
+    if extra_norm is not None:
+        columns.append(torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=torch.float32))
+    return torch.stack([c.double() for c in columns], dim=1)
+
+
+def _row_max_abs(g: torch.Tensor) -> torch.Tensor:
+    if not g.shape[1]:
+        return g.new_zeros(g.shape[0], dtype=torch.float32)
+    if g.shape[0] == 1:  # one large tensor: aminmax reads it once without an |g| copy
+        low, high = torch.aminmax(g)
+        return torch.maximum(low.abs(), high.abs()).float().reshape(1)
+    return g.abs().amax(dim=1).float()
+
+
+def l2_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """float32 L2 norm of each tensor (no sync); on the CPU, same-shape small tensors are stacked."""
+    if not tensors or tensors[0].device.type != "cpu":
+        return _norms(tensors, 2.0) if tensors else torch.zeros(0)
+    out = torch.empty(len(tensors), dtype=torch.float32)
+    shapes: dict[torch.Size, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t.numel() < _CPU_LARGE:
+            shapes[t.shape].append(i)
+        else:
+            out[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
+    for members in shapes.values():
+        stacked = torch.stack([tensors[i] for i in members]).reshape(len(members), -1)
+        out[members] = torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32)
+    return out
 
 
 def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
-
-
-def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if tensors[0].device.type != "cpu":
-        return _norms(tensors, math.inf)
-    return _split_by_size(tensors, lambda t: torch.stack(torch.aminmax(t)).abs().amax().float(), math.inf)
-
-
-def _nonzero(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if tensors[0].device.type != "cpu":
-        # Counts go in float64: float32 counts stop being exact past 2**24 entries.
-        return torch.stack(torch._foreach_norm(tensors, 0.0, dtype=torch.float64))
-    return _split_by_size(tensors, lambda t: torch.count_nonzero(t).double(), 0.0)
-
-
-def _split_by_size(tensors: list[torch.Tensor], large: Any, ord: float) -> torch.Tensor:
-    out = torch.empty(len(tensors), dtype=torch.float64)
-    small = [i for i, t in enumerate(tensors) if t.numel() < _CPU_LARGE]
-    if small:
-        out[small] = torch.stack(torch._foreach_norm([tensors[i] for i in small], ord, dtype=torch.float32)).double()
-    for i, t in enumerate(tensors):
-        if t.numel() >= _CPU_LARGE:
-            out[i] = large(t) if t.numel() else 0.0
-    return out
 
 
 def _needs_float64(row: list[float]) -> bool:
