@@ -30,15 +30,7 @@ from gradscope.capture import ForwardCapture, during_forward, record_scaler_skip
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.probes.activations import ActivationProbe
-from gradscope.probes.gradients import (
-    EXTRA_NORM,
-    GRAD_MAX_ABS,
-    GRAD_NORM,
-    Fetch,
-    GradientProbe,
-    Measurement,
-    Readings,
-)
+from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Fetch, GradientProbe, Readings
 from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker
 from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, Report, RunInfo, StepRecord
@@ -98,8 +90,7 @@ class Watch:
         self.located = False
         self._logdir, self._plot = logdir, plot
         self._reporter: Any = None
-        # The statistics taken at the end of the last backward, and each gradient's version then.
-        self._early: tuple[Measurement, list[tuple[torch.Tensor, int]]] | None = None
+        self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
         self._capture = ForwardCapture(model) if locate and not _is_compiled(model) else None
         self._stack = contextlib.ExitStack()
@@ -177,9 +168,7 @@ class Watch:
 
     def _backward_end(self) -> None:
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
-            measurement = self.probe.measure()
-        grads = [self.probe.params[i].grad for i in measurement.index]
-        self._early = (measurement, [(g, g._version) for g in grads if g is not None])
+            self._pre = self.probe.grad_norms()
 
     def _finish(
         self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
@@ -206,30 +195,17 @@ class Watch:
         """Statistics on the device, fetched with everything else of the step in one transfer."""
         fetch = Fetch()
         fetch.add("loss", loss.detach().float() if loss is not None else torch.tensor(math.nan))
-        measurement, pre_index = self._current_measurement()
-        pre = self._early[0].table[:, GRAD_NORM] if pre_index else torch.zeros(0)  # type: ignore[index]
+        pre_index, pre = self._pre if self._pre is not None else ([], torch.zeros(0))
         fetch.add("pre", pre)
         if self.scaler is not None:
             fetch.add("scale", _scale_tensor(self.scaler))
         names = self._histograms(index, fetch)
         if self.activations is not None:
             fetch.add("activations", *self.activations.counts)
-        readings = self.probe.fetch(measurement, fetch.tensors)
+        readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
-        # Norms from the end of backward (None: the gradients are unchanged since, or were not measured then).
-        return readings, values, dict(zip(pre_index, values["pre"])) if pre_index else None, names
-
-    def _current_measurement(self) -> tuple[Measurement, list[int]]:
-        """The statistics of the gradients as they are now, and the indices of the end-of-backward
-        norms to compare them with (empty when nothing changed the gradients in between)."""
-        if self._early is None:
-            return self.probe.measure(), []
-        early, versions = self._early
-        # A grad scaler's in-place unscale does not bump version counters: with one, always measure again.
-        untouched = self.scaler is None and all(g._version == v for g, v in versions)
-        if untouched and len(versions) == len(early.index):
-            return early, []  # untouched since the backward: no clipping
-        return self.probe.measure(), early.index
+        # Norms from the end of backward (None: none taken, the gradients are measured as they were then).
+        return readings, values, dict(zip(pre_index, values["pre"])) if self._pre is not None else None, names
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
@@ -238,7 +214,7 @@ class Watch:
         if self.activations is not None and self.tracker is not None:
             self.activations.reset()
             self.tracker.reset()
-        self._early = None
+        self._pre = None
         if self._capture is not None:
             self._capture.release()
         for stream in (self._reporter.on_step if self._reporter is not None else None, self.on_step):
