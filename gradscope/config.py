@@ -173,6 +173,7 @@ class Settings(_Strict):
     data: DataSpec
     loss: LossSpec = LossSpec(name="cross_entropy")
     steps: int = Field(default=3, gt=0)
+    every: int = Field(default=1, gt=0)  # measure every N-th step only
     optimizer: OptimizerSpec | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpointing: CheckpointSpec | None = None

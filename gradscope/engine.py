@@ -42,6 +42,7 @@ class StepPlan:
     underflow: bool = True  # low precision: compare the first step's gradients with fp32
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     histograms_every: int = 0  # gradient histograms every N steps (0: never)
+    every: int = 1  # measure every N-th step only
 
 
 class Engine:
@@ -81,12 +82,13 @@ class Engine:
             clip=plan.clip,
             on_step=on_step,
             recorded_before_clipping=True,
+            every=plan.every,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()
 
-    def step(self, index: int, batch: Batch) -> StepRecord:
-        """One forward/backward/update; returns what it measured."""
+    def step(self, index: int, batch: Batch) -> StepRecord | None:
+        """One forward/backward/update; what it measured (None on a step ``every`` leaves out)."""
         state = replay.rng_state()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._first_forward(batch) if index == 0 else self.forward(batch)

@@ -71,6 +71,7 @@ class Inspection:
             settings.loss.name == "output",
             gradcheck=settings.gradcheck,
             histograms_every=tensorboard.histograms_every if tensorboard.logdir else 0,
+            every=settings.every,
         )
         start = time.perf_counter()
         self.status = "running"
@@ -82,7 +83,9 @@ class Inspection:
                 self.engine.watch,
             ):
                 for index in range(settings.steps):
-                    self.steps.append(self.engine.step(index, self.batch))
+                    record = self.engine.step(index, self.batch)
+                    if record is not None:
+                        self.steps.append(record)
                     if self.engine.stopped:
                         break
         except KeyboardInterrupt:

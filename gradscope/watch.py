@@ -63,6 +63,7 @@ class Watch:
         on_step: Callable[[StepRecord], None] | None = None,
         recorded_before_clipping: bool = False,
         plot: str | None = None,
+        every: int = 1,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -70,6 +71,10 @@ class Watch:
         self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
         self.histograms_every = histograms_every if logdir or on_step else 0
         self.clip, self.on_step = clip, on_step
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.every = every
+        self._seen = 0  # training steps so far, measured or not
         # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
         self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
@@ -137,7 +142,7 @@ class Watch:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def step(self, loss: torch.Tensor | None = None, **extra: Any) -> StepRecord:
+    def step(self, loss: torch.Tensor | None = None, **extra: Any) -> StepRecord | None:
         """Record a step now: call after ``backward()`` (and after ``scaler.unscale_(optimizer)``
         when a grad scaler is given), before the weights change. Needed without an optimizer; with
         one, it records the step before clipping (and ``optimizer.step()`` then adds nothing).
@@ -146,8 +151,11 @@ class Watch:
             loss: the step's loss (recorded; a non-finite loss is located).
             extra: ``replay=Replay(...)`` to replay the whole step (model and loss) when it shows a
                 NaN/Inf; other ``StepRecord`` fields to record with it (``underflow=...``).
+
+        Returns:
+            The step's record, or None on a step that ``every`` leaves out.
         """
-        record = self._finish(loss=loss, **extra)
+        record = self._finish(loss=loss, **extra) if self._measured_now() else self._pass()
         self._recorded = True
         if self.optimizer is None:
             self.probe.mark_step()
@@ -156,17 +164,43 @@ class Watch:
 
     def record_failure(self, loss: float, failure: BackwardFailure) -> StepRecord:
         """Record a step whose backward raised."""
-        return self._append(StepRecord(len(self.steps), loss, math.nan, {}, {}, backward_error=failure))
+        return self._append(StepRecord(self._seen, loss, math.nan, {}, {}, backward_error=failure))
 
     def _before_optimizer_step(self, *_: Any) -> None:
         if not self._recorded:
-            self._finish(loss=None)  # a step pre-hook must return None
+            if self._measured_now():
+                self._finish(loss=None)  # a step pre-hook must return None
+            else:
+                self._pass()
+
+    def _measured_now(self) -> bool:
+        return self._seen % self.every == 0
+
+    def _pass(self) -> None:
+        """A step that ``every`` leaves out: nothing measured, nothing fetched."""
+        self._seen += 1
+        self._early_reset()
+        self._pause_for_next()
+        return None
+
+    def _early_reset(self) -> None:
+        self._pre = None
+        self.probe.begin_step()
+        if self.activations is not None and self.tracker is not None:
+            self.activations.reset()
+            self.tracker.reset()
+
+    def _pause_for_next(self) -> None:
+        if self.activations is not None:
+            self.activations.paused = not self._measured_now()
 
     def _after_optimizer_step(self, *_: Any) -> None:
         self._recorded = False
         self.probe.mark_step()
 
     def _backward_end(self) -> None:
+        if not self._measured_now():
+            return
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             self._pre = self.probe.grad_norms()
 
@@ -174,7 +208,7 @@ class Watch:
         self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
     ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
-        index = len(self.steps)
+        index = self._seen
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             readings, values, pre, names = self._measure(index, loss)
         record = self._record(index, readings, values, pre, skipped)
@@ -211,16 +245,14 @@ class Watch:
         self.steps.append(record)
         if self.called is None and self.tracker is not None:
             self.called = tuple(self.tracker.calls)
-        if self.activations is not None and self.tracker is not None:
-            self.activations.reset()
-            self.tracker.reset()
-        self._pre = None
+        self._seen += 1
+        self._early_reset()
+        self._pause_for_next()
         if self._capture is not None:
             self._capture.release()
         for stream in (self._reporter.on_step if self._reporter is not None else None, self.on_step):
             if stream is not None:
                 stream(record)
-        self.probe.begin_step()
         self._raise_if_found(record)
         return record
 
@@ -350,6 +382,7 @@ def watch(
     locate: bool = True,
     histograms_every: int = 10,
     plot: str | None = None,
+    every: int = 1,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -367,13 +400,26 @@ def watch(
         locate: keep the model's last forward call to replay a step that shows a NaN/Inf.
         histograms_every: gradient histograms for TensorBoard every N steps.
         plot: save the gradient-flow picture there when the block exits (needs matplotlib).
+        every: measure every N-th step only (the others cost nothing); 1 measures every step.
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
     """
     if isinstance(checks, dict):
         checks = Checks.model_validate(checks)
-    return Watch(model, optimizer, scaler, logdir, raise_on, checks, activations, locate, histograms_every, plot=plot)
+    return Watch(
+        model,
+        optimizer,
+        scaler,
+        logdir,
+        raise_on,
+        checks,
+        activations,
+        locate,
+        histograms_every,
+        plot=plot,
+        every=every,
+    )
 
 
 def _plotter(path: str | None) -> Any:

@@ -261,3 +261,36 @@ def test_compiled_model_gets_gradient_statistics_and_says_what_is_off(tmp_path):
     assert len(report.steps) == 2 and "inp.weight" in report.steps[0].parameters
     assert any("torch.compile" in note for note in report.run.notes)
     assert (tmp_path / "flow.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_n_steps_measures_only_those(monkeypatch):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch()
+    fetches = []
+    original = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        fetches.append(1)
+        return original(self, *args, **kwargs)
+
+    with gradscope.watch(model, optimizer=opt, every=3) as scope:
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+        for _ in range(7):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        monkeypatch.setattr(torch.Tensor, "tolist", original)
+    assert [s.step for s in scope.report.steps] == [0, 3, 6]
+    assert len(fetches) == 3
+    assert all(s.activations for s in scope.report.steps)
+
+
+def test_every_in_the_config():
+    raw = {
+        "model": {"target": "gradscope.zoo:mlp", "args": {"in_features": 16, "classes": 4}},
+        "data": {"batch_size": 16, "input": {"shape": [16]}, "labels": {"classes": 4}},
+        "steps": 5,
+        "every": 2,
+    }
+    assert [s.step for s in gradscope.inspect(raw).steps] == [0, 2, 4]
