@@ -15,13 +15,18 @@ step) of:
              saturated units, which modules ran);
   anomaly    the plain step under torch.autograd.detect_anomaly, for comparison.
 It prints ms/step and the ratio to plain. CUDA times are taken with
-torch.cuda.synchronize() around each round.
+torch.cuda.synchronize() around each round. With --memory it also runs each
+mode in a process of its own and prints its peak memory (max RSS on the CPU,
+torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +144,42 @@ def bench(case: Case, device: torch.device, rounds: int, steps: int, modes: list
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
+def peak(case: Case, device: torch.device, mode: str, steps: int) -> float:
+    """Peak memory in MiB of ``steps`` steps of one mode (call in a process of its own)."""
+    torch.manual_seed(0)
+    model = case.build().to(device)
+    batch = case.batch(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    plain = Plain(model, optimizer, anomaly=mode == "anomaly")
+    _time(model, plain.step, batch, steps, device, mode)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _rss_high_water_mib()
+
+
+def _rss_high_water_mib() -> float:
+    # VmHWM belongs to this process's memory map; ru_maxrss on Linux carries the parent's peak over
+    # fork and exec, so a child started by a large parent would report the parent's peak.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def peaks(key: str, device: torch.device, modes: list[str], steps: int) -> dict[str, float]:
+    """Each mode's peak memory, each in a fresh process so one mode's peak cannot hide another's."""
+    out = {}
+    for mode in modes:
+        command = [sys.executable, __file__, "--peak-of", key, mode, str(steps), "--device", str(device)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[mode] = float(result.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=list(CASES))
@@ -146,8 +187,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-anomaly", action="store_true", help="skip the detect_anomaly comparison")
+    parser.add_argument("--memory", action="store_true", help="also measure each mode's peak memory")
+    parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.peak_of:
+        key, mode, steps = args.peak_of
+        print(peak(CASES[key], device, mode, int(steps)))
+        return
     modes = ["plain", "stats", "all"] + ([] if args.no_anomaly else ["anomaly"])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians")
@@ -158,6 +205,10 @@ def main() -> None:
         result = bench(case, device, args.rounds, args.steps, modes)
         cells = " ".join(f"{1e3 * result[m]:12.2f} {result[m] / result['plain']:6.3f}" for m in modes)
         print(f"{case.name:32} {n / 1e6:7.1f}M {cells}", flush=True)
+        if args.memory:
+            memory = peaks(key, device, modes, args.steps + 2)
+            cells = " ".join(f"{memory[m]:10.0f}MiB {memory[m] / memory['plain']:6.3f}" for m in modes)
+            print(f"{'  peak memory':32} {'':8} {cells}", flush=True)
 
 
 if __name__ == "__main__":
