@@ -5,7 +5,6 @@ and the steps a grad scaler skips."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,56 +19,39 @@ AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class ForwardCapture:
-    """Keeps the model's last forward call (inputs, random state, autocast) and the gradient that
-    reached its outputs, so a step can be replayed inside the model."""
+    """Keeps the model's last forward call (inputs, random state, autocast), so a step can be
+    replayed inside the model. Nothing tensor-sized is kept beyond the call's own inputs."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.precision = "fp32"
         self._call: tuple[tuple[Any, ...], dict[str, Any], replay.RngState, str, torch.dtype | None] | None = None
-        self._outputs: list[torch.Tensor] = []
-        self._grads: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> ForwardCapture:
-        self._handles = [
-            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.model.register_forward_hook(self._after),
-        ]
+        self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-        self.release()
-
-    def release(self) -> None:
-        """Drop the kept output gradients (they are only needed until the step is recorded)."""
-        self._outputs, self._grads = [], {}
+        self._call = None
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if torch.is_grad_enabled() and not replay.REPLAYING:
-            device = next(module.parameters()).device.type if any(True for _ in module.parameters()) else "cpu"
+            param = next(module.parameters(), None)
+            device = param.device.type if param is not None else "cpu"
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
             self.precision = AUTOCAST_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"
             self._call = (args, kwargs, replay.rng_state(), device, dtype)
 
-    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or replay.REPLAYING:
-            return
-        self._outputs = [t for t in _tensors(output) if t.requires_grad]
-        self._grads = {}
-        for i, t in enumerate(self._outputs):
-            t.register_hook(self._keep(i))
-
-    def _keep(self, i: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            self._grads[i] = grad
-
-        return hook
-
     def locate(self, kind: str, loss_bad: bool) -> NonfiniteOrigin | None:
         """Replay the last forward call; where the ``kind`` (nan/inf) was made.
+
+        The model's outputs are replayed, then its backward from a gradient of ones at each output
+        (the gradient the user's loss sent is not kept, to keep no output-sized tensor alive): a
+        NaN that a backward formula makes (0 * inf, sqrt at 0) shows from any incoming gradient.
+        If neither the forward nor the backward inside the model makes it, it came from the loss.
 
         Args:
             kind: ``nan`` or ``inf``.
@@ -78,22 +60,16 @@ class ForwardCapture:
         if self._call is None:
             return None
         args, kwargs, state, device, dtype = self._call
-        grads = [self._grads.get(i) for i in range(len(self._outputs))]
-        from_loss = loss_bad or any(g is not None and _has(g, kind) for g in grads)
 
         def forward() -> torch.Tensor:
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 outputs = [t for t in _tensors(self.model(*args, **kwargs)) if t.requires_grad]
-            if from_loss:
-                return sum(o.sum() for o in outputs)  # finite exactly when the outputs are
-            # A stand-in loss whose gradient at each output is the one the real loss sent there.
-            return sum((o * g).sum() for o, g in zip(outputs, grads) if g is not None) or outputs[0].sum() * 0
+            return sum(o.float().sum() for o in outputs)  # finite exactly when the outputs are
 
         origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind)
-        if from_loss and (origin is None or origin.phase == "backward"):
-            # The model's outputs are finite: the loss, computed after the model, made it.
-            count = sum(_count(g, kind) for g in grads if g is not None)
-            return NonfiniteOrigin(phase="loss", kind=kind, count=count, source="after the model's forward (the loss)")
+        if origin is None or (loss_bad and origin.phase == "backward"):
+            # The model's outputs are finite and its backward makes nothing: the loss made it.
+            return NonfiniteOrigin(phase="loss", kind=kind, source="after the model's forward (the loss)")
         return origin
 
 
@@ -140,11 +116,3 @@ def record_scaler_skips(scaler: torch.amp.GradScaler, scope: Any) -> Any:
         yield
     finally:
         del scaler.step
-
-
-def _has(t: torch.Tensor, kind: str) -> bool:
-    return bool(t.isnan().any()) if kind == "nan" else bool(t.isinf().any())
-
-
-def _count(t: torch.Tensor, kind: str) -> int:
-    return int(t.isnan().sum()) if kind == "nan" else int(t.isinf().sum())

@@ -10,8 +10,8 @@ the user's loop drives the steps and gradscope observes them:
   the norms taken at the end of backward give the true (unclipped) norms and
   the clip coefficient the user's clipping applied;
 - a step with a NaN/Inf is replayed from the model's last forward call (its
-  inputs, random state and autocast are kept; so is the gradient that reached
-  its output) to find where the NaN was made, before the weights change.
+  inputs, random state and autocast are kept) to find where the NaN was made,
+  before the weights change.
 """
 
 from __future__ import annotations
@@ -248,8 +248,6 @@ class Watch:
         self._seen += 1
         self._early_reset()
         self._pause_for_next()
-        if self._capture is not None:
-            self._capture.release()
         for stream in (self._reporter.on_step if self._reporter is not None else None, self.on_step):
             if stream is not None:
                 stream(record)
@@ -316,7 +314,7 @@ class Watch:
         if self._capture is None and step_replay is None:
             return None
         if record.skipped and step_replay is None and not loss_bad:
-            return None  # kept output gradients are scaled: a scaled overflow is the scaler's (skipped step)
+            return None  # an overflow of the scaled gradients: the scaler skipped the step; loss_scale_overflow
         if loss_bad:
             kind = "nan" if math.isnan(record.loss) else "inf"  # type: ignore[arg-type]
         else:
