@@ -80,8 +80,10 @@ class Watch:
         self.notes: list[str] = []
         if _is_compiled(model) and activations:
             activations = False
-            self.notes.append("torch.compile'd model: activation statistics are off (global module hooks and ")
-            self.notes[-1] += "TorchFunctionMode would force graph breaks); gradient statistics work as usual"
+            self.notes.append(
+                "torch.compile'd model: activation statistics and NaN replays are off (global module hooks "
+                "and a TorchFunctionMode would force graph breaks); gradient statistics work as usual"
+            )
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
         self.probe = GradientProbe(
