@@ -107,18 +107,6 @@ class GradientProbe:
         """Indices (into ``params``) of the parameters that got a gradient since ``begin_step``."""
         return sorted(self._arrived)
 
-    def read(self, scalars: list[torch.Tensor]) -> Readings:
-        """Statistics of the gradients that arrived, plus ``scalars``, in one host transfer.
-
-        Call after backward (and after unscaling) and before anything changes
-        the gradients or parameters (clipping, the optimizer step).
-
-        Args:
-            scalars: tensors to fetch in the same transfer (loss, loss scale, ...), flattened
-                into ``Readings.scalars`` in order.
-        """
-        return self.fetch(self.measure(), scalars)
-
     def measure(self) -> Measurement:
         """Start the statistics of the gradients that arrived, on the device (no host sync)."""
         index = [i for i in self.arrived() if self.params[i].grad is not None]

@@ -24,11 +24,6 @@ from gradscope.report import NonfiniteOrigin
 ROOT = "(model)"  # how the top-level module is named in messages
 
 
-def bad_kind(value: float) -> str:
-    """``nan`` or ``inf``: the kind of non-finite value to search for."""
-    return "nan" if math.isnan(value) else "inf"
-
-
 class FirstNonfinite(TorchFunctionMode):
     """Records the first op that creates a NaN (or an Inf) from inputs without one.
 
