@@ -45,7 +45,7 @@ class ForwardCapture:
             self.precision = AUTOCAST_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"
             self._call = (args, kwargs, replay.rng_state(), device, dtype)
 
-    def locate(self, kind: str, loss_bad: bool) -> NonfiniteOrigin | None:
+    def locate(self, kind: str, loss_bad: bool, lockstep: bool = False) -> NonfiniteOrigin | None:
         """Replay the last forward call; where the ``kind`` (nan/inf) was made.
 
         The model's outputs are replayed, then its backward from a gradient of ones at each output
@@ -56,6 +56,7 @@ class ForwardCapture:
         Args:
             kind: ``nan`` or ``inf``.
             loss_bad: the step's loss is known to be non-finite.
+            lockstep: FSDP: every rank replays together (see ``replay.locate``).
         """
         if self._call is None:
             return None
@@ -66,7 +67,7 @@ class ForwardCapture:
                 outputs = [t for t in _tensors(self.model(*args, **kwargs)) if t.requires_grad]
             return sum(o.float().sum() for o in outputs)  # finite exactly when the outputs are
 
-        origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind)
+        origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind, lockstep)
         if origin is None or (loss_bad and origin.phase == "backward"):
             # The model's outputs are finite and its backward makes nothing: the loss made it.
             return NonfiniteOrigin(phase="loss", kind=kind, source="after the model's forward (the loss)")

@@ -82,6 +82,7 @@ class Checks(_Strict):
     wrong_gradient: _Check = _Check()
     stale_gradient: _Check = _Check()
     baseline_drift: DriftCheck = DriftCheck()
+    rank_divergence: DriftCheck = DriftCheck()  # a rank's own gradient norm this far from the others'
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

@@ -44,6 +44,12 @@ app = typer.Typer(
 )
 
 
+class Strategy(str, enum.Enum):
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class FailOn(str, enum.Enum):
     error = "error"
     warning = "warning"
@@ -106,11 +112,24 @@ def inspect(
     ] = False,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the config's `steps`.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="Override the config's `device`.")] = None,
+    strategy: Annotated[
+        Strategy | None,
+        typer.Option(
+            "--distributed",
+            help="Run under torchrun with DDP or FSDP2 (overrides the config's `distributed.strategy`).",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run a config's model through instrumented forward/backward passes and report its gradients."""
+    """Run a config's model through instrumented forward/backward passes and report its gradients.
+
+    Under torchrun (``torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp``) every
+    rank runs its slice of the batch and rank 0 writes the reports.
+    """
     try:
         overrides = _overrides(config, steps, device, gradcheck, check or [], logdir)
+        if strategy is not None:
+            overrides["distributed"] = {**_config_section(config, "distributed"), "strategy": strategy.value}
         if update_baseline and baseline is None:
             raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
         saved = load_report(baseline) if baseline is not None and not update_baseline else None
@@ -123,14 +142,35 @@ def inspect(
         reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
         if update_baseline and baseline is not None:
             reporters.append(JsonReporter(str(baseline)))
+        leader = inspection.ranks is None or inspection.ranks.rank == 0
+        if not leader:
+            reporters = []  # rank 0 writes the reports: every rank computes the same one
     except GradscopeError as exc:
+        inspection.close()
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     except Exception as exc:
+        inspection.close()
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-    code = _run(inspection, reporters, verbose)
-    if code is None:
-        code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on.value) else EXIT_OK
+    code = _finish(inspection, reporters, fail_on.value, verbose)
+    if inspection.ranks is not None:
+        # Everything is written and the process group is gone; gloo's worker threads can still abort
+        # the interpreter's shutdown (SIGABRT as they release tensors), turning a finished run into a crash.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise typer.Exit(code)
+
+
+def _finish(inspection: Inspection, reporters: list[Reporter], fail_on: str, verbose: bool) -> int:
+    """Run and report; the exit code, the same on every rank of a distributed run that completed."""
+    try:
+        code = _run(inspection, reporters, verbose)
+        if code is not None:
+            return code  # a rank that stops early does not wait for the others
+        code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on) else EXIT_OK
+        return inspection.ranks.agree(code) if inspection.ranks is not None else code
+    finally:
+        inspection.close()
 
 
 @app.command()
@@ -163,7 +203,7 @@ def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> in
         inspection.run(on_step=lambda step: [stream(step) for stream in streams])
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-        print("gradscope: interrupted; writing the steps measured so far", file=sys.stderr)
+        print(f"{_name()}: interrupted; writing the steps measured so far", file=sys.stderr)
     except GradscopeError as exc:
         code = _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
@@ -234,14 +274,21 @@ def _config_section(config: Path, key: str) -> dict[str, Any]:
 def _fail(exc: BaseException, verbose: bool, code: int) -> int:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
+    name = _name()
     if code == EXIT_INTERNAL:
-        print(f"gradscope: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{name}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("this is a bug in gradscope; rerun with -v for the traceback and report it", file=sys.stderr)
     else:
-        print(f"gradscope: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         if not verbose:
             print("(rerun with -v for the full traceback)", file=sys.stderr)
     return code
+
+
+def _name() -> str:
+    """``gradscope``, or ``gradscope[rank N]`` in one of several processes under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"gradscope[rank {os.environ.get('RANK', '?')}]" if world > 1 else "gradscope"
 
 
 def main() -> None:

@@ -159,6 +159,13 @@ class ClipSpec(_Strict):
         return value
 
 
+class DistributedSpec(_Strict):
+    """Run under torchrun, one process per rank (``none``: a single process)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    timeout_s: float = Field(default=600.0, gt=0)  # a collective waiting longer fails the run
+
+
 class TensorBoardSpec(_Strict):
     logdir: str | None = None  # relative paths start at the current directory, as with --logdir
     histograms_every: int = Field(default=10, ge=0)  # gradient histograms every N steps (0: none)
@@ -181,6 +188,7 @@ class Settings(_Strict):
     checks: Checks = Checks()
     tensorboard: TensorBoardSpec = TensorBoardSpec()
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
+    distributed: DistributedSpec = DistributedSpec()
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 
     @property

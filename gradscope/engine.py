@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import replay
+from gradscope import distributed, replay
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
@@ -55,6 +55,7 @@ class Engine:
         loss_fn: ``fn(output, labels) -> scalar``.
         plan: device, precision, clipping, what to look at.
         on_step: called with each step's record as soon as it is measured.
+        ranks: a distributed run (``model`` wrapped in DDP or sharded by FSDP).
 
     Attributes:
         watch: enter it around the steps (``with engine.watch:``); its hooks come off on exit.
@@ -69,8 +70,11 @@ class Engine:
         loss_fn: LossFn,
         plan: StepPlan,
         on_step: Callable[[StepRecord], None] | None = None,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
         self.model, self.optimizer, self.loss_fn, self.plan = model, optimizer, loss_fn, plan
+        self.inner = distributed.unwrap(model)  # replays run here: on one rank, without DDP's all-reduce
+        self.ranks = ranks
         self.scaler = torch.amp.GradScaler(plan.device.type) if plan.precision == "fp16" else None
         self.watch = Watch(
             model,
@@ -83,6 +87,7 @@ class Engine:
             on_step=on_step,
             recorded_before_clipping=True,
             every=plan.every,
+            ranks=ranks,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()
@@ -101,21 +106,24 @@ class Engine:
         extra = {"underflow": self._underflow(batch, state)} if index == 0 else {}
         tensors = replay.batch_tensors(batch.inputs, batch.labels)
         # Recorded before clipping, with a replay of the whole step (model and loss) should it show a NaN.
-        record = self.watch.step(loss, replay=Replay(lambda: self.forward(batch), state, tensors), **extra)
+        step_replay = Replay(lambda: self.forward(batch, model=self.inner), state, tensors)
+        record = self.watch.step(loss, replay=step_replay, **extra)
         if self.plan.clip is not None:
             clip = self.plan.clip
             torch.nn.utils.clip_grad_norm_(self.watch.probe.params, clip.max_norm, clip.norm_type)
         self._update()
         return record
 
-    def forward(self, batch: Batch, precision: str | None = None) -> torch.Tensor:
-        """Model and loss on ``batch`` under autocast; the checked scalar loss."""
+    def forward(self, batch: Batch, precision: str | None = None, model: nn.Module | None = None) -> torch.Tensor:
+        """Model (``self.model`` unless given) and loss on ``batch`` under autocast; the checked scalar loss."""
         with _autocast(self.plan.device, precision or self.plan.precision):
             try:
-                output = call_model(self.model, batch, self.plan.pass_labels)
+                output = call_model(model or self.model, batch, self.plan.pass_labels)
             except GradscopeError:
                 raise
             except Exception as exc:
+                if self.ranks is not None and distributed.peer_failed(exc):
+                    raise distributed.RankFailure(self.ranks.rank, exc) from exc
                 raise ModelError("model", f"the forward pass on {batch.describe()}", exc) from exc
             try:
                 loss = self.loss_fn(output, batch.labels)
@@ -138,7 +146,10 @@ class Engine:
         try:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         except RuntimeError as exc:
-            node, source = replay.backward_error_site(self.model, lambda: self.forward(batch), state)
+            if self.ranks is not None and distributed.peer_failed(exc):
+                raise distributed.RankFailure(self.ranks.rank, exc) from exc
+            replayed = lambda: self.forward(batch, model=self.inner)  # noqa: E731
+            node, source = replay.backward_error_site(self.inner, replayed, state)
             message = str(exc).split(" Hint:")[0]  # PyTorch's hint suggests the anomaly mode used here already
             return BackwardFailure(f"{type(exc).__name__}: {message}", node, source)
         except Exception as exc:
@@ -146,9 +157,10 @@ class Engine:
         return None
 
     def _underflow(self, batch: Batch, state: replay.RngState) -> dict[str, float] | None:
-        if self.plan.precision == "fp32" or not self.plan.underflow:
-            return None
-        return replay.underflow(self.model, lambda: self.forward(batch, precision="fp32"), state)
+        if self.plan.precision == "fp32" or not self.plan.underflow or self.ranks is not None:
+            return None  # distributed: .grad is averaged over ranks, a replay sees one rank's batch
+        replayed = lambda: self.forward(batch, precision="fp32", model=self.inner)  # noqa: E731
+        return replay.underflow(self.inner, replayed, state)
 
     def _update(self) -> None:
         if self.scaler is None:

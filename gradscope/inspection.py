@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from gradscope import __version__, loading, rules
+from gradscope import __version__, distributed, loading, rules
 from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
-from gradscope.errors import GradscopeError
+from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import describe_parameters
 from gradscope.report import Report, RunInfo, StepRecord
 
@@ -43,13 +43,47 @@ class Inspection:
         self.checkpointed: list[str] = []
         self._duration = 0.0
         self.engine: Engine | None = None
+        self.ranks: distributed.Ranks | None = None
         with _located(settings):
             self.device = loading.resolve_device(settings.device)
-            self.model = loading.build_model(settings).to(self.device)
-            self.batch = loading.build_batch(settings).to(self.device)
-            self.loss_fn = loading.build_loss(settings)
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = loading.build_optimizer(settings, trainable)
+            spec = settings.distributed
+            if spec.strategy != "none":
+                self.ranks = distributed.start(spec.strategy, self.device, spec.timeout_s)
+                self.device = self.ranks.device
+            try:
+                self._build()
+            except BaseException:
+                self.close()
+                raise
+
+    def _build(self) -> None:
+        settings = self.settings
+        self.model = loading.build_model(settings).to(self.device)  # the user's module
+        self.trained = distributed.wrap(self.model, self.ranks) if self.ranks is not None else self.model
+        self.batch = self._rank_batch(loading.build_batch(settings)).to(self.device)
+        self.loss_fn = loading.build_loss(settings)
+        trainable = [p for p in self.trained.parameters() if p.requires_grad]
+        self.optimizer = loading.build_optimizer(settings, trainable)
+
+    def _rank_batch(self, batch: loading.Batch) -> loading.Batch:
+        """Distributed: this rank's slice of the batch (the ranks' slices make up the whole batch)."""
+        if self.ranks is None:
+            return batch
+        rows = _rows(batch)
+        world = self.ranks.world
+        if rows % world:
+            raise ConfigError(
+                [("data.batch_size", f"the batch ({rows} rows) must split evenly over {world} ranks, got {rows}")]
+            )
+        rank = self.ranks.rank
+        return loading.Batch(
+            distributed.shard(batch.inputs, rank, world, rows), distributed.shard(batch.labels, rank, world, rows)
+        )
+
+    def close(self) -> None:
+        """Leave the process group gradscope joined (distributed runs); nothing otherwise."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def run(self, on_step: Callable[[StepRecord], None] | None = None) -> Report:
         """Run every step; the report of the completed run.
@@ -76,7 +110,7 @@ class Inspection:
         start = time.perf_counter()
         self.status = "running"
         try:
-            self.engine = Engine(self.model, self.optimizer, self.loss_fn, plan, on_step)
+            self.engine = Engine(self.trained, self.optimizer, self.loss_fn, plan, on_step, self.ranks)
             with (
                 _located(settings),
                 checkpointing(self.model, _patterns(settings)) as self.checkpointed,
@@ -92,8 +126,10 @@ class Inspection:
             self.status = "interrupted"
             raise
         except BaseException as exc:
+            if self.ranks is not None and not isinstance(exc, GradscopeError) and distributed.peer_failed(exc):
+                exc = distributed.RankFailure(self.ranks.rank, exc)  # not a fault of this rank's model
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            raise
+            raise exc
         finally:
             self._duration = time.perf_counter() - start
         self.status = "completed"
@@ -104,7 +140,7 @@ class Inspection:
         infos = describe_parameters(self.model)
         settings = self.settings
         run = RunInfo(
-            model=type(self.model).__name__,
+            model=distributed.model_name(self.model),
             device=str(self.device),
             precision=settings.precision,
             steps_requested=settings.steps,
@@ -119,16 +155,34 @@ class Inspection:
             optimizer=settings.optimizer.name if settings.optimizer else None,
             clip=settings.clip.model_dump() if settings.clip else None,
             checkpointed_modules=tuple(self.checkpointed),
-            batch=self.batch.describe(),
+            batch=self.batch.describe() + (f" on each of {self.ranks.world} ranks" if self.ranks else ""),
             torch_version=torch.__version__,
             gradscope_version=__version__,
             duration_s=round(self._duration, 4),
+            notes=self._notes(),
+            distributed=self.ranks.describe() if self.ranks is not None else None,
         )
         called = self.engine.watch.called if self.engine is not None else None
         gradchecks = self.engine.gradchecks if self.engine is not None else ()
         report = Report(run, tuple(infos), tuple(self.steps), called_modules=called or None, gradchecks=gradchecks)
         anomalies, ignored = rules.diagnose(report, settings.checks, self.baseline)
         return dataclasses.replace(report, anomalies=anomalies, ignored=ignored)
+
+    def _notes(self) -> tuple[str, ...]:
+        notes = list(self.engine.watch.notes) if self.engine is not None else []
+        if self.ranks is not None and self.settings.precision != "fp32":
+            notes.append("distributed run: the gradient underflow check (an fp32 replay of one rank) is off")
+        if self.ranks is not None and self.ranks.sharded:
+            notes.append("FSDP: a NaN made in the backward pass is reported without the autograd node that made it")
+        return tuple(notes)
+
+
+def _rows(batch: loading.Batch) -> int:
+    """The batch's leading dimension (its first tensor's)."""
+    from gradscope.probes.modules import _tensors
+
+    tensors = _tensors([batch.inputs, batch.labels])
+    return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else 1
 
 
 def inspect(config: str | Path | Settings | dict[str, Any]) -> Report:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import pick_user_frame
+from gradscope.probes.gradients import is_sharded, to_local
 from gradscope.probes.modules import ModuleTracker, _tensors
 from gradscope.probes.origins import FirstNonfinite, backward_origin, nonfinite_tensors
 from gradscope.report import NonfiniteOrigin
@@ -65,6 +66,7 @@ def locate(
     forward: Forward,
     state: RngState,
     kind: str,
+    lockstep: bool = False,
 ) -> NonfiniteOrigin | None:
     """Where the step's first NaN (``kind="nan"``) or Inf was made.
 
@@ -73,23 +75,29 @@ def locate(
     origin. If it is finite (only gradients are bad), a NaN made in the
     forward did not reach the loss (``where`` discarded it), so the backward
     is replayed node by node to find the gradient that turned.
+
+    With ``lockstep`` (FSDP: the forward gathers parameters from every rank),
+    the forward is replayed even when the batch or weights already explain it.
     """
     bad_inputs = nonfinite_tensors(batch_tensors)
-    if bad_inputs:
-        return _already(bad_inputs, "input", kind)
     params = dict(model.named_parameters())
-    bad_params = nonfinite_tensors({n: p.detach() for n, p in params.items()})
-    if bad_params:
-        return _already(bad_params, "parameter", kind)
+    bad_params = nonfinite_tensors({n: to_local(p).detach() for n, p in params.items()})
+    already = _already(bad_inputs, "input", kind) if bad_inputs else None
+    if already is None and bad_params:
+        already = _already(bad_params, "parameter", kind)
+    if already is not None and not lockstep:
+        return already
     trainable = [p for p in params.values() if p.requires_grad]
     with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
         finder = FirstNonfinite(tracker, kind)
         with finder:
             loss = forward()
+        if already is not None:
+            return already
         if finder.found is not None and not bool(torch.isfinite(loss.detach()).all()):
             return finder.found
-        if not loss.requires_grad:
-            return None
+        if not loss.requires_grad or any(is_sharded(p) for p in trainable):
+            return None  # FSDP's gradients reach its gathered parameters, which a replay cannot follow
         return backward_origin(loss, trainable, tracker, finder.ops, kind)
 
 

@@ -87,6 +87,7 @@ class NonfiniteOrigin:
     input_min: float | None = None  # range of the op's finite inputs (forward only)
     input_max: float | None = None
     tensors: tuple[str, ...] = ()  # input/parameter phases: which tensors
+    rank: int | None = None  # distributed runs: the first rank where it was made
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,23 @@ class GradcheckResult:
 
 
 @dataclass(frozen=True)
+class RankStep:
+    """One rank's own view of a step in a distributed run: the loss on its slice of the batch and
+    (DDP) its gradients before the all-reduce."""
+
+    rank: int
+    loss: float | None
+    grad_norm: float | None = None  # L2 norm of the rank's own gradients before the all-reduce (DDP)
+    nonfinite: tuple[str, ...] = ()  # parameters whose own gradient on this rank held NaN/Inf (DDP)
+
+    @property
+    def bad(self) -> bool:
+        """The rank saw a non-finite loss or gradient of its own."""
+        loss_bad = self.loss is not None and not math.isfinite(self.loss)
+        return loss_bad or bool(self.nonfinite) or (self.grad_norm is not None and not math.isfinite(self.grad_norm))
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """One forward/backward pass. Norms are L2 over all trainable gradients, before clipping."""
 
@@ -167,6 +185,7 @@ class StepRecord:
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
     histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
     stale: tuple[str, ...] = ()  # parameters whose gradient was added onto the previous step's (no zero_grad)
+    ranks: tuple[RankStep, ...] = ()  # distributed runs: each rank's own loss and gradients
 
 
 @dataclass(frozen=True)
@@ -180,6 +199,7 @@ class Anomaly:
     parameter: str | None = None
     step: int | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None  # distributed runs: the rank where it started
 
 
 @dataclass(frozen=True)
@@ -206,6 +226,7 @@ class RunInfo:
     gradscope_version: str | None = None
     duration_s: float | None = None
     notes: tuple[str, ...] = ()  # what could not be observed, and why
+    distributed: dict[str, Any] | None = None  # strategy, world_size, backend
 
 
 @dataclass(frozen=True)
@@ -266,7 +287,7 @@ class Report:
         return cls(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"])
 
 
-_NESTED = ("parameters", "modules", "activations", "origin", "backward_error", "histograms")
+_NESTED = ("parameters", "modules", "activations", "origin", "backward_error", "histograms", "ranks")
 
 
 def _step_dict(step: StepRecord) -> dict[str, Any]:
@@ -276,6 +297,7 @@ def _step_dict(step: StepRecord) -> dict[str, Any]:
     for name in ("origin", "backward_error"):
         value = getattr(step, name)
         out[name] = _plain(dataclasses.asdict(value)) if value else None
+    out["ranks"] = [_plain(dataclasses.asdict(r)) for r in step.ranks]
     return out
 
 
@@ -292,6 +314,7 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
     data["stale"] = tuple(data.get("stale", ()))
+    ranks = tuple(RankStep(**{**r, "nonfinite": tuple(r["nonfinite"])}) for r in data.pop("ranks", ()))
     return StepRecord(
         parameters=params,
         modules=modules,
@@ -299,6 +322,7 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
         origin=origin,
         backward_error=failure,
         histograms=histograms,
+        ranks=ranks,
         **data,
     )
 

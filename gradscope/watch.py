@@ -25,15 +25,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import __version__, replay, rules, stats
+from gradscope import __version__, distributed, replay, rules, stats
 from gradscope.capture import ForwardCapture, during_forward, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.probes.activations import ActivationProbe
-from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Fetch, GradientProbe, Readings
+from gradscope.probes.gradients import (
+    EXTRA_NORM,
+    GRAD_MAX_ABS,
+    GRAD_NORM,
+    Fetch,
+    GradientProbe,
+    Readings,
+    to_local,
+)
 from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker
-from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, RankStep, Report, RunInfo, StepRecord
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,13 @@ class Watch:
         recorded_before_clipping: bool = False,
         plot: str | None = None,
         every: int = 1,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.ranks = ranks if ranks is not None else distributed.joined(model)
+        inner = distributed.unwrap(model)  # DDP's module: its names in the report, replays run on it locally
         self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
         self.histograms_every = histograms_every if logdir or on_step else 0
         self.clip, self.on_step = clip, on_step
@@ -78,7 +89,7 @@ class Watch:
         # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
         self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
-        if _is_compiled(model) and activations:
+        if _is_compiled(inner) and activations:
             activations = False
             self.notes.append(
                 "torch.compile'd model: activation statistics and NaN replays are off (global module hooks "
@@ -86,20 +97,22 @@ class Watch:
             )
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
-        self.probe = GradientProbe(
-            getattr(model, "_orig_mod", model) if _is_compiled(model) else model, extra_norm=extra
-        )
+        shards = self.ranks if self.ranks is not None and self.ranks.sharded else None
+        self.probe = GradientProbe(getattr(inner, "_orig_mod", inner), extra_norm=extra, shards=shards)
         self.trainable = [info for info in self.probe.infos if info.trainable]
-        self.tracker = ModuleTracker(model) if activations else None
+        self.tracker = ModuleTracker(inner) if activations else None
         self.activations = ActivationProbe(self.tracker) if self.tracker is not None else None
+        if self.activations is not None and self.ranks is not None:
+            self.activations.per_unit = True
         self.steps: list[StepRecord] = []
         self.called: tuple[str, ...] | None = None
         self.located = False
-        self._logdir, self._plot = logdir, plot
+        leader = self.ranks is None or self.ranks.rank == 0  # one rank writes the outputs
+        self._logdir, self._plot = (logdir, plot) if leader else (None, None)
         self._reporter: Any = None
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
-        self._capture = ForwardCapture(model) if locate and not _is_compiled(model) else None
+        self._capture = ForwardCapture(inner) if locate and not _is_compiled(inner) else None
         self._stack = contextlib.ExitStack()
 
     # --- the with block ------------------------------------------------------------------------
@@ -114,11 +127,13 @@ class Watch:
                 self._hook(self.optimizer.register_step_post_hook(self._after_optimizer_step))
             if self.scaler is not None and self.optimizer is not None:
                 self._stack.enter_context(record_scaler_skips(self.scaler, self))
+            if self.ranks is not None and self.ranks.strategy == "ddp":
+                self._watch_ranks_gradients()
             if self._capture is not None:
                 self._stack.enter_context(self._capture)
             if self.tracker is not None and self.activations is not None:
                 self._stack.enter_context(self.tracker)
-                self._stack.enter_context(during_forward(self.model, self.activations))
+                self._stack.enter_context(during_forward(self.probe_model, self.activations))
             if self._logdir:
                 from gradscope.reporters.tensorboard import TensorBoardReporter
 
@@ -141,6 +156,22 @@ class Watch:
 
     def _hook(self, handle: Any) -> None:
         self._stack.callback(handle.remove)
+
+    @property
+    def probe_model(self) -> nn.Module:
+        """The user's module (inside DDP): what the hooks watch and the replays run."""
+        return distributed.unwrap(self.model)
+
+    def _watch_ranks_gradients(self) -> None:
+        assert self.ranks is not None
+        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return
+        local = distributed.LocalGradients.attach(self.model, self.probe.params)
+        if local is None:
+            self.notes.append("the DDP model has a comm hook of its own: each rank's own gradients are not seen")
+            return
+        self.ranks.local = local
+        self._stack.callback(setattr, local, "active", False)
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -220,8 +251,14 @@ class Watch:
             rows = values["histograms"]
             found = {n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(names)}
             record = replace(record, histograms=found)
+        if self.ranks is not None:
+            ranks = self._rank_steps(values["ranks"], loss is not None)
+            losses = [r.loss for r in ranks if r.loss is not None]
+            mean = math.fsum(losses) / len(losses) if losses else None  # the loss over the whole batch
+            record = replace(record, ranks=ranks, loss=mean)
         if self.activations is not None:
-            record = replace(record, activations=self.activations.results(values["activations"]))
+            world = self.ranks.world if self.ranks is not None else 1
+            record = replace(record, activations=self.activations.results(values["activations"], world))
         record = replace(record, origin=self._locate(record, replay), **extra)
         return self._append(record)
 
@@ -237,11 +274,35 @@ class Watch:
             fetch.add("scale", _scale_tensor(self.scaler))
         names = self._histograms(index, fetch)
         if self.activations is not None:
-            fetch.add("activations", *self.activations.counts)
+            counts = self.activations.counts
+            fetch.add("activations", *(self.activations.counts_of_all_ranks(self.ranks) if self.ranks else counts))
+        if self.ranks is not None:
+            fetch.add("ranks", self._ranks_own(loss))
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
         # Norms from the end of backward (None: none taken, the gradients are measured as they were then).
         return readings, values, dict(zip(pre_index, values["pre"])) if self._pre is not None else None, names
+
+    def _ranks_own(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Every rank's loss and (DDP) its own gradient norms before the all-reduce: ``(world, 1 + n)``."""
+        assert self.ranks is not None
+        own = [loss.detach().double().reshape(1) if loss is not None else torch.full((1,), math.nan)]
+        local = self.ranks.local
+        if local is not None:
+            own.append(local.norms.double().to(own[0].device))
+        return self.ranks.gather(torch.cat([t.to(self.ranks.device) for t in own]))
+
+    def _rank_steps(self, values: list[float], loss_known: bool) -> tuple[RankStep, ...]:
+        assert self.ranks is not None
+        width = len(values) // self.ranks.world
+        out = []
+        for rank in range(self.ranks.world):
+            row = values[rank * width : (rank + 1) * width]
+            norms = row[1:]
+            bad = tuple(self.probe.names[i] for i, n in enumerate(norms) if not math.isfinite(n))
+            grad_norm = stats.combine_norms(norms) if norms else None
+            out.append(RankStep(rank, row[0] if loss_known else None, grad_norm, bad))
+        return tuple(out)
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
@@ -305,7 +366,8 @@ class Watch:
             return []
         named = [(self.probe.names[i], self.probe.params[i].grad) for i in self.probe.arrived()]
         named = [(n, g) for n, g in named if g is not None]
-        fetch.add("histograms", gradient_histograms([g for _, g in named]))
+        shards = self.ranks if self.ranks is not None and self.ranks.sharded else None
+        fetch.add("histograms", gradient_histograms([to_local(g) for _, g in named], shards))
         return [n for n, _ in named]
 
     def _locate(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
@@ -321,18 +383,36 @@ class Watch:
             kind = "nan" if math.isnan(record.loss) else "inf"  # type: ignore[arg-type]
         else:
             kind = "nan" if any(s.nan_count for s in bad) else "inf"
+        suspects = self._suspects(record)
+        origin = None
+        if self.ranks is None or self.ranks.sharded or self.ranks.rank in suspects:
+            # FSDP replays gather parameters: every rank replays with the others.
+            own_loss_bad = loss_bad if self.ranks is None else not _finite(record.ranks[self.ranks.rank].loss)
+            origin = self._replay(kind, own_loss_bad, step_replay)
+        if self.ranks is not None:
+            rank, origin = self.ranks.first_found(origin if self.ranks.rank in suspects else None)
+            origin = replace(origin, rank=rank) if origin is not None else None
+        self.located = origin is not None  # one fault, one finding
+        return origin
+
+    def _replay(self, kind: str, loss_bad: bool, step_replay: Replay | None) -> NonfiniteOrigin | None:
         if self.activations is not None:
             self.activations.paused = True
         try:
+            lockstep = self.ranks is not None and self.ranks.sharded
             if step_replay is not None:
-                origin = replay.locate(self.model, step_replay.inputs, step_replay.forward, step_replay.state, kind)
-            else:
-                origin = self._capture.locate(kind, loss_bad=loss_bad)  # type: ignore[union-attr]
+                model = self.probe_model
+                return replay.locate(model, step_replay.inputs, step_replay.forward, step_replay.state, kind, lockstep)
+            return self._capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
         finally:
             if self.activations is not None:
                 self.activations.paused = False
-        self.located = origin is not None  # one fault, one finding
-        return origin
+
+    def _suspects(self, record: StepRecord) -> set[int]:
+        """The ranks whose own loss or gradients were not finite (all ranks when none can tell)."""
+        if self.ranks is None:
+            return set()
+        return {r.rank for r in record.ranks if r.bad} or set(range(self.ranks.world))
 
     def _raise_if_found(self, record: StepRecord) -> None:
         if self.raise_on is None:
@@ -356,7 +436,7 @@ class Watch:
         param = next(self.model.parameters(), None)
         precision = self._capture.precision if self._capture is not None else "unknown"
         return RunInfo(
-            model=type(getattr(self.model, "_orig_mod", self.model)).__name__,
+            model=distributed.model_name(getattr(self.probe_model, "_orig_mod", self.probe_model)),
             device=str(param.device) if param is not None else "cpu",
             precision=precision,
             steps_requested=len(self.steps),
@@ -367,6 +447,7 @@ class Watch:
             torch_version=torch.__version__,
             gradscope_version=__version__,
             notes=tuple(self.notes),
+            distributed=self.ranks.describe() if self.ranks is not None else None,
         )
 
 

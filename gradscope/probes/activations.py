@@ -57,8 +57,10 @@ class ActivationProbe(TorchFunctionMode):
         super().__init__()
         self.tracker = tracker
         self.paused = False  # while gradscope replays a step of its own
+        self.per_unit = False  # keep each ReLU's dead-unit flags (to combine them across ranks)
         self.sites: list[_Site] = []
         self.counts: list[torch.Tensor] = []
+        self.flags: list[torch.Tensor | None] = []
         self.shapes: list[tuple[int, int]] = []  # (units, samples)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -72,7 +74,7 @@ class ActivationProbe(TorchFunctionMode):
 
     def reset(self) -> None:
         """Start a new step's statistics."""
-        self.sites, self.counts, self.shapes = [], [], []
+        self.sites, self.counts, self.shapes, self.flags = [], [], [], []
 
     def _record(self, kind: str, out: torch.Tensor) -> None:
         # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.
@@ -91,12 +93,34 @@ class ActivationProbe(TorchFunctionMode):
         # Dead ReLUs are counted per unit; saturation per value, since every saturated value
         # cuts its own gradient: fractions are of ``units`` and of all values respectively.
         self.counts.append(flagged.sum())
+        self.flags.append(flagged if self.per_unit and kind == "relu" else None)
         self.shapes.append((units if kind == "relu" else out.numel(), out.numel() // max(units, 1)))
 
-    def results(self, counts: list[float]) -> dict[str, ActivationStats]:
-        """Key each site by module, call and source line, given the fetched ``counts``."""
+    def counts_of_all_ranks(self, ranks: Any) -> list[torch.Tensor]:
+        """The counts over every rank's slice of the batch (``per_unit`` must be on): a unit is
+        dead when it is dead on every rank; saturated values add up."""
+        counts = list(self.counts)
+        dead = [i for i, f in enumerate(self.flags) if f is not None]
+        if dead:
+            flags = ranks.reduce_dead_units(torch.cat([self.flags[i].reshape(-1) for i in dead]))
+            sizes = [self.flags[i].numel() for i in dead]  # type: ignore[union-attr]
+            for i, part in zip(dead, flags.split(sizes)):
+                counts[i] = part.sum()
+        rest = [i for i, f in enumerate(self.flags) if f is None]
+        if rest:
+            summed = ranks.reduce_sum(torch.stack([counts[i].double() for i in rest]))
+            for i, value in zip(rest, summed.unbind()):
+                counts[i] = value
+        return counts
+
+    def results(self, counts: list[float], world: int = 1) -> dict[str, ActivationStats]:
+        """Key each site by module, call and source line, given the fetched ``counts`` (over
+        ``world`` ranks' equal slices of the batch)."""
         out = {}
         for site, count, (total, samples) in zip(self.sites, counts, self.shapes):
+            if site.kind != "relu":
+                total *= world  # saturated values are counted over every rank's values
+            samples *= world
             units = total if site.kind == "relu" else total // max(samples, 1)
             module = describe_call(site.module or "(model)", site.call, self.tracker.calls[site.module])
             key = f"{module}:{site.kind}" + (f"@{site.source.rpartition('/')[2]}" if site.source else "")

@@ -14,6 +14,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,8 +61,9 @@ class GradientProbe:
             e.g. the norm type gradients are clipped by.
     """
 
-    def __init__(self, model: nn.Module, extra_norm: float | None = None) -> None:
+    def __init__(self, model: nn.Module, extra_norm: float | None = None, shards: Any = None) -> None:
         self.extra_norm = extra_norm
+        self.shards = shards  # FSDP: a ``distributed.Ranks`` to reduce the local shards' rows across ranks
         self.infos = describe_parameters(model)
         by_name = dict(model.named_parameters())
         self.params = [by_name[info.name] for info in self.infos if info.trainable]
@@ -110,8 +112,10 @@ class GradientProbe:
     def measure(self) -> Measurement:
         """Start the statistics of the gradients that arrived, on the device (no host sync)."""
         index = [i for i in self.arrived() if self.params[i].grad is not None]
-        grads = [self.params[i].grad for i in index]
-        order, table = summarize(grads, [self.params[i] for i in index], self.extra_norm)
+        grads = [to_local(self.params[i].grad) for i in index]
+        order, table = summarize(grads, [to_local(self.params[i]) for i in index], self.extra_norm)
+        if self.shards is not None:
+            table = self.shards.reduce_rows(table, self.extra_norm)
         return Measurement([index[j] for j in order], table)
 
     def grad_norms(self) -> tuple[list[int], torch.Tensor]:
@@ -119,7 +123,10 @@ class GradientProbe:
         index = [i for i in self.arrived() if self.params[i].grad is not None]
         if not index:
             return [], torch.zeros(0)
-        return index, l2_norms([_values(self.params[i].grad) for i in index]).double()
+        norms = l2_norms([_values(self.params[i].grad) for i in index]).double()
+        if self.shards is not None:
+            norms = self.shards.reduce_sum(norms.square()).sqrt()
+        return index, norms
 
     def fetch(self, measurement: Measurement, scalars: list[torch.Tensor]) -> Readings:
         """Copy a measurement and ``scalars`` to the host in one transfer."""
@@ -142,7 +149,10 @@ class GradientProbe:
         norm again in float64.
         """
         grads = [_values(self.params[readings.index[r]].grad) for r in redo]
-        exact = torch.stack([_exact_row(g) for g in grads]).tolist()
+        exact = torch.stack([_exact_row(g) for g in grads])
+        if self.shards is not None:
+            exact = self.shards.reduce_exact(exact)
+        exact = exact.tolist()
         for r, (norm, finite_max, nans, infs) in zip(redo, exact):
             readings.rows[r][GRAD_NORM], readings.rows[r][GRAD_MAX_ABS] = norm, finite_max
             if nans or infs:
@@ -163,6 +173,11 @@ class GradientProbe:
         return hook
 
     def _backward_done(self) -> None:
+        # DDP and FSDP queue their own end-of-backward work (the all-reduce results written into
+        # .grad) at their first hook, which may come after ours: look once that has run too.
+        Variable._execution_engine.queue_callback(self._after_others)
+
+    def _after_others(self) -> None:
         self._queued = False
         if self.on_backward_end is not None:
             self.on_backward_end()
@@ -347,8 +362,19 @@ def _exact_row(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _values(grad: torch.Tensor) -> torch.Tensor:
-    # A sparse gradient's statistics are those of its stored values.
+    # A sparse gradient's statistics are those of its stored values; a sharded one's, of its local shard.
+    grad = to_local(grad)
     return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def to_local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 parameters and gradients); any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """A DTensor (checked by name: ``torch.distributed.tensor`` is not imported unless in use)."""
+    return any(cls.__name__ == "DTensor" for cls in type(tensor).__mro__)
 
 
 def _fetch(table: torch.Tensor, scalars: list[torch.Tensor]) -> list[float]:

@@ -6,6 +6,8 @@ maximum of one gradient; non-finite entries are left out and counted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from gradscope.report import Histogram
@@ -14,26 +16,49 @@ BINS = 30
 WIDTH = 6 + BINS  # min, max, count, sum, sum of squares, non-finite count, then the bucket counts
 
 
-def gradient_histograms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """A ``(len(grads), WIDTH)`` float64 table (float32 on MPS), one row per gradient."""
-    rows = [_row(g.detach().flatten()) for g in grads]
-    return torch.stack(rows) if rows else torch.zeros((0, WIDTH), dtype=torch.float64)
+def gradient_histograms(grads: list[torch.Tensor], shards: Any = None) -> torch.Tensor:
+    """A ``(len(grads), WIDTH)`` float64 table (float32 on MPS), one row per gradient.
+
+    Args:
+        grads: the gradients (local shards under FSDP).
+        shards: FSDP: a ``distributed.Ranks``; the buckets then span each whole gradient's range
+            and the counts are summed over the ranks.
+    """
+    if not grads:
+        return torch.zeros((0, WIDTH), dtype=torch.float64)
+    flat = [g.detach().flatten() for g in grads]
+    bounds = torch.stack([_finite_bounds(g) for g in flat])  # (n, 2): min, -max
+    if shards is not None:
+        bounds = shards.reduce_min(bounds)
+    table = torch.stack([_row(g, lo, -neg_hi) for g, (lo, neg_hi) in zip(flat, bounds.to(flat[0].device).unbind())])
+    if shards is not None:
+        table = torch.cat([table[:, :2], shards.reduce_sum(table[:, 2:]).to(table.dtype)], dim=1)
+    return table
 
 
-def _row(g: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float32 if g.device.type == "mps" else torch.float64
+def _dtype(g: torch.Tensor) -> torch.dtype:
+    return torch.float32 if g.device.type == "mps" else torch.float64
+
+
+def _finite_bounds(g: torch.Tensor) -> torch.Tensor:
+    """The smallest finite entry and minus the largest (inf, inf when there is none)."""
+    dtype = _dtype(g)
+    finite = torch.isfinite(g)
+    inf = torch.tensor(float("inf"), dtype=dtype, device=g.device)
+    if not g.numel():
+        return torch.stack([inf, inf])
+    values = g.to(dtype)
+    lo = torch.where(finite, values, inf).amin()
+    hi = torch.where(finite, values, -inf).amax()
+    return torch.stack([lo, -hi])
+
+
+def _row(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    dtype = _dtype(g)
     finite = torch.isfinite(g)
     values = torch.where(finite, g, torch.zeros_like(g)).to(dtype)
-    lo = (
-        torch.where(finite, values, torch.full_like(values, float("inf"))).amin() if g.numel() else values.new_zeros(())
-    )
-    hi = (
-        torch.where(finite, values, torch.full_like(values, float("-inf"))).amax()
-        if g.numel()
-        else values.new_zeros(())
-    )
-    some = finite.any()
-    lo, hi = torch.where(some, lo, 0.0), torch.where(some, hi, 0.0)  # no finite entry: an empty [0, 0]
+    some = lo <= hi
+    lo, hi = torch.where(some, lo, 0.0).to(dtype), torch.where(some, hi, 0.0).to(dtype)  # none finite: [0, 0]
     span = (hi - lo).clamp_min(torch.finfo(dtype).tiny)
     index = ((values - lo) / span * BINS).floor().clamp(0, BINS - 1).nan_to_num(0).long()
     counts = torch.zeros(BINS, dtype=dtype, device=g.device).scatter_add_(0, index, finite.to(dtype))

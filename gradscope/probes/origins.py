@@ -12,7 +12,9 @@ from __future__ import annotations
 import inspect
 import linecache
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ class FirstNonfinite(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _is_metadata(func):
+        if _is_metadata(func) or _called_by_distributed():
             return func(*args, **kwargs)
         inputs = [t for t in _tensors([args, kwargs]) if t.is_floating_point()]
         if self.found is not None:
@@ -231,9 +233,32 @@ def _function_source(fn: Any) -> str | None:
 
 
 def _has(t: torch.Tensor, kind: str) -> bool:
-    if not t.is_floating_point() or t.numel() == 0:
+    if not t.is_floating_point() or t.numel() == 0 or not _allocated(t):
         return False
     return bool(t.isnan().any()) if kind == "nan" else bool(t.isinf().any())
+
+
+# FSDP gathers parameters into uninitialised buffers inside the modules' calls: not the model's ops.
+_DISTRIBUTED = (
+    str(Path(torch.__file__).parent / "distributed"),
+    str(Path(torch.__file__).resolve().parent / "distributed"),
+)
+
+
+def _called_by_distributed() -> bool:
+    """The op was called from ``torch.distributed`` (FSDP's own copies), not from the model."""
+    frame = sys._getframe(2)  # 0: here, 1: __torch_function__, 2: whoever called the op
+    return frame.f_code.co_filename.startswith(_DISTRIBUTED)
+
+
+def _allocated(t: torch.Tensor) -> bool:
+    """False for a tensor whose storage was freed (FSDP frees gathered parameters after use)."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        return True  # a subclass (DTensor) checks through its own ops
+    try:
+        return t.untyped_storage().nbytes() > 0
+    except RuntimeError:
+        return True  # no plain storage (functional tensors): read through ops as usual
 
 
 def _count(t: torch.Tensor, kind: str) -> torch.Tensor:

@@ -71,6 +71,9 @@ def _header(report: Report) -> Text:
         text.append(f"  clip {run.clip['max_norm']:g} (L{run.clip['norm_type']:g})")
     if run.checkpointed_modules:
         text.append(f"  checkpointed {len(run.checkpointed_modules)} modules")
+    if run.distributed:
+        dist = run.distributed
+        text.append(f"  {dist['strategy']} x{dist['world_size']} ({dist['backend']})")
     if run.batch:
         text.append(f"\nbatch: {run.batch}", style="dim")
     return text
@@ -103,7 +106,13 @@ def _findings(anomalies: tuple[Anomaly, ...]) -> Text | Panel:
     text = Text()
     for i, a in enumerate(anomalies):
         where = " ".join(
-            x for x in (a.module or a.parameter or "", f"step {a.step}" if a.step is not None else "") if x
+            x
+            for x in (
+                a.module or a.parameter or "",
+                f"step {a.step}" if a.step is not None else "",
+                f"rank {a.rank}" if a.rank is not None else "",
+            )
+            if x
         )
         text.append("\n" if i else "")
         text.append(f"{a.severity.upper():7} ", style=SEVERITY_STYLE.get(a.severity, ""))

@@ -26,6 +26,7 @@ from gradscope.rules.flow import (
     zero_gradient,
 )
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
+from gradscope.rules.ranks import rank_divergence
 
 Rule = Callable[[Report, Any], list[Anomaly]]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -45,6 +46,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("gradient_underflow", gradient_underflow),
     ("wrong_gradient", wrong_gradient),
     ("stale_gradient", stale_gradient),
+    ("rank_divergence", rank_divergence),
 )
 
 

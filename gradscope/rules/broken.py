@@ -28,8 +28,9 @@ def nonfinite(report: Report, check: Any) -> list[Anomaly]:
     assert o is not None
     value = "NaN" if o.kind == "nan" else "Inf"
     spread = _spread(first, bad, o.kind)
-    evidence = {k: v for k, v in vars(o).items() if v not in (None, (), 0)}
+    evidence = {k: v for k, v in vars(o).items() if v not in (None, (), 0) or k == "rank" and v == 0}
     evidence["steps_affected"] = [s.step for s in bad]
+    on_rank = f"On rank {o.rank} ({_clean_ranks(first)}): " if o.rank is not None else ""
     return [
         Anomaly(
             kind=PHASE_KIND[o.phase],
@@ -37,10 +38,24 @@ def nonfinite(report: Report, check: Any) -> list[Anomaly]:
             module=o.module,
             parameter=o.tensors[0] if o.phase == "parameter" and o.tensors else None,
             step=first.step,
-            message=_origin_message(o, value) + spread + " " + _fix(o),
+            message=on_rank + _origin_message(o, value) + spread + " " + _fix(o),
             evidence=evidence,
+            rank=o.rank,
         )
     ]
+
+
+def _clean_ranks(step: StepRecord) -> str:
+    """Which ranks' own losses and gradients stayed finite, for the message."""
+    clean = [r.rank for r in step.ranks if not r.bad]
+    if not clean:
+        return f"all {len(step.ranks)} ranks saw it"
+    return f"rank{'s' if len(clean) > 1 else ''} {', '.join(map(str, clean))} stayed finite before the all-reduce"
+
+
+def first_bad_rank(step: StepRecord) -> int | None:
+    """The first rank whose own loss or gradients were not finite (distributed runs)."""
+    return next((r.rank for r in step.ranks if r.bad), None)
 
 
 def _origin_message(o: Any, value: str) -> str:
@@ -103,13 +118,19 @@ def _unlocated(step: StepRecord, count: int) -> Anomaly:
     names = [n for n, s in step.parameters.items() if s.nan_count or s.inf_count]
     kind = "nonfinite_loss" if loss_is_bad(step) else "nonfinite_gradient"
     what = "the loss" if kind == "nonfinite_loss" else f"the gradients of {len(names)} parameters"
+    rank = first_bad_rank(step)
+    where = f" on rank {rank}" if rank is not None else ""
     return Anomaly(
         kind=kind,
         severity="error",
         step=step.step,
         parameter=names[0] if names else None,
-        message=f"{what} became non-finite at step {step.step} (in {count} step(s)); the op that made it could not be pinned.",
+        message=(
+            f"{what} became non-finite{where} at step {step.step} (in {count} step(s)); "
+            "the op that made it could not be pinned."
+        ),
         evidence={"parameters": names[:20]},
+        rank=rank,
     )
 
 

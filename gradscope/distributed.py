@@ -1,0 +1,316 @@
+"""gradscope across processes: DDP and FSDP2 under torchrun, on PyTorch's own process group.
+
+Every rank runs the same instrumented steps on its own slice of the batch and
+computes the same report:
+
+- DDP: the statistics are those of the all-reduced gradients; a comm hook also
+  takes each rank's own per-parameter gradient norms before the all-reduce, so
+  the rank where a NaN started, or whose gradients stand out, can be named.
+- FSDP2 (``fully_shard``): each rank reduces its local shards and the rows are
+  all-reduced (sum of squares for norms, max for max |g|, sums for counts), so the
+  numbers equal the unsharded ones without gathering any parameter.
+- Per step, each rank's loss and local gradient norms are all-gathered into the
+  step's one host transfer; where a NaN was made is searched on every rank at
+  once and the first rank that found it is reported.
+
+Rank 0 writes the outputs. Exit codes agree across ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradscope.errors import ConfigError, GradscopeError
+from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded, l2_norms
+
+STRATEGIES = ("ddp", "fsdp")
+_LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
+
+
+@dataclass
+class Ranks:
+    """This process's place in the group, and the collectives the probes need.
+
+    Attributes:
+        rank, world: this process's rank and the number of processes.
+        strategy: ``ddp`` or ``fsdp``.
+        device: where collectives take their tensors (the rank's GPU with NCCL, the CPU with gloo).
+        owned: gradscope started the process group and ends it.
+        local: DDP only, the rank's own gradient norms before the all-reduce (set by ``wrap``).
+    """
+
+    rank: int
+    world: int
+    strategy: str
+    device: torch.device
+    owned: bool = False
+    local: LocalGradients | None = field(default=None, repr=False)
+
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend())
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "world_size": self.world, "backend": self.backend}
+
+    # --- collectives ------------------------------------------------------------------------
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (1-D), stacked in rank order: ``(world, n)``."""
+        local = _own(tensor.detach().reshape(-1), self.device)
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local)
+        return torch.stack(out)
+
+    def reduce_rows(self, table: torch.Tensor, extra_norm: float | None) -> torch.Tensor:
+        """Per-parameter rows of local shards -> rows of the whole parameters (no parameter gathered)."""
+        sums = _own(table, self.device)
+        for column in (GRAD_NORM, PARAM_NORM):
+            sums[:, column] = sums[:, column].square()
+        if extra_norm is not None:
+            sums[:, -1] = sums[:, -1].pow(extra_norm)
+        maxima = _own(table[:, GRAD_MAX_ABS], self.device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        out = sums
+        for column in (GRAD_NORM, PARAM_NORM):
+            out[:, column] = out[:, column].sqrt()
+        if extra_norm is not None:
+            out[:, -1] = out[:, -1].pow(1.0 / extra_norm)
+        out[:, GRAD_MAX_ABS] = maxima  # the non-zero counts (GRAD_NONZERO) are summed as they are
+        return out
+
+    def reduce_exact(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float64 rows (norm, finite max |g|, NaNs, Infs) of local shards -> whole parameters."""
+        sums = _own(rows, self.device)
+        sums[:, 0] = sums[:, 0].square()
+        maxima = _own(rows[:, 1], self.device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        sums[:, 0] = sums[:, 0].sqrt()
+        sums[:, 1] = maxima
+        return sums
+
+    def reduce_dead_units(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per unit, dead on every rank (1.0) or alive somewhere (0.0)."""
+        flags = _own(flags, self.device, torch.float32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return flags
+
+    def reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = _own(tensor, self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = _own(tensor, self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def first_found(self, found: Any) -> tuple[int | None, Any]:
+        """The lowest rank whose ``found`` is not None, and its value (every rank gets the same answer)."""
+        everything: list[Any] = [None] * self.world
+        dist.all_gather_object(everything, found)
+        for rank, value in enumerate(everything):
+            if value is not None:
+                return rank, value
+        return None, None
+
+    def agree(self, code: int) -> int:
+        """The highest exit code of all ranks."""
+        value = torch.tensor([code], device=self.device)
+        try:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        except Exception as exc:
+            if peer_failed(exc):
+                return code  # a rank stopped after its run: it reports for itself
+            raise
+        return int(value.item())
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.active = False
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankFailure(GradscopeError):
+    """Another rank stopped (it reports its own error) while this one waited for it in a collective."""
+
+    def __init__(self, rank: int, exc: BaseException) -> None:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        super().__init__(
+            f"rank {rank} stopped: another rank failed or stopped answering (see its own error); "
+            f"the collective this rank waited in reported: {first[:300]}"
+        )
+
+
+def peer_failed(exc: BaseException | None) -> bool:
+    """The error (or one it was raised from) is a collective that lost its peers or timed out."""
+    while exc is not None:
+        if isinstance(exc, dist.DistError):
+            return True
+        text = str(exc)
+        if any(mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _own(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A contiguous copy for a collective to reduce in place: a view (a column of a table) would be
+    reduced as the memory it starts at, and the caller's tensor overwritten."""
+    return tensor.to(device, dtype, copy=True).contiguous()
+
+
+def start(strategy: str, device: torch.device, timeout_s: float) -> Ranks:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
+
+    NCCL on CUDA (each rank on its ``LOCAL_RANK`` GPU), gloo on the CPU.
+
+    Raises:
+        ConfigError: not started by torchrun, or a device no backend serves.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            [
+                (
+                    "distributed",
+                    f"`{strategy}` needs one process per rank, started by torchrun: {_LAUNCH.format(strategy)}",
+                )
+            ]
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError([("device", f"distributed runs need cpu (gloo) or cuda (NCCL), got {device.type!r}")])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return Ranks(dist.get_rank(), dist.get_world_size(), strategy, device, owned)
+
+
+def joined(model: nn.Module) -> Ranks | None:
+    """The ranks of a user's own DDP or FSDP2 model (``gradscope.watch``), or None when not distributed."""
+    if not dist.is_initialized():
+        return None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        strategy = "ddp"
+    elif any(is_sharded(p) for p in model.parameters()):
+        strategy = "fsdp"
+    else:
+        return None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None and dist.get_backend() == "nccl" else torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size(), strategy, device)
+
+
+def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
+    """DDP around ``model``, or ``fully_shard`` on each block of its module lists and on the root."""
+    if ranks.strategy == "ddp":
+        ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """The outermost ``ModuleList``/``Sequential`` elements that hold parameters: FSDP's usual units."""
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            yield from (m for m in child if any(True for _ in m.parameters()))
+        else:
+            yield from _blocks(child)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (whose names the report uses, and which replays run locally)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def model_name(model: nn.Module) -> str:
+    """The class name of the user's model (``fully_shard`` renames it ``FSDP<name>``)."""
+    cls = type(unwrap(model))
+    if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2:
+        cls = cls.__mro__[2] if cls.__mro__[1].__name__ == "FSDPModule" else cls.__mro__[1]
+    return cls.__name__
+
+
+def shard(value: Any, rank: int, world: int, rows: int) -> Any:
+    """Rank ``rank``'s contiguous slice (of ``rows // world`` rows) of every tensor in a batch."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or value.shape[0] != rows:
+            return value
+        size = rows // world
+        return value[rank * size : (rank + 1) * size]
+    if isinstance(value, (tuple, list)):
+        return type(value)(shard(v, rank, world, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: shard(v, rank, world, rows) for k, v in value.items()}
+    return value
+
+
+class LocalGradients:
+    """DDP comm hook: each parameter's local gradient norm before the all-reduce, on the device.
+
+    A DDP model takes one comm hook for its lifetime: after gradscope is done
+    with the model, the hook only does DDP's default all-reduce.
+    """
+
+    def __init__(self, params: list[torch.Tensor], device: torch.device) -> None:
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.norms = torch.zeros(len(params), device=device)
+        self.active = True
+
+    @classmethod
+    def attach(cls, model: nn.parallel.DistributedDataParallel, params: list[torch.Tensor]) -> LocalGradients | None:
+        """The model's hook (registered on first use); None when the model has a comm hook of its own."""
+        existing = getattr(model, "_gradscope_local", None)
+        if isinstance(existing, LocalGradients):
+            existing.index = {id(p): i for i, p in enumerate(params)}
+            existing.active = True
+            return existing
+        param = next(model.parameters())
+        local = cls(params, param.device)
+        try:
+            model.register_comm_hook(local, _local_then_allreduce)
+        except RuntimeError:
+            return None  # the user registered a comm hook already
+        model._gradscope_local = local  # type: ignore[assignment]
+        return local
+
+
+def _local_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations
+    """Record the bucket's local gradient norms, then DDP's own all-reduce (an average)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    if state.active:
+        pairs = [
+            (state.index[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients()) if id(p) in state.index
+        ]
+        if pairs:
+            rows = torch.tensor([i for i, _ in pairs], device=state.norms.device)
+            norms = l2_norms([g.detach() for _, g in pairs]).to(state.norms.device)
+            state.norms.index_copy_(0, rows, norms)
+    return allreduce_hook(None, bucket)  # type: ignore[arg-type]
