@@ -282,6 +282,14 @@ class LocalGradients:
         self.index = {id(p): i for i, p in enumerate(params)}
         self.norms = torch.zeros(len(params), device=device)
         self.active = True
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # per bucket layout, made once (a copy to the GPU)
+
+    def rows(self, positions: list[int]) -> torch.Tensor:
+        """The positions as an index tensor on the device, cached: DDP's buckets keep their layout."""
+        key = tuple(positions)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor(positions, device=self.norms.device)
+        return self._rows[key]
 
     @classmethod
     def attach(cls, model: nn.parallel.DistributedDataParallel, params: list[torch.Tensor]) -> LocalGradients | None:
@@ -289,6 +297,7 @@ class LocalGradients:
         existing = getattr(model, "_gradscope_local", None)
         if isinstance(existing, LocalGradients):
             existing.index = {id(p): i for i, p in enumerate(params)}
+            existing._rows.clear()
             existing.active = True
             return existing
         param = next(model.parameters())
@@ -310,7 +319,7 @@ def _local_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP
             (state.index[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients()) if id(p) in state.index
         ]
         if pairs:
-            rows = torch.tensor([i for i, _ in pairs], device=state.norms.device)
+            rows = state.rows([i for i, _ in pairs])
             norms = l2_norms([g.detach() for _, g in pairs]).to(state.norms.device)
             state.norms.index_copy_(0, rows, norms)
     return allreduce_hook(None, bucket)  # type: ignore[arg-type]

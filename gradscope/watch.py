@@ -114,6 +114,7 @@ class Watch:
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
         self._capture = ForwardCapture(inner) if locate and not _is_compiled(inner) else None
         self._stack = contextlib.ExitStack()
+        self._activation_stack = contextlib.ExitStack()  # the mode and module hooks behind activation statistics
 
     # --- the with block ------------------------------------------------------------------------
 
@@ -132,8 +133,9 @@ class Watch:
             if self._capture is not None:
                 self._stack.enter_context(self._capture)
             if self.tracker is not None and self.activations is not None:
-                self._stack.enter_context(self.tracker)
-                self._stack.enter_context(during_forward(self.probe_model, self.activations))
+                self._stack.enter_context(self._activation_stack)
+                self._activation_stack.enter_context(self.tracker)
+                self._activation_stack.enter_context(during_forward(self.probe_model, self.activations))
             if self._logdir:
                 from gradscope.reporters.tensorboard import TensorBoardReporter
 
@@ -223,6 +225,17 @@ class Watch:
             self.activations.reset()
             self.tracker.reset()
 
+    def _hooks_instead_of_mode(self) -> None:
+        """After the first step: when every activation was an activation module, hooks on those
+        modules replace the mode and the global module hooks (a Python call per op and per module)."""
+        assert self.activations is not None
+        sites = self.activations.module_sites(self.probe_model)
+        if sites is None:
+            return  # F.relu and the like: only the mode sees them
+        self._activation_stack.close()
+        for handle in self.activations.hook(sites):
+            self._activation_stack.callback(handle.remove)
+
     def _pause_for_next(self) -> None:
         if self.activations is not None:
             self.activations.paused = not self._measured_now()
@@ -274,8 +287,8 @@ class Watch:
             fetch.add("scale", _scale_tensor(self.scaler))
         names = self._histograms(index, fetch)
         if self.activations is not None:
-            counts = self.activations.counts
-            fetch.add("activations", *(self.activations.counts_of_all_ranks(self.ranks) if self.ranks else counts))
+            counts = self.activations.counts_of_all_ranks(self.ranks) if self.ranks else self.activations.counts
+            fetch.add("activations", *([_stacked(counts)] if counts else []))  # one tensor, not one per site
         if self.ranks is not None:
             fetch.add("ranks", self._ranks_own(loss))
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
@@ -286,11 +299,13 @@ class Watch:
     def _ranks_own(self, loss: torch.Tensor | None) -> torch.Tensor:
         """Every rank's loss and (DDP) its own gradient norms before the all-reduce: ``(world, 1 + n)``."""
         assert self.ranks is not None
-        own = [loss.detach().double().reshape(1) if loss is not None else torch.full((1,), math.nan)]
+        device = self.ranks.device
+        unknown = torch.full((1,), math.nan, device=device)  # made on the device: no copy, no sync
+        own = [loss.detach().double().reshape(1).to(device) if loss is not None else unknown]
         local = self.ranks.local
         if local is not None:
-            own.append(local.norms.double().to(own[0].device))
-        return self.ranks.gather(torch.cat([t.to(self.ranks.device) for t in own]))
+            own.append(local.norms.double().to(device))
+        return self.ranks.gather(torch.cat(own))
 
     def _rank_steps(self, values: list[float], loss_known: bool) -> tuple[RankStep, ...]:
         assert self.ranks is not None
@@ -308,6 +323,7 @@ class Watch:
         self.steps.append(record)
         if self.called is None and self.tracker is not None:
             self.called = tuple(self.tracker.calls)
+            self._hooks_instead_of_mode()
         self._seen += 1
         self._early_reset()
         self._pause_for_next()
@@ -515,6 +531,11 @@ def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
     # get_scale() would sync the host; the scale tensor joins the step's one transfer instead.
     scale = getattr(scaler, "_scale", None)
     return scale if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
+
+
+def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
+    dtype = values[0].dtype
+    return torch.stack(values if all(v.dtype == dtype for v in values) else [v.double() for v in values])
 
 
 def _finite(value: float | None) -> bool:

@@ -104,12 +104,15 @@ def _time(
     model: nn.Module, step: Callable[[Batch], None], batch: Batch, steps: int, device: torch.device, mode: str
 ) -> float:
     """Seconds per step over ``steps`` steps; a watched mode enters a fresh watch for the round
-    (outside the timing), since its activation mode would otherwise see the other modes' steps too."""
+    (outside the timing), since its activation mode would otherwise see the other modes' steps too.
+    Each round's first step is not timed (in every mode): in a watch it is the step that finds the
+    activation sites, which a training run takes once."""
     scope = None
     if mode in ("stats", "all"):
         scope = gradscope.watch(model, step.__self__.optimizer, activations=mode == "all")  # type: ignore[attr-defined]
         scope.__enter__()
     try:
+        step(batch)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):

@@ -328,3 +328,20 @@ def test_ranks_and_rank_survive_the_json_round_trip() -> None:
     assert back.steps[0].ranks[1].nonfinite == ("w",) and back.steps[0].ranks[1].bad
     assert back.steps[0].origin is not None and back.steps[0].origin.rank == 1
     assert back.anomalies[0].rank == 1 and back.run.distributed == run.distributed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nccl_on_the_gpus_there_are(strategy: str, tmp_path: Path) -> None:
+    # One rank per GPU (at most 2): NCCL, each rank on its LOCAL_RANK device, numbers as one process's.
+    world = min(2, torch.cuda.device_count())
+    config = gated_config(tmp_path, "gated_cuda")
+    one = tmp_path / "one.json"
+    assert single(["inspect", str(config), "--device", "cuda", "--json", str(one)]).returncode == 0
+    many = tmp_path / "many.json"
+    args = ["inspect", str(config), "--device", "cuda", "--distributed", strategy, "--json", str(many)]
+    results = launch(args, world=world)
+    assert [code for code, _, _ in results] == [0] * world, [err[-2000:] for _, _, err in results]
+    report = json.loads(many.read_text())
+    assert report["run"]["distributed"]["backend"] == "nccl" and report["run"]["device"] == "cuda:0"
+    assert_same_numbers(json.loads(one.read_text()), report)

@@ -294,3 +294,65 @@ def test_every_in_the_config():
         "every": 2,
     }
     assert [s.step for s in gradscope.inspect(raw).steps] == [0, 2, 4]
+
+
+def _global_forward_hooks() -> int:
+    from torch.nn.modules import module
+
+    return len(module._global_forward_hooks) + len(module._global_forward_pre_hooks)
+
+
+def test_activation_modules_are_measured_by_their_own_hooks_after_the_first_step():
+    # Every activation of the MLP is an nn.ReLU module: after step 0 (under the mode, which finds
+    # them), hooks on those modules alone measure them, with the same keys and exact fractions.
+    model = mlp(activation="relu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = batch()
+    relus = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)}
+    dead: list[dict[str, float]] = []
+    seen: dict[str, float] = {}
+    handles = [
+        m.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, (out.amax(0) <= 0).float().mean()))
+        for name, m in relus.items()
+    ]
+    hooks_before = _global_forward_hooks()
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for step in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            dead.append({name: float(v) for name, v in seen.items()})
+            if step:  # the mode and the global module hooks are off
+                assert _global_forward_hooks() == hooks_before
+            opt.step()
+    for h in handles:
+        h.remove()
+    steps = scope.report.steps
+    keys = sorted(steps[0].activations)
+    assert len(keys) == len(relus) and all(sorted(s.activations) == keys for s in steps)
+    for step, expected in zip(steps, dead):
+        measured = {a.module: a.fraction for a in step.activations.values()}
+        assert measured == pytest.approx(expected)
+    assert any(v > 0 for v in dead[-1].values())  # lr 0.5 kills some units: a number worth comparing
+    assert all(not m._forward_hooks for m in relus.values())  # every hook is off after the block
+
+
+def test_functional_activations_keep_the_mode():
+    class Functional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Functional()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert _global_forward_hooks() > 0  # still the mode and its module tracker
+    assert [len(s.activations) for s in scope.report.steps] == [1, 1]

@@ -3,16 +3,21 @@
 A ``TorchFunctionMode`` sees every ReLU, sigmoid and tanh however it is
 called (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), and reduces
 each output on the device to one count; the counts join the step's one host
-transfer.
+transfer. A mode costs a Python call per op of the forward, so after the first
+step, when every activation it saw was an activation module (``nn.ReLU``,
+``nn.Sigmoid``, ...), forward hooks on those modules alone take over
+(``ActivationProbe.module_sites``): same sites, same keys, a call per activation.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gradscope.probes.modules import ModuleTracker, describe_call, in_backward, user_site
@@ -32,10 +37,15 @@ KINDS: dict[Any, str] = {
     F.tanh: "tanh",
     torch.Tensor.tanh: "tanh",
 }
+# Modules whose forward is exactly one of the ops above.
+MODULE_KINDS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 # A sigmoid unit is saturated beyond these outputs (|x| > 4.6, where sigmoid' < 0.01);
 # a tanh unit beyond |y| = 0.99 (|x| > 2.65, where tanh' < 0.02).
 SIGMOID_BOUND = 0.01
 TANH_BOUND = 0.99
+
+
+_UNKNOWN = object()  # a hooked call whose source line the first step did not see
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class ActivationProbe(TorchFunctionMode):
         self.sites: list[_Site] = []
         self.counts: list[torch.Tensor] = []
         self.flags: list[torch.Tensor | None] = []
+        self.hooked: dict[int, tuple[str, str]] = {}  # hook mode: id(module) -> (name, kind)
+        self._sources: dict[tuple[str, int], str | None] = {}
+        self.calls: Counter[str] = Counter()  # hook mode: calls of each hooked module this step
         self.shapes: list[tuple[int, int]] = []  # (units, samples)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -69,14 +82,42 @@ class ActivationProbe(TorchFunctionMode):
         if kind is None or self.paused or in_backward():
             return out  # checkpointed modules recompute their forward in backward: counted once
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
-            self._record(kind, out.detach())
+            self._record(kind, out.detach(), self.tracker.current)
         return out
 
     def reset(self) -> None:
         """Start a new step's statistics."""
         self.sites, self.counts, self.shapes, self.flags = [], [], [], []
+        self.calls.clear()
 
-    def _record(self, kind: str, out: torch.Tensor) -> None:
+    def module_sites(self, model: nn.Module) -> dict[nn.Module, str] | None:
+        """After a step under the mode: the activation modules that made every site it saw
+        (name by module), or None when some activation was a function call (``F.relu``...)."""
+        modules = dict(model.named_modules())
+        found: dict[nn.Module, str] = {}
+        for site in self.sites:
+            module = modules.get(site.module)
+            if module is None or MODULE_KINDS.get(type(module)) != site.kind:
+                return None
+            found[module] = site.module
+        return found
+
+    def hook(self, sites: dict[nn.Module, str]) -> list[Any]:
+        """Record through forward hooks on ``sites`` instead of the mode; the hooks' handles."""
+        self.hooked = {id(m): (name, MODULE_KINDS[type(m)]) for m, name in sites.items()}
+        self._sources = {(site.module, site.call): site.source for site in self.sites}  # the lines that call them
+        return [m.register_forward_hook(self._module_output) for m in sites]
+
+    def _module_output(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.paused or in_backward():
+            return
+        name, kind = self.hooked[id(module)]
+        self.calls[name] += 1
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
+            where = (name, self.calls[name])
+            self._record(kind, out.detach(), where, self._sources.get(where, _UNKNOWN))
+
+    def _record(self, kind: str, out: torch.Tensor, where: tuple[str, int] | None, source: Any = None) -> None:
         # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.
         unit_dim = 1 if out.ndim >= 4 else out.ndim - 1
         samples = tuple(d for d in range(out.ndim) if d != unit_dim)
@@ -86,9 +127,11 @@ class ActivationProbe(TorchFunctionMode):
             flagged = (out < SIGMOID_BOUND) | (out > 1 - SIGMOID_BOUND)
         else:
             flagged = out.abs() > TANH_BOUND
-        where = self.tracker.current or ("", 0)
-        site = user_site()
-        self.sites.append(_Site(kind, where[0], where[1], f"{site[0]}:{site[1]}" if site else None))
+        where = where or ("", 0)
+        if source is None or source is _UNKNOWN:
+            site = user_site()
+            source = f"{site[0]}:{site[1]}" if site else None
+        self.sites.append(_Site(kind, where[0], where[1], source))
         units = out.shape[unit_dim]
         # Dead ReLUs are counted per unit; saturation per value, since every saturated value
         # cuts its own gradient: fractions are of ``units`` and of all values respectively.
@@ -122,7 +165,8 @@ class ActivationProbe(TorchFunctionMode):
                 total *= world  # saturated values are counted over every rank's values
             samples *= world
             units = total if site.kind == "relu" else total // max(samples, 1)
-            module = describe_call(site.module or "(model)", site.call, self.tracker.calls[site.module])
+            calls = self.calls if self.hooked else self.tracker.calls
+            module = describe_call(site.module or "(model)", site.call, calls[site.module])
             key = f"{module}:{site.kind}" + (f"@{site.source.rpartition('/')[2]}" if site.source else "")
             out[_unique(key, out)] = ActivationStats(site.kind, module, site.source, units, samples, count / total)
         return out

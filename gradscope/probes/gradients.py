@@ -369,7 +369,12 @@ def _values(grad: torch.Tensor) -> torch.Tensor:
 
 def to_local(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2 parameters and gradients); any other tensor as it is."""
+    if type(tensor) in _PLAIN:
+        return tensor
     return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def is_sharded(tensor: Any) -> bool:
