@@ -50,3 +50,18 @@ class RaisesOnPoison(GatedMLP):
         if bool((x[:, 0] < -3).any()):
             raise ValueError("a poisoned row reached the model")
         return super().forward(x)
+
+
+class StallsOnPoison(GatedMLP):
+    """Stops answering for ``seconds`` on a batch that holds a poisoned row (a stuck rank)."""
+
+    def __init__(self, seconds: float = 20.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] < -3).any()):
+            import time
+
+            time.sleep(self.seconds)
+        return super().forward(x)

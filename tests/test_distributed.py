@@ -219,6 +219,23 @@ def test_a_rank_that_fails_does_not_hang_the_others(strategy: str, tmp_path: Pat
     assert run["status"] == "failed" and "RankFailure" in run["error"]
 
 
+def test_a_rank_that_stops_answering_times_out_the_others(tmp_path: Path) -> None:
+    config = tmp_path / "stalls.yaml"
+    config.write_text(
+        f"model: {{target: {MODELS}:StallsOnPoison, args: {{seconds: 15}}}}\n"
+        f"data: {{target: {MODELS}:batch, args: {{rows: 8, poison: 6}}}}\n"
+        "steps: 2\ndistributed: {timeout_s: 5}\n"
+    )
+    out = tmp_path / "report.json"
+    start = time.monotonic()
+    results = launch(["inspect", str(config), "--distributed", "ddp", "--json", str(out)])
+    assert time.monotonic() - start < 60
+    (code0, _, err0), (code1, _, _) = results
+    assert code0 == 2 and "another rank failed or stopped answering" in err0
+    assert code1 != 0  # it wakes up to a group that is gone
+    assert json.loads(out.read_text())["run"]["status"] == "failed"
+
+
 def test_torchrun_command_from_the_readme(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
