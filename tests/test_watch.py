@@ -356,3 +356,31 @@ def test_functional_activations_keep_the_mode():
             opt.step()
         assert _global_forward_hooks() > 0  # still the mode and its module tracker
     assert [len(s.activations) for s in scope.report.steps] == [1, 1]
+
+
+def test_an_activation_module_first_called_after_the_first_step_is_still_measured():
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+            self.first, self.later = torch.nn.ReLU(), torch.nn.Tanh()
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            act = self.first if self.calls == 1 else self.later
+            return self.b(act(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    first, second = scope.report.steps
+    assert [(a.module, a.kind) for a in first.activations.values()] == [("first", "relu")]
+    (later,) = second.activations.values()
+    assert (later.module, later.kind) == ("later", "tanh") and "test_watch.py" in (later.source or "")

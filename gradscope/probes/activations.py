@@ -91,16 +91,15 @@ class ActivationProbe(TorchFunctionMode):
         self.calls.clear()
 
     def module_sites(self, model: nn.Module) -> dict[nn.Module, str] | None:
-        """After a step under the mode: the activation modules that made every site it saw
-        (name by module), or None when some activation was a function call (``F.relu``...)."""
+        """After a step under the mode: the model's activation modules (name by module) when they made
+        every site it saw, or None when some activation was a function call (``F.relu``...)."""
         modules = dict(model.named_modules())
-        found: dict[nn.Module, str] = {}
         for site in self.sites:
             module = modules.get(site.module)
             if module is None or MODULE_KINDS.get(type(module)) != site.kind:
                 return None
-            found[module] = site.module
-        return found
+        # Every activation module, also those this step did not call (a branch taken later).
+        return {module: name for name, module in modules.items() if type(module) in MODULE_KINDS}
 
     def hook(self, sites: dict[nn.Module, str]) -> list[Any]:
         """Record through forward hooks on ``sites`` instead of the mode; the hooks' handles."""
