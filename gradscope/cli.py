@@ -123,7 +123,7 @@ def inspect(
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients.
 
-    Under torchrun (``torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp``) every
+    Under torchrun (torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp) every
     rank runs its slice of the batch and rank 0 writes the reports.
     """
     try:
