@@ -170,7 +170,8 @@ def test_nan_on_rank_1_only_is_found_with_its_rank_and_origin(strategy: str, tmp
     assert [code for code, _, _ in results] == [1, 1]  # every rank fails the run
     report = json.loads(out.read_text())
     (finding,) = [a for a in report["anomalies"] if a["severity"] == "error"]
-    assert (finding["kind"], finding["module"], finding["rank"], finding["step"]) == ("nonfinite_forward", "gate", 1, 0)
+    where = (finding["kind"], finding["module"], finding["rank"], finding["step"])
+    assert where == ("nonfinite_forward", "gate", 1, 0), finding
     assert finding["evidence"]["op"] == "torch.sqrt"
     assert "dist_models.py:13" in finding["evidence"]["source"]
     assert "On rank 1" in finding["message"]

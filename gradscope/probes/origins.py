@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradscope.probes.modules import ModuleTracker, _tensors, describe_call, user_site
+from gradscope.probes.modules import _MODEL_FILES, _PACKAGE_DIR, ModuleTracker, _tensors, describe_call, user_site
 from gradscope.report import NonfiniteOrigin
 
 ROOT = "(model)"  # how the top-level module is named in messages
@@ -245,10 +245,22 @@ _DISTRIBUTED = (
 )
 
 
+# Frames that only pass an op on: torch's own, and gradscope's other modes (the activation probe).
+_PASSING = (str(Path(torch.__file__).parent), str(Path(torch.__file__).resolve().parent), _PACKAGE_DIR)
+
+
 def _called_by_distributed() -> bool:
-    """The op was called from ``torch.distributed`` (FSDP's own copies), not from the model."""
-    frame = sys._getframe(2)  # 0: here, 1: __torch_function__, 2: whoever called the op
-    return frame.f_code.co_filename.startswith(_DISTRIBUTED)
+    """The op was called by ``torch.distributed`` (FSDP's hooks and copies), not by the model: a
+    ``torch.distributed`` frame comes before the first frame of the model's code."""
+    frame: Any = sys._getframe(2)  # 0: here, 1: __torch_function__, 2: whoever called the op
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_DISTRIBUTED):
+            return True
+        if not filename.startswith(_PASSING) or filename in _MODEL_FILES:
+            return False
+        frame = frame.f_back
+    return False
 
 
 def _allocated(t: torch.Tensor) -> bool:
