@@ -224,7 +224,8 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
     """DDP around ``model``, or ``fully_shard`` on each block of its module lists and on the root."""
     if ranks.strategy == "ddp":
         ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # Unused parameters are what gradscope reports, not a reason for DDP to stop the run.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -109,6 +109,9 @@ def assert_same_numbers(one: dict, many: dict) -> None:
         assert set(a["parameters"]) == set(b["parameters"])
         for name, p in a["parameters"].items():
             q = b["parameters"][name]
+            if p["grad_norm"] is None:  # no gradient (unused) on both
+                assert q["grad_norm"] is None, name
+                continue
             for key in ("grad_norm", "grad_max_abs", "param_norm"):
                 assert q[key] == pytest.approx(p[key], rel=1e-5, abs=1e-9), (a["step"], name, key)
             # An entry whose exact gradient is 0 can round to +-1e-12 in another summation order.
@@ -179,6 +182,23 @@ def test_nan_on_rank_1_only_is_found_with_its_rank_and_origin(strategy: str, tmp
     assert math.isfinite(ranks[0]["loss"]) and ranks[1]["loss"] == "nan"  # strict JSON
     if strategy == "ddp":
         assert ranks[0]["nonfinite"] == [] and "head.weight" in ranks[1]["nonfinite"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_unused_parameters_are_reported_not_fatal(strategy: str, tmp_path: Path) -> None:
+    # Plain DDP stops at the second step when a parameter gets no gradient; gradscope reports it.
+    args = ["inspect", "configs/faults/unused_detached.yaml", "--steps", "3", "--json"]
+    one = tmp_path / "one.json"
+    assert single([*args, str(one)]).returncode == 0
+    many = tmp_path / "many.json"
+    results = launch([*args, str(many), "--distributed", strategy])
+    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    first, report = json.loads(one.read_text()), json.loads(many.read_text())
+    assert [(a["kind"], a["module"]) for a in report["anomalies"]] == [
+        (a["kind"], a["module"]) for a in first["anomalies"]
+    ]
+    assert {a["module"] for a in report["anomalies"]} == {"encoder", "aux_head"}
+    assert_same_numbers(first, report)
 
 
 def test_a_rank_whose_gradients_stand_out_is_named(tmp_path: Path) -> None:
