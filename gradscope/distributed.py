@@ -157,13 +157,17 @@ class RankFailure(GradscopeError):
         )
 
 
+# What gloo and NCCL say when a peer died, closed its connection or stopped answering.
+_PEER_MARKS = ("closed by peer", "reset by peer", "pair closure", "timed out", "timeout", "gloo", "nccl", "c10d")
+
+
 def peer_failed(exc: BaseException | None) -> bool:
     """The error (or one it was raised from) is a collective that lost its peers or timed out."""
     while exc is not None:
         if isinstance(exc, dist.DistError):
             return True
-        text = str(exc)
-        if any(mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")):
+        text = str(exc).lower()
+        if any(mark in text for mark in _PEER_MARKS):
             return True
         exc = exc.__cause__
     return False
@@ -224,8 +228,9 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
     """DDP around ``model``, or ``fully_shard`` on each block of its module lists and on the root."""
     if ranks.strategy == "ddp":
         ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        # Unused parameters are what gradscope reports, not a reason for DDP to stop the run.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        # gradscope repeats one step: a static graph lets DDP take parameters without a gradient (which
+        # gradscope reports) without stopping the run or traversing the graph every step.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

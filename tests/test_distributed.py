@@ -251,8 +251,9 @@ def test_a_rank_that_stops_answering_times_out_the_others(tmp_path: Path) -> Non
     start = time.monotonic()
     results = launch(["inspect", str(config), "--distributed", "ddp", "--json", str(out)])
     assert time.monotonic() - start < 60
-    (code0, _, err0), (code1, _, _) = results
-    assert code0 == 2 and "another rank failed or stopped answering" in err0
+    (code0, out0, err0), (code1, _, _) = results
+    assert code0 == 2 and "another rank failed or stopped answering" in err0, (code0, out0[-1500:], err0[-1500:])
+    assert "backward_error" not in out0  # a collective that timed out is not the model's backward failing
     assert code1 != 0  # it wakes up to a group that is gone
     assert json.loads(out.read_text())["run"]["status"] == "failed"
 
