@@ -346,7 +346,14 @@ def test_functional_activations_keep_the_mode():
             return self.b(torch.relu(self.a(x)))
 
     torch.manual_seed(0)
-    model = Functional()
+    hooks: list[int] = []
+    report = _two_watched_steps(Functional(), at_end=lambda: hooks.append(_global_forward_hooks()))
+    assert hooks[0] > 0  # still the mode and its module tracker
+    assert [len(s.activations) for s in report.steps] == [1, 1]
+
+
+def _two_watched_steps(model: torch.nn.Module, at_end=None) -> gradscope.report.Report:
+    """Two SGD steps of ``model`` under a watch; ``at_end()`` runs inside the block."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = batch()
     with gradscope.watch(model, optimizer=opt) as scope:
@@ -354,8 +361,9 @@ def test_functional_activations_keep_the_mode():
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        assert _global_forward_hooks() > 0  # still the mode and its module tracker
-    assert [len(s.activations) for s in scope.report.steps] == [1, 1]
+        if at_end is not None:
+            at_end()
+    return scope.report
 
 
 def test_an_activation_module_first_called_after_the_first_step_is_still_measured():
@@ -372,15 +380,7 @@ def test_an_activation_module_first_called_after_the_first_step_is_still_measure
             return self.b(act(self.a(x)))
 
     torch.manual_seed(0)
-    model = Branchy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = batch()
-    with gradscope.watch(model, optimizer=opt) as scope:
-        for _ in range(2):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    first, second = scope.report.steps
+    first, second = _two_watched_steps(Branchy()).steps
     assert [(a.module, a.kind) for a in first.activations.values()] == [("first", "relu")]
     (later,) = second.activations.values()
     assert (later.module, later.kind) == ("later", "tanh") and "test_watch.py" in (later.source or "")
