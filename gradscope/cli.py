@@ -139,12 +139,11 @@ def inspect(
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     try:
-        reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
-        if update_baseline and baseline is not None:
+        reporters: list[Reporter] = []
+        if inspection.ranks is None or inspection.ranks.rank == 0:  # every rank computes the same report
+            reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
+        if update_baseline and baseline is not None and reporters:
             reporters.append(JsonReporter(str(baseline)))
-        leader = inspection.ranks is None or inspection.ranks.rank == 0
-        if not leader:
-            reporters = []  # rank 0 writes the reports: every rank computes the same one
     except GradscopeError as exc:
         inspection.close()
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None

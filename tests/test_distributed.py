@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradscope.distributed import shard
 from gradscope.report import Anomaly, NonfiniteOrigin, RankStep, Report, RunInfo, StepRecord
@@ -203,13 +204,21 @@ def test_unused_parameters_are_reported_not_fatal(strategy: str, tmp_path: Path)
 
 def test_a_rank_whose_gradients_stand_out_is_named(tmp_path: Path) -> None:
     config = gated_config(tmp_path, "scaled", steps=1, scale_from=4)  # rank 1's rows are 1000x larger
-    out = tmp_path / "report.json"
-    results = launch(["inspect", str(config), "--distributed", "ddp", "--json", str(out), "--fail-on", "warning"])
+    out, logdir = tmp_path / "report.json", tmp_path / "tb"
+    args = ["inspect", str(config), "--distributed", "ddp", "--json", str(out), "--fail-on", "warning"]
+    results = launch([*args, "--logdir", str(logdir)])
     assert [code for code, _, _ in results] == [1, 1]
-    anomalies = json.loads(out.read_text())["anomalies"]
-    (finding,) = [a for a in anomalies if a["kind"] == "rank_divergence"]
+    report = json.loads(out.read_text())
+    (finding,) = [a for a in report["anomalies"] if a["kind"] == "rank_divergence"]
     assert finding["rank"] == 1 and "dominates" in finding["message"]
     assert finding["evidence"]["rank_grad_norms"]["1"] > 100 * finding["evidence"]["rank_grad_norms"]["0"]
+    # One TensorBoard run (rank 0's), with each rank's own curves.
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    for rank in (0, 1):
+        (event,) = acc.Scalars(f"rank_grad_norm/{rank}")
+        assert event.value == pytest.approx(report["steps"][0]["ranks"][rank]["grad_norm"], rel=1e-6)
 
 
 def test_healthy_gated_model_gives_no_rank_divergence(tmp_path: Path) -> None:

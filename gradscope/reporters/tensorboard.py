@@ -4,7 +4,8 @@ Tags follow what Lightning and wandb users know: ``loss``, ``grad_norm/total``
 (and ``grad_norm/total_clipped``), ``grad_norm/<param>``, ``gradients/<param>``
 histograms (finite values; non-finite ones counted as ``nonfinite/<param>``),
 ``dead_fraction/<site>``, ``saturated_fraction/<site>``, ``clip/coefficient``,
-``amp/loss_scale``, each anomaly as text at its step, the config as text, and a
+``amp/loss_scale``, in distributed runs ``rank_loss/<rank>`` and ``rank_grad_norm/<rank>``
+(DDP: before the all-reduce), each anomaly as text at its step, the config as text, and a
 custom-scalars layout that groups layers by their top-level module.
 """
 
@@ -99,6 +100,9 @@ def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
     for site, a in step.activations.items():
         prefix = "dead_fraction" if a.kind == "relu" else "saturated_fraction"
         out.append((f"{prefix}/{site}", a.fraction))
+    for rank in step.ranks:  # distributed runs: each rank's own view, to see one drift from the others
+        out.append((f"rank_loss/{rank.rank}", rank.loss))
+        out.append((f"rank_grad_norm/{rank.rank}", rank.grad_norm))
     return out
 
 
