@@ -19,6 +19,7 @@ Rank 0 writes the outputs. Exit codes agree across ranks.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch import nn
 
 from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded, l2_norms
+from gradscope.report import RankStep
 
 STRATEGIES = ("ddp", "fsdp")
 _LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
@@ -64,6 +66,29 @@ class Ranks:
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "world_size": self.world, "backend": self.backend}
+
+    # --- each rank's own view of a step -----------------------------------------------------
+
+    def own_views(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Every rank's loss and (DDP) its own gradient norms before the all-reduce, gathered on the
+        device (they join the step's one transfer): ``(world, 1 + parameters)``."""
+        unknown = torch.full((1,), math.nan, device=self.device)  # made on the device: no copy, no sync
+        own = [loss.detach().double().reshape(1).to(self.device) if loss is not None else unknown]
+        if self.local is not None:
+            own.append(self.local.norms.double().to(self.device))
+        return self.gather(torch.cat(own))
+
+    def rank_steps(self, values: list[float], names: list[str], loss_known: bool) -> tuple[RankStep, ...]:
+        """The fetched ``own_views`` as one ``RankStep`` per rank (``names``: the parameters, in order)."""
+        width = len(values) // self.world
+        out = []
+        for rank in range(self.world):
+            row = values[rank * width : (rank + 1) * width]
+            norms = row[1:]
+            bad = tuple(names[i] for i, n in enumerate(norms) if not math.isfinite(n))
+            grad_norm = math.sqrt(math.fsum(n * n for n in norms)) if norms else None
+            out.append(RankStep(rank, row[0] if loss_known else None, grad_norm, bad))
+        return tuple(out)
 
     # --- collectives ------------------------------------------------------------------------
 

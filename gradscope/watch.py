@@ -41,7 +41,7 @@ from gradscope.probes.gradients import (
 )
 from gradscope.probes.histograms import WIDTH, gradient_histograms, to_histogram
 from gradscope.probes.modules import ModuleTracker
-from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, RankStep, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, BackwardFailure, NonfiniteOrigin, Report, RunInfo, StepRecord
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class Watch:
             found = {n: to_histogram(rows[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(names)}
             record = replace(record, histograms=found)
         if self.ranks is not None:
-            ranks = self._rank_steps(values["ranks"], loss is not None)
+            ranks = self.ranks.rank_steps(values["ranks"], self.probe.names, loss is not None)
             losses = [r.loss for r in ranks if r.loss is not None]
             mean = math.fsum(losses) / len(losses) if losses else None  # the loss over the whole batch
             record = replace(record, ranks=ranks, loss=mean)
@@ -290,34 +290,11 @@ class Watch:
             counts = self.activations.counts_of_all_ranks(self.ranks) if self.ranks else self.activations.counts
             fetch.add("activations", *([_stacked(counts)] if counts else []))  # one tensor, not one per site
         if self.ranks is not None:
-            fetch.add("ranks", self._ranks_own(loss))
+            fetch.add("ranks", self.ranks.own_views(loss))
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
         # Norms from the end of backward (None: none taken, the gradients are measured as they were then).
         return readings, values, dict(zip(pre_index, values["pre"])) if self._pre is not None else None, names
-
-    def _ranks_own(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """Every rank's loss and (DDP) its own gradient norms before the all-reduce: ``(world, 1 + n)``."""
-        assert self.ranks is not None
-        device = self.ranks.device
-        unknown = torch.full((1,), math.nan, device=device)  # made on the device: no copy, no sync
-        own = [loss.detach().double().reshape(1).to(device) if loss is not None else unknown]
-        local = self.ranks.local
-        if local is not None:
-            own.append(local.norms.double().to(device))
-        return self.ranks.gather(torch.cat(own))
-
-    def _rank_steps(self, values: list[float], loss_known: bool) -> tuple[RankStep, ...]:
-        assert self.ranks is not None
-        width = len(values) // self.ranks.world
-        out = []
-        for rank in range(self.ranks.world):
-            row = values[rank * width : (rank + 1) * width]
-            norms = row[1:]
-            bad = tuple(self.probe.names[i] for i, n in enumerate(norms) if not math.isfinite(n))
-            grad_norm = stats.combine_norms(norms) if norms else None
-            out.append(RankStep(rank, row[0] if loss_known else None, grad_norm, bad))
-        return tuple(out)
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
