@@ -33,7 +33,6 @@ from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded, l2_norms
 from gradscope.report import RankStep
 
-STRATEGIES = ("ddp", "fsdp")
 _LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
 
 
@@ -46,7 +45,7 @@ class Ranks:
         strategy: ``ddp`` or ``fsdp``.
         device: where collectives take their tensors (the rank's GPU with NCCL, the CPU with gloo).
         owned: gradscope started the process group and ends it.
-        local: DDP only, the rank's own gradient norms before the all-reduce (set by ``wrap``).
+        local: DDP only, the rank's own gradient norms before the all-reduce (the watch attaches it).
     """
 
     rank: int
