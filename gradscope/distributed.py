@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradscope import stats
 from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded, l2_norms
 from gradscope.report import RankStep
@@ -85,7 +86,7 @@ class Ranks:
             row = values[rank * width : (rank + 1) * width]
             norms = row[1:]
             bad = tuple(names[i] for i, n in enumerate(norms) if not math.isfinite(n))
-            grad_norm = math.sqrt(math.fsum(n * n for n in norms)) if norms else None
+            grad_norm = stats.combine_norms(norms) if norms else None
             out.append(RankStep(rank, row[0] if loss_known else None, grad_norm, bad))
         return tuple(out)
 
@@ -282,8 +283,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def model_name(model: nn.Module) -> str:
     """The class name of the user's model (``fully_shard`` renames it ``FSDP<name>``)."""
     cls = type(unwrap(model))
-    if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2:
-        cls = cls.__mro__[2] if cls.__mro__[1].__name__ == "FSDPModule" else cls.__mro__[1]
+    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":  # class FSDP<name>(FSDPModule, <name>)
+        cls = cls.__bases__[1]
     return cls.__name__
 
 

@@ -20,6 +20,7 @@ from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
 from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import describe_parameters
+from gradscope.probes.modules import _tensors
 from gradscope.report import Report, RunInfo, StepRecord
 
 
@@ -179,8 +180,6 @@ class Inspection:
 
 def _rows(batch: loading.Batch) -> int:
     """The batch's leading dimension (its first tensor's)."""
-    from gradscope.probes.modules import _tensors
-
     tensors = _tensors([batch.inputs, batch.labels])
     return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else 1
 

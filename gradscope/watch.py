@@ -78,7 +78,9 @@ class Watch:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.ranks = ranks if ranks is not None else distributed.joined(model)
-        inner = distributed.unwrap(model)  # DDP's module: its names in the report, replays run on it locally
+        # DDP's module: its names are the report's, the hooks watch it and replays run on it locally.
+        self.probe_model = inner = distributed.unwrap(model)
+        self._shards = self.ranks if self.ranks is not None and self.ranks.sharded else None  # FSDP
         self.raise_on, self.checks, self.locate = raise_on, checks or Checks(), locate
         self.histograms_every = histograms_every if logdir or on_step else 0
         self.clip, self.on_step = clip, on_step
@@ -97,8 +99,7 @@ class Watch:
             )
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
-        shards = self.ranks if self.ranks is not None and self.ranks.sharded else None
-        self.probe = GradientProbe(getattr(inner, "_orig_mod", inner), extra_norm=extra, shards=shards)
+        self.probe = GradientProbe(getattr(inner, "_orig_mod", inner), extra_norm=extra, shards=self._shards)
         self.trainable = [info for info in self.probe.infos if info.trainable]
         self.tracker = ModuleTracker(inner) if activations else None
         self.activations = ActivationProbe(self.tracker) if self.tracker is not None else None
@@ -158,11 +159,6 @@ class Watch:
 
     def _hook(self, handle: Any) -> None:
         self._stack.callback(handle.remove)
-
-    @property
-    def probe_model(self) -> nn.Module:
-        """The user's module (inside DDP): what the hooks watch and the replays run."""
-        return distributed.unwrap(self.model)
 
     def _watch_ranks_gradients(self) -> None:
         assert self.ranks is not None
@@ -288,7 +284,7 @@ class Watch:
         names = self._histograms(index, fetch)
         if self.activations is not None:
             counts = self.activations.counts_of_all_ranks(self.ranks) if self.ranks else self.activations.counts
-            fetch.add("activations", *([_stacked(counts)] if counts else []))  # one tensor, not one per site
+            fetch.add("activations", *([torch.stack(counts)] if counts else []))  # one tensor, not one per site
         if self.ranks is not None:
             fetch.add("ranks", self.ranks.own_views(loss))
         readings = self.probe.fetch(self.probe.measure(), fetch.tensors)
@@ -359,8 +355,7 @@ class Watch:
             return []
         named = [(self.probe.names[i], self.probe.params[i].grad) for i in self.probe.arrived()]
         named = [(n, g) for n, g in named if g is not None]
-        shards = self.ranks if self.ranks is not None and self.ranks.sharded else None
-        fetch.add("histograms", gradient_histograms([to_local(g) for _, g in named], shards))
+        fetch.add("histograms", gradient_histograms([to_local(g) for _, g in named], self._shards))
         return [n for n, _ in named]
 
     def _locate(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
@@ -392,7 +387,7 @@ class Watch:
         if self.activations is not None:
             self.activations.paused = True
         try:
-            lockstep = self.ranks is not None and self.ranks.sharded
+            lockstep = self._shards is not None
             if step_replay is not None:
                 model = self.probe_model
                 return replay.locate(model, step_replay.inputs, step_replay.forward, step_replay.state, kind, lockstep)
@@ -508,11 +503,6 @@ def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
     # get_scale() would sync the host; the scale tensor joins the step's one transfer instead.
     scale = getattr(scaler, "_scale", None)
     return scale if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
-
-
-def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
-    dtype = values[0].dtype
-    return torch.stack(values if all(v.dtype == dtype for v in values) else [v.double() for v in values])
 
 
 def _finite(value: float | None) -> bool:

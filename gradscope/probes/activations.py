@@ -147,7 +147,7 @@ class ActivationProbe(TorchFunctionMode):
             flags = ranks.reduce_dead_units(torch.cat([self.flags[i].reshape(-1) for i in dead]))
             sizes = [self.flags[i].numel() for i in dead]  # type: ignore[union-attr]
             for i, part in zip(dead, flags.split(sizes)):
-                counts[i] = part.sum()
+                counts[i] = part.sum().double()
         rest = [i for i, f in enumerate(self.flags) if f is None]
         if rest:
             summed = ranks.reduce_sum(torch.stack([counts[i].double() for i in rest]))
@@ -159,12 +159,12 @@ class ActivationProbe(TorchFunctionMode):
         """Key each site by module, call and source line, given the fetched ``counts`` (over
         ``world`` ranks' equal slices of the batch)."""
         out = {}
+        calls = self.calls if self.hooked else self.tracker.calls
         for site, count, (total, samples) in zip(self.sites, counts, self.shapes):
             if site.kind != "relu":
                 total *= world  # saturated values are counted over every rank's values
             samples *= world
             units = total if site.kind == "relu" else total // max(samples, 1)
-            calls = self.calls if self.hooked else self.tracker.calls
             module = describe_call(site.module or "(model)", site.call, calls[site.module])
             key = f"{module}:{site.kind}" + (f"@{site.source.rpartition('/')[2]}" if site.source else "")
             out[_unique(key, out)] = ActivationStats(site.kind, module, site.source, units, samples, count / total)

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradscope.probes.modules import _MODEL_FILES, _PACKAGE_DIR, ModuleTracker, _tensors, describe_call, user_site
+from gradscope.probes.modules import (
+    _MODEL_FILES,
+    _PACKAGE_DIR,
+    _TORCH_DIR,
+    ModuleTracker,
+    _tensors,
+    describe_call,
+    user_site,
+)
 from gradscope.report import NonfiniteOrigin
 
 ROOT = "(model)"  # how the top-level module is named in messages
@@ -239,14 +247,9 @@ def _has(t: torch.Tensor, kind: str) -> bool:
 
 
 # FSDP gathers parameters into uninitialised buffers inside the modules' calls: not the model's ops.
-_DISTRIBUTED = (
-    str(Path(torch.__file__).parent / "distributed"),
-    str(Path(torch.__file__).resolve().parent / "distributed"),
-)
-
-
+_DISTRIBUTED = str(Path(_TORCH_DIR) / "distributed")
 # Frames that only pass an op on: torch's own, and gradscope's other modes (the activation probe).
-_PASSING = (str(Path(torch.__file__).parent), str(Path(torch.__file__).resolve().parent), _PACKAGE_DIR)
+_PASSING = (_TORCH_DIR, _PACKAGE_DIR)
 
 
 def _called_by_distributed() -> bool:

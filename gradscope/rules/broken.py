@@ -28,7 +28,9 @@ def nonfinite(report: Report, check: Any) -> list[Anomaly]:
     assert o is not None
     value = "NaN" if o.kind == "nan" else "Inf"
     spread = _spread(first, bad, o.kind)
-    evidence = {k: v for k, v in vars(o).items() if v not in (None, (), 0) or k == "rank" and v == 0}
+    evidence = {k: v for k, v in vars(o).items() if v not in (None, (), 0)}
+    if o.rank is not None:
+        evidence["rank"] = o.rank  # rank 0 too
     evidence["steps_affected"] = [s.step for s in bad]
     on_rank = f"On rank {o.rank} ({_clean_ranks(first)}): " if o.rank is not None else ""
     return [
