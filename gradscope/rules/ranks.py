@@ -19,7 +19,9 @@ def rank_divergence(report: Report, check: Any) -> list[Anomaly]:
         if len(ranks) < 2 or len(ranks) < len(step.ranks):
             continue
         apart = [(_distance(r, ranks), r.grad_norm or 0.0, r) for r in ranks]
-        distance, _, rank = max(apart, key=lambda a: (a[0], a[1]))  # of two ranks, the larger one dominates
+        # Of two ranks both are equally far from "the other"; the larger one dominates. The distances are
+        # rounded so that |log(a/b)| and |log(b/a)|, equal but for the last bit, compare as equal.
+        distance, _, rank = max(apart, key=lambda a: (round(a[0], 9), a[1]))
         if distance > math.log(check.factor):
             others = _median_of_others(rank, ranks)
             return [_finding(step.step, rank, others, ranks, check.factor)]
