@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gradscope.report import Anomaly, Report, StepRecord
@@ -73,6 +74,12 @@ def _origin_message(o: Any, value: str) -> str:
         return (
             f"{value} first appears in the backward pass: the gradient of {o.op}{node}{where} "
             f"is {value} ({count}, {o.dtype}) although the gradient flowing into it is finite.{at}"
+        )
+    if o.op is None and o.phase == "loss":
+        # gradscope.watch replays only the model: an origin outside it has no op to name.
+        return (
+            f"{value} first appears after the model: its outputs are finite, but the loss computed from them "
+            f"(between the model's forward and backward) is {value}."
         )
     span = ""
     if o.input_min is not None:
@@ -170,10 +177,19 @@ def wrong_gradient(report: Report, check: Any) -> list[Anomaly]:
             module=g.module,
             message=(
                 f"the hand-written backward of {g.function} ({g.source}) disagrees with finite differences "
-                f"(torch.autograd.gradcheck, float64, on the inputs it saw): {g.detail} Fix its backward formula."
+                f"(torch.autograd.gradcheck, float64, on the inputs it saw): {_short_floats(g.detail)} Fix its backward formula."
             ),
             evidence={"function": g.function, "source": g.source, "detail": g.detail},
         )
         for g in report.gradchecks
         if g.passed is False
     ]
+
+
+def _short_floats(text: str | None) -> str:
+    """gradcheck's mismatch text with its floats to 4 significant digits (``numerical:0.9177537358081188``
+    reads as ``numerical 0.9178``)."""
+    if not text:
+        return ""
+    text = re.sub(r"(\w):(?=-?\d)", r"\1 ", text)
+    return re.sub(r"-?\d+\.\d{5,}(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", text)

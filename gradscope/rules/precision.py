@@ -25,8 +25,8 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     max_norm = (report.run.clip or {}).get("max_norm")
     # Without a configured clip (gradscope.watch sees the user's), the pre-clip norm is the L2 total.
     pre = [s.clip_norm if s.clip_norm is not None else s.grad_norm_total for s in clipped]
-    norms = ", ".join(f"{n:.3g}" for n in pre[:5])
-    coefs = ", ".join(f"{s.clip_coefficient:.3g}" for s in clipped[:5])
+    norms = _first(pre)
+    coefs = _first([s.clip_coefficient for s in clipped])
     return [
         Anomaly(
             kind="gradient_clipping",
@@ -51,6 +51,12 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     ]
 
 
+def _first(values: list, shown: int = 5) -> str:
+    """The first values, with how many more there are (``1.81, 1.79, ... (50 in all)``)."""
+    text = ", ".join(f"{v:.3g}" for v in values[:shown])
+    return text + (f", ... ({len(values)} in all)" if len(values) > shown else "")
+
+
 def _dominant(step: StepRecord) -> list[tuple[str, float]]:
     total = sum(s.grad_norm**2 for s in step.parameters.values() if s.grad_norm)
     if not total:
@@ -68,7 +74,10 @@ def loss_scale_overflow(report: Report, check: Any) -> list[Anomaly]:
     first = skipped[0]
     bad = [n for n, s in first.parameters.items() if s.nan_count or s.inf_count]
     severity = "warning" if fraction > check.fraction or skipped[-1] is report.steps[-1] else "info"
+    if len(skipped) == len(report.steps) and len(skipped) > 1:
+        severity = "error"  # no step was ever applied: the model does not train at all
     scales = ", ".join(f"step {s.step}: {s.loss_scale:g}" for s in skipped[:5])
+    more = ", ..." if len(skipped) > 5 else ""
     return [
         Anomaly(
             kind="loss_scale_overflow",
@@ -77,7 +86,8 @@ def loss_scale_overflow(report: Report, check: Any) -> list[Anomaly]:
             module=bad[0].rpartition(".")[0] if bad else None,
             step=first.step,
             message=(
-                f"the grad scaler skipped {len(skipped)} of {len(report.steps)} steps ({scales}): scaled fp16 gradients "
+                f"{'no step was applied, the model does not train: ' if severity == 'error' else ''}"
+                f"the grad scaler skipped {len(skipped)} of {len(report.steps)} steps ({scales}{more}): scaled fp16 gradients "
                 f"overflowed in {len(bad)} parameters ({', '.join(bad[:4])}{'...' if len(bad) > 4 else ''}). A few skips "
                 f"while the scale calibrates are normal; many mean gradients near fp16's limit: use bf16, or find the "
                 f"layer whose gradients are that large."
