@@ -17,13 +17,12 @@ or inside your own training loop::
     print(scope.report.anomalies)
 """
 
-__version__ = "0.1.0"
-
-from gradscope.config import Settings, load_config  # noqa: E402
-from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError  # noqa: E402
-from gradscope.inspection import Inspection, inspect  # noqa: E402
-from gradscope.report import Anomaly, Report  # noqa: E402
-from gradscope.watch import Watch, watch  # noqa: E402
+from gradscope.config import Settings, load_config
+from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError
+from gradscope.inspection import Inspection, inspect
+from gradscope.report import Anomaly, Report
+from gradscope.version import __version__
+from gradscope.watch import Watch, watch
 
 __all__ = [
     "Anomaly",

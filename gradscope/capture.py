@@ -1,17 +1,16 @@
 """What ``gradscope.watch`` keeps of a user's loop to observe it: the model's last forward call
-(to replay a step that shows a NaN), the activation mode switched on only during the model's forward,
-and the steps a grad scaler skips."""
+(to replay a step that shows a NaN) and the steps a grad scaler skips."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from gradscope import replay
-from gradscope.probes.activations import ActivationProbe
 from gradscope.probes.modules import _tensors
 from gradscope.report import NonfiniteOrigin
 
@@ -75,41 +74,27 @@ class ForwardCapture:
 
 
 @contextlib.contextmanager
-def during_forward(model: nn.Module, mode: ActivationProbe) -> Any:
-    """Keep ``mode`` active only while ``model``'s forward runs (not in the loss, backward or the
-    optimizer, whose ops it would only slow down); pushed back off also when the forward raises."""
-    depth = [0]
+def record_scaler_skips(
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    recorded: Callable[[], int],
+    record_skipped: Callable[[], Any],
+) -> Iterator[None]:
+    """Record the steps a grad scaler skips (it does not call ``optimizer.step``, so no pre-hook fires).
 
-    def enter(*_: Any) -> None:
-        depth[0] += 1
-        if depth[0] == 1:
-            mode.__enter__()
-
-    def leave(*_: Any) -> None:
-        depth[0] -= 1
-        if depth[0] == 0:
-            mode.__exit__(None, None, None)
-
-    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        while depth[0] > 0:  # a forward still running (the block exited from inside it)
-            leave()
-
-
-@contextlib.contextmanager
-def record_scaler_skips(scaler: torch.amp.GradScaler, scope: Any) -> Any:
-    """Record the steps a grad scaler skips (it does not call ``optimizer.step``, so no pre-hook fires)."""
+    Args:
+        scaler: the user's grad scaler; its ``step`` is wrapped inside the block.
+        optimizer: the watched optimizer (other optimizers' steps are left alone).
+        recorded: how many steps are recorded so far.
+        record_skipped: records the step as skipped.
+    """
     original = scaler.step
 
-    def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        before = len(scope.steps)
-        result = original(optimizer, *args, **kwargs)
-        if len(scope.steps) == before and optimizer is scope.optimizer:
-            scope._finish(loss=None, skipped=True)
+    def step(stepped: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        before = recorded()
+        result = original(stepped, *args, **kwargs)
+        if recorded() == before and stepped is optimizer:
+            record_skipped()
         return result
 
     scaler.step = step  # type: ignore[method-assign]

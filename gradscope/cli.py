@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from gradscope import __version__
 from gradscope.config import load_config
 from gradscope.errors import (
     EXIT_FINDINGS,
@@ -34,6 +33,7 @@ from gradscope.reporters.json import JsonReporter, load_report
 from gradscope.reporters.plot import PlotReporter
 from gradscope.reporters.tensorboard import TensorBoardReporter
 from gradscope.reporters.terminal import TerminalReporter
+from gradscope.version import __version__
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -19,20 +19,17 @@ Rank 0 writes the outputs. Exit codes agree across ranks.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradscope import stats
 from gradscope.errors import ConfigError, GradscopeError
-from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded, l2_norms
-from gradscope.report import RankStep
+from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded
 
 _LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
 
@@ -46,7 +43,6 @@ class Ranks:
         strategy: ``ddp`` or ``fsdp``.
         device: where collectives take their tensors (the rank's GPU with NCCL, the CPU with gloo).
         owned: gradscope started the process group and ends it.
-        local: DDP only, the rank's own gradient norms before the all-reduce (the watch attaches it).
     """
 
     rank: int
@@ -54,7 +50,6 @@ class Ranks:
     strategy: str
     device: torch.device
     owned: bool = False
-    local: LocalGradients | None = field(default=None, repr=False)
 
     @property
     def backend(self) -> str:
@@ -66,29 +61,6 @@ class Ranks:
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "world_size": self.world, "backend": self.backend}
-
-    # --- each rank's own view of a step -----------------------------------------------------
-
-    def own_views(self, loss: torch.Tensor | None) -> torch.Tensor:
-        """Every rank's loss and (DDP) its own gradient norms before the all-reduce, gathered on the
-        device (they join the step's one transfer): ``(world, 1 + parameters)``."""
-        unknown = torch.full((1,), math.nan, device=self.device)  # made on the device: no copy, no sync
-        own = [loss.detach().double().reshape(1).to(self.device) if loss is not None else unknown]
-        if self.local is not None:
-            own.append(self.local.norms.double().to(self.device))
-        return self.gather(torch.cat(own))
-
-    def rank_steps(self, values: list[float], names: list[str], loss_known: bool) -> tuple[RankStep, ...]:
-        """The fetched ``own_views`` as one ``RankStep`` per rank (``names``: the parameters, in order)."""
-        width = len(values) // self.world
-        out = []
-        for rank in range(self.world):
-            row = values[rank * width : (rank + 1) * width]
-            norms = row[1:]
-            bad = tuple(names[i] for i, n in enumerate(norms) if not math.isfinite(n))
-            grad_norm = stats.combine_norms(norms) if norms else None
-            out.append(RankStep(rank, row[0] if loss_known else None, grad_norm, bad))
-        return tuple(out)
 
     # --- collectives ------------------------------------------------------------------------
 
@@ -165,8 +137,6 @@ class Ranks:
         return int(value.item())
 
     def close(self) -> None:
-        if self.local is not None:
-            self.local.active = False
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -300,57 +270,3 @@ def shard(value: Any, rank: int, world: int, rows: int) -> Any:
     if isinstance(value, dict):
         return {k: shard(v, rank, world, rows) for k, v in value.items()}
     return value
-
-
-class LocalGradients:
-    """DDP comm hook: each parameter's local gradient norm before the all-reduce, on the device.
-
-    A DDP model takes one comm hook for its lifetime: after gradscope is done
-    with the model, the hook only does DDP's default all-reduce.
-    """
-
-    def __init__(self, params: list[torch.Tensor], device: torch.device) -> None:
-        self.index = {id(p): i for i, p in enumerate(params)}
-        self.norms = torch.zeros(len(params), device=device)
-        self.active = True
-        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # per bucket layout, made once (a copy to the GPU)
-
-    def rows(self, positions: list[int]) -> torch.Tensor:
-        """The positions as an index tensor on the device, cached: DDP's buckets keep their layout."""
-        key = tuple(positions)
-        if key not in self._rows:
-            self._rows[key] = torch.tensor(positions, device=self.norms.device)
-        return self._rows[key]
-
-    @classmethod
-    def attach(cls, model: nn.parallel.DistributedDataParallel, params: list[torch.Tensor]) -> LocalGradients | None:
-        """The model's hook (registered on first use); None when the model has a comm hook of its own."""
-        existing = getattr(model, "_gradscope_local", None)
-        if isinstance(existing, LocalGradients):
-            existing.index = {id(p): i for i, p in enumerate(params)}
-            existing._rows.clear()
-            existing.active = True
-            return existing
-        param = next(model.parameters())
-        local = cls(params, param.device)
-        try:
-            model.register_comm_hook(local, _local_then_allreduce)
-        except RuntimeError:
-            return None  # the user registered a comm hook already
-        model._gradscope_local = local  # type: ignore[assignment]
-        return local
-
-
-def _local_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations
-    """Record the bucket's local gradient norms, then DDP's own all-reduce (an average)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    if state.active:
-        pairs = [
-            (state.index[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients()) if id(p) in state.index
-        ]
-        if pairs:
-            rows = state.rows([i for i, _ in pairs])
-            norms = l2_norms([g.detach() for _, g in pairs]).to(state.norms.device)
-            state.norms.index_copy_(0, rows, norms)
-    return allreduce_hook(None, bucket)  # type: ignore[arg-type]

@@ -22,9 +22,10 @@ from gradscope import distributed, replay
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
+from gradscope.locating import Replay
 from gradscope.probes import functions
 from gradscope.report import BackwardFailure, GradcheckResult, StepRecord
-from gradscope.watch import Replay, Watch
+from gradscope.watch import Watch
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,7 +111,7 @@ class Engine:
         record = self.watch.step(loss, replay=step_replay, **extra)
         if self.plan.clip is not None:
             clip = self.plan.clip
-            torch.nn.utils.clip_grad_norm_(self.watch.probe.params, clip.max_norm, clip.norm_type)
+            torch.nn.utils.clip_grad_norm_(self.watch.gradients.params, clip.max_norm, clip.norm_type)
         self._update()
         return record
 

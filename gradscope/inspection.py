@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gradscope import __version__, distributed, loading, rules
+from gradscope import distributed, loading, rules
 from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
@@ -22,6 +22,7 @@ from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import describe_parameters
 from gradscope.probes.modules import _tensors
 from gradscope.report import Report, RunInfo, StepRecord
+from gradscope.version import __version__
 
 
 class Inspection:

@@ -183,24 +183,6 @@ class GradientProbe:
             self.on_backward_end()
 
 
-class Fetch:
-    """Named tensors to fetch in the step's one transfer, and the fetched values split back by name."""
-
-    def __init__(self) -> None:
-        self.tensors: list[torch.Tensor] = []
-        self.parts: list[tuple[str, int]] = []
-
-    def add(self, name: str, *tensors: torch.Tensor) -> None:
-        self.tensors.extend(tensors)
-        self.parts.append((name, sum(t.numel() for t in tensors)))
-
-    def split(self, flat: list[float]) -> dict[str, list[float]]:
-        out, at = {}, 0
-        for name, size in self.parts:
-            out[name], at = flat[at : at + size], at + size
-        return out
-
-
 def describe_parameters(model: nn.Module) -> list[ParamInfo]:
     """Every distinct parameter once, under its first name, with the other names it goes by."""
     aliases: dict[int, list[str]] = defaultdict(list)

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from gradscope.report import Histogram
+from gradscope.probes.base import Probe, StepContext
+from gradscope.probes.gradients import to_local
+from gradscope.report import Histogram, StepRecord
 
 BINS = 30
 WIDTH = 6 + BINS  # min, max, count, sum, sum of squares, non-finite count, then the bucket counts
@@ -72,3 +74,35 @@ def to_histogram(row: list[float]) -> Histogram:
     """One fetched table row as a ``Histogram``."""
     lo, hi, count, total, squares, nonfinite = row[:6]
     return Histogram(lo, hi, int(count), total, squares, int(nonfinite), tuple(int(c) for c in row[6:]))
+
+
+class HistogramProbe(Probe):
+    """Every ``every`` steps, a histogram of each gradient that arrived (``StepRecord.histograms``).
+
+    Args:
+        gradients: the watch's gradient probe (which parameters got a gradient, and their names).
+        every: the steps whose index is a multiple of it get histograms.
+        shards: FSDP: a ``distributed.Ranks`` (see ``gradient_histograms``).
+    """
+
+    name = "histograms"
+
+    def __init__(self, gradients: Any, every: int, shards: Any = None) -> None:
+        super().__init__()
+        self.gradients, self.every, self.shards = gradients, every, shards
+        self._names: list[str] = []
+
+    def collect(self, step: StepContext) -> list[torch.Tensor]:
+        self._names = []
+        if step.index % self.every:
+            return []
+        probe = self.gradients
+        named = [(probe.names[i], probe.params[i].grad) for i in probe.arrived()]
+        named = [(n, g) for n, g in named if g is not None]
+        self._names = [n for n, _ in named]
+        return [gradient_histograms([to_local(g) for _, g in named], self.shards)]
+
+    def contribute(self, values: list[float], record: StepRecord) -> dict[str, Any]:
+        if not self._names:
+            return {}
+        return {"histograms": {n: to_histogram(values[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(self._names)}}

@@ -1,0 +1,103 @@
+"""Where a watched step's first NaN/Inf was made: which step to search, on which ranks, by which replay.
+
+A step whose loss or gradients are not finite is replayed (``replay.locate``) from the model's
+last forward call (``capture.ForwardCapture``), or from a replay of the whole step that the
+driver gives (the engine's). One fault, one finding: once an origin is found, later steps are
+not searched. In a distributed run the ranks whose own loss or gradients went bad replay, and
+every rank reports the first rank's finding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope import replay
+from gradscope.capture import ForwardCapture
+from gradscope.report import NonfiniteOrigin, StepRecord
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How to replay a whole step (model and loss) when it shows a NaN/Inf: the driver knows."""
+
+    forward: Callable[[], torch.Tensor]
+    state: replay.RngState
+    inputs: dict[str, torch.Tensor]
+
+
+class OriginSearch:
+    """Finds the origin of the first non-finite step.
+
+    Args:
+        model: the user's module (inside DDP), where replays run.
+        capture: the model's last forward call, or None (a compiled model, or ``locate`` off).
+        ranks: a distributed run's ``distributed.Ranks``, or None.
+        pause: called with True before a replay and False after it (probes that must not see it).
+        enabled: False: never search.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        capture: ForwardCapture | None,
+        ranks: Any = None,
+        pause: Callable[[bool], None] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.model, self.capture, self.ranks, self.enabled = model, capture, ranks, enabled
+        self.pause = pause or (lambda paused: None)
+        self.located = False
+
+    def find(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
+        """The origin of the record's NaN/Inf, or None (none, found before, or not searchable)."""
+        bad = [s for s in record.parameters.values() if s.nan_count or s.inf_count]
+        loss_bad = not finite(record.loss)
+        if self.located or not self.enabled or not (bad or loss_bad):
+            return None
+        if self.capture is None and step_replay is None:
+            return None
+        if record.skipped and step_replay is None and not loss_bad:
+            return None  # an overflow of the scaled gradients: the scaler skipped the step; loss_scale_overflow
+        if loss_bad:
+            kind = "nan" if math.isnan(record.loss) else "inf"  # type: ignore[arg-type]
+        else:
+            kind = "nan" if any(s.nan_count for s in bad) else "inf"
+        origin = self._search(record, kind, loss_bad, step_replay)
+        self.located = origin is not None  # one fault, one finding
+        return origin
+
+    def _search(
+        self, record: StepRecord, kind: str, loss_bad: bool, step_replay: Replay | None
+    ) -> NonfiniteOrigin | None:
+        ranks = self.ranks
+        if ranks is None:
+            return self._replay(kind, loss_bad, step_replay, lockstep=False)
+        suspects = {r.rank for r in record.ranks if r.bad} or set(range(ranks.world))  # none can tell: all
+        origin = None
+        if ranks.sharded or ranks.rank in suspects:
+            # FSDP replays gather parameters: every rank replays with the others.
+            own_loss_bad = not finite(record.ranks[ranks.rank].loss)
+            origin = self._replay(kind, own_loss_bad, step_replay, lockstep=ranks.sharded)
+        rank, origin = ranks.first_found(origin if ranks.rank in suspects else None)
+        return replace(origin, rank=rank) if origin is not None else None
+
+    def _replay(self, kind: str, loss_bad: bool, step_replay: Replay | None, lockstep: bool) -> NonfiniteOrigin | None:
+        self.pause(True)
+        try:
+            if step_replay is not None:
+                r = step_replay
+                return replay.locate(self.model, r.inputs, r.forward, r.state, kind, lockstep)
+            return self.capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
+        finally:
+            self.pause(False)
+
+
+def finite(value: float | None) -> bool:
+    """An unknown value (None) counts as finite."""
+    return value is None or math.isfinite(value)

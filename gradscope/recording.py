@@ -1,0 +1,119 @@
+"""A step's fetched gradient readings as a ``StepRecord``: the clip and loss-scale arithmetic.
+
+The watch may measure the gradients after the user clipped them (at the optimizer step), so
+the norms taken at the end of backward, before any clipping (and before unscaling), tell what
+clipping multiplied the gradients by; the record reports the true gradients and that factor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradscope import stats
+from gradscope.config import ClipSpec
+from gradscope.probes.base import Fetch
+from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, GradientProbe, Readings
+from gradscope.report import StepRecord
+
+# Names of the recorder's own parts of the step's transfer.
+LOSS, PRE, SCALE = "loss", "pre", "scale"
+
+
+class Recorder:
+    """Turns the gradient probe's readings of a step into its ``StepRecord``.
+
+    Args:
+        gradients: the watch's gradient probe.
+        clip: the clipping a driver applies after recording (None: the user's own, if any).
+        scaler: the user's grad scaler, or None.
+    """
+
+    def __init__(self, gradients: GradientProbe, clip: ClipSpec | None, scaler: torch.amp.GradScaler | None) -> None:
+        self.gradients, self.clip, self.scaler = gradients, clip, scaler
+        self.trainable = [info for info in gradients.infos if info.trainable]
+
+    def collect(self, fetch: Fetch, loss: torch.Tensor | None, pre: tuple[list[int], torch.Tensor] | None) -> None:
+        """Add the loss, the end-of-backward norms ``pre`` and the loss scale to the step's transfer."""
+        fetch.add(LOSS, loss.detach().float() if loss is not None else torch.tensor(math.nan))
+        fetch.add(PRE, pre[1] if pre is not None else torch.zeros(0))
+        if self.scaler is not None:
+            fetch.add(SCALE, scale_tensor(self.scaler))
+
+    def record(
+        self,
+        index: int,
+        readings: Readings,
+        values: dict[str, list[float]],
+        pre_index: list[int] | None,
+        loss_known: bool,
+        skipped: bool = False,
+    ) -> StepRecord:
+        """The step's record (its rows of ``readings`` are divided by the clip factor in place).
+
+        Args:
+            index: the step's number.
+            readings: the gradient probe's fetched readings.
+            values: the fetched transfer, split by name.
+            pre_index: the parameters of the end-of-backward norms (None: none were taken).
+            loss_known: the loss was given (else the record's loss is None).
+            skipped: the grad scaler skipped this step's update.
+        """
+        scale = values[SCALE][0] if SCALE in values else 1.0
+        pre = dict(zip(pre_index, values[PRE])) if pre_index is not None else None
+        post = stats.combine_norms([row[GRAD_NORM] for row in readings.rows])
+        # The end-of-backward norms are before any clipping (and before unscaling, by `scale`).
+        before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index]) if pre is not None else post
+        measured = post / before if before and math.isfinite(before) else 1.0
+        clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
+        if clipped and measured > 0:
+            unclip(readings, measured)
+        params = stats.parameter_stats(self.trainable, readings)
+        total = stats.total_norm(params)
+        extra = self._clipping(readings, total, post, measured, clipped)
+        if self.scaler is not None:
+            # The scaler skips the update exactly when an unscaled gradient is not finite.
+            skipped = skipped or any(s.nan_count or s.inf_count for s in params.values())
+            extra.update(loss_scale=scale, skipped=skipped)
+        return StepRecord(
+            step=index,
+            loss=values[LOSS][0] if loss_known else None,
+            grad_norm_total=total,
+            parameters=params,
+            modules=stats.module_stats(self.trainable, params),
+            stale=tuple(self.gradients.names[i] for i in sorted(self.gradients.stale)),
+            **extra,
+        )
+
+    def _clipping(
+        self, readings: Readings, total: float, post: float, measured: float, clipped: bool
+    ) -> dict[str, Any]:
+        if self.clip is not None:
+            clip_norm = stats.clip_norm(readings, self.clip.norm_type)
+            coefficient = measured if clipped else stats.clip_coefficient(clip_norm, self.clip.max_norm)
+            return {
+                "clip_norm": clip_norm,
+                "clip_coefficient": coefficient,
+                "grad_norm_total_clipped": total * coefficient,
+            }
+        if clipped:
+            return {"clip_coefficient": measured, "grad_norm_total_clipped": post}
+        return {}
+
+
+def unclip(readings: Readings, factor: float) -> None:
+    """Clipping multiplied every gradient by ``factor``: the true gradient is the one before."""
+    for row in readings.rows:
+        row[GRAD_NORM] /= factor
+        row[GRAD_MAX_ABS] /= factor
+        if len(row) > EXTRA_NORM:
+            row[EXTRA_NORM] /= factor
+
+
+def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The scaler's current scale as a tensor: ``get_scale()`` would sync the host, the tensor joins
+    the step's one transfer instead."""
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
