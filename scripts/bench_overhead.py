@@ -1,23 +1,28 @@
-"""How much a gradscope step costs next to a plain training step, measured in the same process.
+"""How much a gradscope step costs next to a plain training step and next to the peer tools, in one process.
 
-    python scripts/bench_overhead.py                 # every model, CPU or the first GPU
-    python scripts/bench_overhead.py --models lm5m many_tensors --rounds 7
+    python scripts/bench_overhead.py                 # every model and mode, CPU or the first GPU
+    python scripts/bench_overhead.py --models lm5m many_tensors --rounds 7 --modes stats lightning
 
 For each model it times, in interleaved rounds after warm-up, the median time
 per training step (zero_grad, forward, loss, backward, clip_grad_norm_, AdamW
-step) of:
-  plain      the step with no gradscope;
-  stats      the same step inside gradscope.watch with gradient statistics
-             (per-parameter norms, max |g|, zeros, parameter norms, the
-             pre-clip norms and clip coefficient, the NaN/Inf detector: one
-             host transfer per step);
-  all        everything on: statistics and activation statistics (dead and
-             saturated units, which modules ran);
-  anomaly    the plain step under torch.autograd.detect_anomaly, for comparison.
-It prints ms/step and the ratio to plain. CUDA times are taken with
-torch.cuda.synchronize() around each round. With --memory it also runs each
-mode in a process of its own and prints its peak memory (max RSS on the CPU,
-torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
+step) of each mode (``scripts/bench_peers.py``):
+  plain         the step with no tool;
+  stats         inside gradscope.watch with gradient statistics only (per-parameter
+                norms, max |g|, zeros, parameter norms, the pre-clip norms and clip
+                coefficient, the NaN/Inf detector: one host transfer per step);
+  all           everything on: statistics and activation statistics (dead and
+                saturated units, which modules ran);
+  all+tb        everything on, plus TensorBoard with every gradient's histogram every step;
+  lightning     Lightning's grad_norm(model, 2) after backward (norms only);
+  wandb         wandb.watch(log="all", log_freq=1), offline, and a wandb.log of the loss;
+  anomaly       torch.autograd.detect_anomaly;
+  nan_detector  fairseq's NanDetector (forward and backward hooks on every module);
+  hf_debug      transformers' DebugUnderflowOverflow (forward hooks on every module).
+A mode whose package is not installed (``pip install gradscope[bench]``) is
+reported and skipped. It prints ms/step and the ratio to plain. CUDA times are
+taken with torch.cuda.synchronize() around each round. With --memory it also
+runs each mode in a process of its own and prints its peak memory (max RSS on
+the CPU, torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from bench_peers import MODES, finish, missing  # scripts/, next to this file
 from torch import nn
 
-import gradscope
 from gradscope import zoo
 from gradscope.loading import Batch, cross_entropy
 
@@ -86,42 +94,39 @@ CASES = {
 
 
 class Plain:
-    """The user's step without gradscope."""
+    """The user's step without gradscope; a mode's ``after_backward`` runs between backward and clipping."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, anomaly: bool = False) -> None:
-        self.model, self.optimizer, self.anomaly = model, optimizer, anomaly
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.after_backward: Callable[[torch.Tensor], None] | None = None
 
     def step(self, batch: Batch) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autograd.set_detect_anomaly(self.anomaly):
-            loss = cross_entropy(self.model(batch.inputs), batch.labels)
-            loss.backward()
+        loss = cross_entropy(self.model(batch.inputs), batch.labels)
+        loss.backward()
+        if self.after_backward is not None:
+            self.after_backward(loss)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
 
 
-def _time(
-    model: nn.Module, step: Callable[[Batch], None], batch: Batch, steps: int, device: torch.device, mode: str
-) -> float:
-    """Seconds per step over ``steps`` steps; a watched mode enters a fresh watch for the round
-    (outside the timing), since its activation mode would otherwise see the other modes' steps too.
-    Each round's first step is not timed (in every mode): in a watch it is the step that finds the
-    activation sites, which a training run takes once."""
-    scope = None
-    if mode in ("stats", "all"):
-        scope = gradscope.watch(model, step.__self__.optimizer, activations=mode == "all")  # type: ignore[attr-defined]
-        scope.__enter__()
-    try:
-        step(batch)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(batch)
-        _sync(device)
-        return (time.perf_counter() - start) / steps
-    finally:
-        if scope is not None:
-            scope.__exit__(None, None, None)
+def _time(plain: Plain, batch: Batch, steps: int, device: torch.device, mode: str, folder: Path) -> float:
+    """Seconds per step over ``steps`` steps; each round enters the mode afresh (outside the timing),
+    since a watch's activation mode would otherwise see the other modes' steps too. Each round's
+    first step is not timed (in every mode): in a watch it is the step that finds the activation
+    sites, which a training run takes once."""
+    with MODES[mode][0](plain.model, plain.optimizer, folder) as hooks:
+        plain.after_backward = hooks.after_backward
+        try:
+            plain.step(batch)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                plain.step(batch)
+            _sync(device)
+            return (time.perf_counter() - start) / steps
+        finally:
+            plain.after_backward = None
 
 
 def _sync(device: torch.device) -> None:
@@ -134,16 +139,15 @@ def bench(case: Case, device: torch.device, rounds: int, steps: int, modes: list
     torch.manual_seed(0)
     model = case.build().to(device)
     batch = case.batch(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    plain = Plain(model, optimizer)
-    runners = {"plain": plain.step, "stats": plain.step, "all": plain.step}
-    runners["anomaly"] = Plain(model, optimizer, anomaly=True).step
-    for mode in modes:  # warm-up: allocator, optimizer state, kernels
-        _time(model, runners[mode], batch, 2, device, mode)
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(rounds):
-        for mode in modes:
-            times[mode].append(_time(model, runners[mode], batch, steps, device, mode))
+    plain = Plain(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    with tempfile.TemporaryDirectory(prefix="gradscope-bench-") as folder:
+        for mode in modes:  # warm-up: allocator, optimizer state, kernels
+            _time(plain, batch, 2, device, mode, Path(folder))
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                times[mode].append(_time(plain, batch, steps, device, mode, Path(folder)))
+        finish()
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
@@ -152,9 +156,10 @@ def peak(case: Case, device: torch.device, mode: str, steps: int) -> float:
     torch.manual_seed(0)
     model = case.build().to(device)
     batch = case.batch(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    plain = Plain(model, optimizer, anomaly=mode == "anomaly")
-    _time(model, plain.step, batch, steps, device, mode)
+    plain = Plain(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    with tempfile.TemporaryDirectory(prefix="gradscope-bench-") as folder:
+        _time(plain, batch, steps, device, mode, Path(folder))
+        finish()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return _rss_high_water_mib()
@@ -189,29 +194,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-anomaly", action="store_true", help="skip the detect_anomaly comparison")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="plain is always run")
     parser.add_argument("--memory", action="store_true", help="also measure each mode's peak memory")
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The peers' own warnings (detect_anomaly's "enabled", the full backward hook on the first module) per round.
+    warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(args.device)
     if args.peak_of:
         key, mode, steps = args.peak_of
         print(peak(CASES[key], device, mode, int(steps)))
         return
-    modes = ["plain", "stats", "all"] + ([] if args.no_anomaly else ["anomaly"])
+    modes = ["plain"] + [m for m in args.modes if m != "plain"]
+    for mode in [m for m in modes if missing(m)]:
+        print(f"skipped {mode}: the package {missing(mode)!r} is not installed (pip install gradscope[bench])")
+        modes.remove(mode)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians")
-    print(f"{'model':32} {'params':>8} " + " ".join(f"{m + ' ms':>12} {'ratio':>6}" for m in modes))
     for key in args.models:
         case = CASES[key]
         n = sum(p.numel() for p in case.build().parameters())
+        tensors = sum(1 for _ in case.build().parameters())
+        print(f"\n{case.name} ({n / 1e6:.1f}M parameters, {tensors} tensors)")
         result = bench(case, device, args.rounds, args.steps, modes)
-        cells = " ".join(f"{1e3 * result[m]:12.2f} {result[m] / result['plain']:6.3f}" for m in modes)
-        print(f"{case.name:32} {n / 1e6:7.1f}M {cells}", flush=True)
-        if args.memory:
-            memory = peaks(key, device, modes, args.steps + 2)
-            cells = " ".join(f"{memory[m]:10.0f}MiB {memory[m] / memory['plain']:6.3f}" for m in modes)
-            print(f"{'  peak memory':32} {'':8} {cells}", flush=True)
+        memory = peaks(key, device, modes, args.steps + 2) if args.memory else {}
+        for m in modes:
+            line = f"  {m:14} {1e3 * result[m]:10.2f} ms {result[m] / result['plain']:7.3f}x"
+            if memory:
+                line += f" {memory[m]:10.0f} MiB {memory[m] / memory['plain']:6.3f}x"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
