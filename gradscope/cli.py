@@ -6,6 +6,7 @@ error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to s
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import sys
@@ -27,12 +28,8 @@ from gradscope.errors import (
     GradscopeError,
 )
 from gradscope.inspection import Inspection
-from gradscope.reporters import Reporter
-from gradscope.reporters.ci import GithubReporter, JunitReporter
-from gradscope.reporters.json import JsonReporter, load_report
-from gradscope.reporters.plot import PlotReporter
-from gradscope.reporters.tensorboard import TensorBoardReporter
-from gradscope.reporters.terminal import TerminalReporter
+from gradscope.reporters import Outputs, Reporters, build_reporters
+from gradscope.reporters.json import load_report
 from gradscope.version import __version__
 
 app = typer.Typer(
@@ -139,11 +136,10 @@ def inspect(
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     try:
-        reporters: list[Reporter] = []
-        if inspection.ranks is None or inspection.ranks.rank == 0:  # every rank computes the same report
-            reporters = _reporters(json_path, junit, show_all, fail_on.value, inspection, plot)
-        if update_baseline and baseline is not None and reporters:
-            reporters.append(JsonReporter(str(baseline)))
+        wanted = _outputs(json_path, junit, show_all, fail_on.value, inspection, plot)
+        if update_baseline and baseline is not None:
+            wanted = dataclasses.replace(wanted, baseline=str(baseline))
+        reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
     except GradscopeError as exc:
         inspection.close()
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
@@ -160,7 +156,7 @@ def inspect(
     raise typer.Exit(code)
 
 
-def _finish(inspection: Inspection, reporters: list[Reporter], fail_on: str, verbose: bool) -> int:
+def _finish(inspection: Inspection, reporters: Reporters, fail_on: str, verbose: bool) -> int:
     """Run and report; the exit code, the same on every rank of a distributed run that completed."""
     try:
         code = _run(inspection, reporters, verbose)
@@ -183,23 +179,18 @@ def show(
     """Render a saved JSON report again, without rerunning the model."""
     try:
         report = load_report(report_path)
-        reporters: list[Reporter] = [TerminalReporter(sys.stdout, show_all)]
-        if plot:
-            reporters.append(PlotReporter(plot))
+        reporters = build_reporters(Outputs(terminal=sys.stdout, show_all=show_all, plot=plot))
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
-    for reporter in reporters:
-        reporter.write(report)
-        reporter.close()
+    reporters.write(report)
     raise typer.Exit(EXIT_FINDINGS if report.at_or_above(fail_on.value) else EXIT_OK)
 
 
-def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> int | None:
+def _run(inspection: Inspection, reporters: Reporters, verbose: bool) -> int | None:
     """Run, then write the report whatever happened; an exit code if the run did not complete."""
     code = None
-    streams = [r.on_step for r in reporters if hasattr(r, "on_step")]
     try:
-        inspection.run(on_step=lambda step: [stream(step) for stream in streams])
+        inspection.run(on_step=reporters.on_step)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         print(f"{_name()}: interrupted; writing the steps measured so far", file=sys.stderr)
@@ -208,34 +199,30 @@ def _run(inspection: Inspection, reporters: list[Reporter], verbose: bool) -> in
     except Exception as exc:
         code = _fail(exc, verbose, EXIT_INTERNAL)
     try:
-        report = inspection.report()
-        for reporter in reporters:
-            reporter.write(report)
-            reporter.close()
+        reporters.write(inspection.report())
     except Exception as exc:
         return _fail(exc, verbose, EXIT_INTERNAL)
     return code
 
 
-def _reporters(
+def _outputs(
     json_path: str | None, junit: str | None, show_all: bool, fail_on: str, inspection: Inspection, plot: str | None
-) -> list[Reporter]:
-    # With the JSON on stdout, the human-readable report moves to stderr.
-    terminal = TerminalReporter(sys.stderr if json_path == "-" else sys.stdout, show_all)
-    reporters: list[Reporter] = [terminal]
-    if plot:
-        reporters.append(PlotReporter(plot))
-    if json_path:
-        reporters.append(JsonReporter(json_path))
-    if junit:
-        reporters.append(JunitReporter(junit, fail_on))
+) -> Outputs:
     settings = inspection.settings
-    if settings.tensorboard.logdir:
-        config_text = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
-        reporters.append(TensorBoardReporter(settings.tensorboard.logdir, config_text))
-    if os.environ.get("GITHUB_ACTIONS") == "true":
-        reporters.append(GithubReporter(settings.origin.source))
-    return reporters
+    logdir = settings.tensorboard.logdir
+    return Outputs(
+        # With the JSON on stdout, the human-readable report moves to stderr.
+        terminal=sys.stderr if json_path == "-" else sys.stdout,
+        show_all=show_all,
+        plot=plot,
+        json=json_path,
+        junit=junit,
+        fail_on=fail_on,
+        logdir=logdir,
+        config_text=yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False) if logdir else None,
+        github=os.environ.get("GITHUB_ACTIONS") == "true",
+        config_source=settings.origin.source,
+    )
 
 
 def _overrides(

@@ -37,6 +37,7 @@ from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
 from gradscope.report import SEVERITIES, BackwardFailure, Report, RunInfo, StepRecord
+from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.version import __version__
 
 __all__ = ["Replay", "Watch", "watch"]
@@ -100,9 +101,8 @@ class Watch:
         capture = ForwardCapture(inner) if locate and not compiled else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate)
         self.steps: list[StepRecord] = []
-        leader = self.ranks is None or self.ranks.rank == 0  # one rank writes the outputs
-        self._logdir, self._plot = (logdir, plot) if leader else (None, None)
-        self._reporter: Any = None
+        self.outputs = Outputs(logdir=logdir, plot=plot)
+        self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
         self._stack = contextlib.ExitStack()
@@ -141,10 +141,7 @@ class Watch:
             for probe in self.probes:
                 self._stack.callback(probe.detach)
                 probe.attach()
-            if self._logdir:
-                from gradscope.reporters.tensorboard import TensorBoardReporter
-
-                self._reporter = TensorBoardReporter(self._logdir)
+            self.reporters = build_reporters(self.outputs, self.ranks.rank if self.ranks is not None else None)
         except BaseException:
             self._stack.close()
             raise
@@ -154,12 +151,8 @@ class Watch:
         try:
             self._stack.close()  # every hook and mode comes off, also when the loop raised
         finally:
-            reporters = [r for r in (self._reporter, _plotter(self._plot)) if r is not None]
-            if reporters:
-                report = self.report
-                for reporter in reporters:
-                    reporter.write(report)
-                    reporter.close()
+            if self.reporters:
+                self.reporters.write(self.report)
 
     def _hook(self, handle: Any) -> None:
         self._stack.callback(handle.remove)
@@ -260,9 +253,9 @@ class Watch:
         for probe in self.probes:
             probe.step_done(record)
         self._next_step()
-        for stream in (self._reporter.on_step if self._reporter is not None else None, self.on_step):
-            if stream is not None:
-                stream(record)
+        self.reporters.on_step(record)
+        if self.on_step is not None:
+            self.on_step(record)
         self._raise_if_found(record)
         return record
 
@@ -354,14 +347,6 @@ def watch(
         plot=plot,
         every=every,
     )
-
-
-def _plotter(path: str | None) -> Any:
-    if path is None:
-        return None
-    from gradscope.reporters.plot import PlotReporter
-
-    return PlotReporter(path)
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -1,15 +1,121 @@
 """Reporters read a finished (or partial) report and write it somewhere.
 
-Each has ``write(report)`` and ``close()``; one that streams (TensorBoard)
-also has ``on_step(step)``, called as each step is measured.
+Every reporter has ``on_step(step)`` (called as each step is measured; most do nothing there),
+``write(report)`` and ``close()``. ``build_reporters`` makes the ``Reporters`` of a run from its
+``Outputs``, and decides who writes: in a distributed run every rank computes the same report
+and rank 0 alone writes it. The CLI, ``gradscope.watch`` and the trainer callbacks all build
+their reporters here; a new reporter is its own module plus one line in ``_make``.
 """
 
-from typing import Protocol
+from __future__ import annotations
 
-from gradscope.report import Report
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+from gradscope.report import Report, StepRecord
 
 
 class Reporter(Protocol):
+    def on_step(self, step: StepRecord) -> None: ...
+
     def write(self, report: Report) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run's report goes; every field left at its default writes nothing.
+
+    Attributes:
+        terminal: the stream the human-readable report is printed to.
+        show_all: every parameter row in the terminal table.
+        plot: the gradient-flow picture's PNG path.
+        json: the JSON report's path (``-``: stdout).
+        junit: JUnit XML's path; ``fail_on`` says which findings fail its test cases.
+        logdir: a TensorBoard run's folder; ``config_text`` is logged there as text.
+        github: GitHub Actions annotations and step summary; ``config_source`` is where
+            findings without a source line are annotated.
+        baseline: a second JSON copy of the report (``--update-baseline``).
+    """
+
+    terminal: IO[str] | None = None
+    show_all: bool = False
+    plot: str | None = None
+    json: str | None = None
+    junit: str | None = None
+    fail_on: str = "error"
+    logdir: str | None = None
+    config_text: str | None = None
+    github: bool = False
+    config_source: str | None = None
+    baseline: str | None = None
+
+
+class Reporters:
+    """The reporters of one run, called together, in the order they were built."""
+
+    def __init__(self, reporters: list[Reporter] | None = None) -> None:
+        self.reporters = list(reporters or [])
+
+    def __len__(self) -> int:
+        return len(self.reporters)
+
+    def on_step(self, step: StepRecord) -> None:
+        for reporter in self.reporters:
+            reporter.on_step(step)
+
+    def write(self, report: Report) -> None:
+        """Write the report with each reporter, closing each after it has written."""
+        for reporter in self.reporters:
+            reporter.write(report)
+            reporter.close()
+
+    def close(self) -> None:
+        for reporter in self.reporters:
+            reporter.close()
+
+
+def build_reporters(outputs: Outputs, rank: int | None = None) -> Reporters:
+    """The reporters ``outputs`` asks for; none on a rank other than 0 (``rank``: None when not distributed).
+
+    Raises:
+        GradscopeError: a reporter cannot be made (matplotlib missing for the picture).
+    """
+    if rank is not None and rank != 0:
+        return Reporters()  # every rank computes the same report: one writes it
+    return Reporters(_make(outputs))
+
+
+def _make(outputs: Outputs) -> list[Reporter]:
+    # Each reporter's module is imported only when asked for (rich, matplotlib, tensorboard are heavy).
+    made: list[Reporter] = []
+    if outputs.terminal is not None:
+        from gradscope.reporters.terminal import TerminalReporter
+
+        made.append(TerminalReporter(outputs.terminal, outputs.show_all))
+    if outputs.plot:
+        from gradscope.reporters.plot import PlotReporter
+
+        made.append(PlotReporter(outputs.plot))
+    if outputs.json:
+        from gradscope.reporters.json import JsonReporter
+
+        made.append(JsonReporter(outputs.json))
+    if outputs.junit:
+        from gradscope.reporters.ci import JunitReporter
+
+        made.append(JunitReporter(outputs.junit, outputs.fail_on))
+    if outputs.logdir:
+        from gradscope.reporters.tensorboard import TensorBoardReporter
+
+        made.append(TensorBoardReporter(outputs.logdir, outputs.config_text))
+    if outputs.github:
+        from gradscope.reporters.ci import GithubReporter
+
+        made.append(GithubReporter(outputs.config_source))
+    if outputs.baseline:
+        from gradscope.reporters.json import JsonReporter
+
+        made.append(JsonReporter(outputs.baseline))
+    return made

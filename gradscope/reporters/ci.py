@@ -10,7 +10,7 @@ from typing import IO
 from xml.etree import ElementTree as ET
 
 from gradscope.config import Checks
-from gradscope.report import Anomaly, Report
+from gradscope.report import Anomaly, Report, StepRecord
 
 KINDS = tuple(name for name in Checks.model_fields if name != "ignore")
 _LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
@@ -28,6 +28,9 @@ class GithubReporter:
     def __init__(self, config: str | None, stream: IO[str] | None = None) -> None:
         self.config = config
         self.stream = stream or sys.stderr
+
+    def on_step(self, step: StepRecord) -> None:
+        return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
         for anomaly in report.anomalies:
@@ -74,6 +77,9 @@ class JunitReporter:
 
     def __init__(self, path: str, fail_on: str) -> None:
         self.path, self.fail_on = path, fail_on
+
+    def on_step(self, step: StepRecord) -> None:
+        return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
         failing = {id(a) for a in report.at_or_above(self.fail_on)}

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from gradscope.errors import GradscopeError
-from gradscope.report import Report
+from gradscope.report import Report, StepRecord
 
 SEVERITY_COLOR = {"error": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
 
@@ -115,6 +115,9 @@ class PlotReporter:
     def __init__(self, path: str) -> None:
         require_matplotlib()
         self.path = path
+
+    def on_step(self, step: StepRecord) -> None:
+        return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
         if not report.steps:

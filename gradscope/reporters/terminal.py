@@ -35,6 +35,9 @@ class TerminalReporter:
         self.console = Console(file=stream, width=width, highlight=False)
         self.show_all = show_all
 
+    def on_step(self, step: StepRecord) -> None:
+        return None  # writes the whole report at the end
+
     def write(self, report: Report) -> None:
         if not report.steps:
             return  # nothing was measured; the error itself goes to stderr
