@@ -54,6 +54,15 @@ class DriftCheck(_Check):
     factor: float = Field(default=10.0, gt=1)  # a layer's gradient norm moving more than this, either way
 
 
+class SpikeCheck(_Check):
+    """A step whose value stands far above the median of the steps before it (see rules/spikes.py)."""
+
+    window: int = Field(default=128, ge=8)  # steps the median and spread are taken over (OLMo-core's 128)
+    min_steps: int = Field(default=64, ge=4)  # no verdict before this many clean steps (the warm-up)
+    threshold: float = Field(default=6.0, gt=0)  # robust standard deviations above the median
+    factor: float = Field(default=2.0, ge=1)  # and at least this many times the median
+
+
 class IgnoreEntry(_Strict):
     """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
 
@@ -83,6 +92,8 @@ class Checks(_Strict):
     stale_gradient: _Check = _Check()
     baseline_drift: DriftCheck = DriftCheck()
     rank_divergence: DriftCheck = DriftCheck()  # a rank's own gradient norm this far from the others'
+    loss_spike: SpikeCheck = SpikeCheck()
+    gradient_spike: SpikeCheck = SpikeCheck()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

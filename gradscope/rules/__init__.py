@@ -27,6 +27,7 @@ from gradscope.rules.flow import (
 )
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
+from gradscope.rules.spikes import gradient_spike, loss_spike, with_causes
 
 Rule = Callable[[Report, Any], list[Anomaly]]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -47,6 +48,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("wrong_gradient", wrong_gradient),
     ("stale_gradient", stale_gradient),
     ("rank_divergence", rank_divergence),
+    ("loss_spike", loss_spike),
+    ("gradient_spike", gradient_spike),
 )
 
 
@@ -71,6 +74,7 @@ def diagnose(
             found.append(anomaly)
     found.extend(drift)
     found = [_with_severity(a, checks) for a in found if checks.rule(a.kind).severity != "off"]
+    found = with_causes(found)
     kept = [a for a in found if not _ignored(a, checks)]
     ignored = [a for a in found if _ignored(a, checks)]
     return tuple(sorted(kept, key=_rank)), tuple(ignored)
