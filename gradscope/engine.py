@@ -23,6 +23,7 @@ from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
 from gradscope.loading import Batch, LossFn, call_model
 from gradscope.locating import Replay
+from gradscope.optional import optional
 from gradscope.probes import functions
 from gradscope.report import BackwardFailure, GradcheckResult, StepRecord
 from gradscope.watch import Watch
@@ -74,7 +75,8 @@ class Engine:
         ranks: distributed.Ranks | None = None,
     ) -> None:
         self.model, self.optimizer, self.loss_fn, self.plan = model, optimizer, loss_fn, plan
-        self.inner = distributed.unwrap(model)  # replays run here: on one rank, without DDP's all-reduce
+        # Replays run here: on one rank, without DDP's all-reduce; a compiled model's eager original.
+        self.inner = replay.eager_module(distributed.unwrap(model))
         self.ranks = ranks
         self.scaler = torch.amp.GradScaler(plan.device.type) if plan.precision == "fp16" else None
         self.watch = Watch(
@@ -140,7 +142,8 @@ class Engine:
             return self.forward(batch)
         with functions.capturing(self.watch.tracker) as applied:
             loss = self.forward(batch)
-        self.gradchecks = tuple(functions.check(cls, args, module) for cls, (args, module) in applied.items())
+        with optional("the gradcheck of custom autograd.Functions", self.watch.notes):
+            self.gradchecks = tuple(functions.check(cls, args, module) for cls, (args, module) in applied.items())
         return loss
 
     def _backward(self, loss: torch.Tensor, batch: Batch, state: replay.RngState) -> BackwardFailure | None:
@@ -150,7 +153,9 @@ class Engine:
             if self.ranks is not None and distributed.peer_failed(exc):
                 raise distributed.RankFailure(self.ranks.rank, exc) from exc
             replayed = lambda: self.forward(batch, model=self.inner)  # noqa: E731
-            node, source = replay.backward_error_site(self.inner, replayed, state)
+            node, source = None, None
+            with optional("the replay that names the failing backward node", self.watch.notes), self.watch.paused():
+                node, source = replay.backward_error_site(self.inner, replayed, state)
             message = str(exc).split(" Hint:")[0]  # PyTorch's hint suggests the anomaly mode used here already
             return BackwardFailure(f"{type(exc).__name__}: {message}", node, source)
         except Exception as exc:
@@ -161,7 +166,9 @@ class Engine:
         if self.plan.precision == "fp32" or not self.plan.underflow or self.ranks is not None:
             return None  # distributed: .grad is averaged over ranks, a replay sees one rank's batch
         replayed = lambda: self.forward(batch, precision="fp32", model=self.inner)  # noqa: E731
-        return replay.underflow(self.inner, replayed, state)
+        with optional("the fp32 replay that measures gradient underflow", self.watch.notes), self.watch.paused():
+            return replay.underflow(self.inner, replayed, state)
+        return None
 
     def _update(self) -> None:
         if self.scaler is None:

@@ -139,7 +139,7 @@ class Inspection:
 
     def report(self) -> Report:
         """What was measured so far, with the anomalies the rules find in it."""
-        infos = describe_parameters(self.model)
+        infos = describe_parameters(getattr(self.model, "_orig_mod", self.model))  # a compiled model's own names
         settings = self.settings
         run = RunInfo(
             model=distributed.model_name(self.model),

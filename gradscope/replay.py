@@ -2,26 +2,35 @@
 
 Used only on steps that need it: to find where a NaN/Inf was made, to
 compare a low-precision step's gradients with an fp32 step's, and to name the
-forward line behind an error PyTorch raised in backward. A replay never
-touches ``.grad`` (it uses ``torch.autograd.grad``) and restores the model's
-buffers (BatchNorm statistics) and the random state afterwards.
+forward line behind an error PyTorch raised in backward. A replay leaves
+``.grad`` as it was and restores the model's buffers (BatchNorm statistics)
+and the random state afterwards.
+
+A replay runs the model eagerly: ``torch.compile``d code runs its original
+Python (``force_eager``), so the ops and nodes can be seen one by one; and a
+region under reentrant checkpointing (``use_reentrant=True``, as Hugging
+Face's ``gradient_checkpointing_enable`` may set) runs plainly where the
+search needs its autograd nodes, which reentrant checkpointing only makes
+inside backward and which ``torch.autograd.grad`` cannot run through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from gradscope.errors import pick_user_frame
 from gradscope.probes.gradients import is_sharded, to_local
 from gradscope.probes.modules import ModuleTracker, _tensors
-from gradscope.probes.origins import FirstNonfinite, backward_origin, nonfinite_tensors
+from gradscope.probes.origins import FirstNonfinite, backward_origin, graph_nodes, nonfinite_tensors
 from gradscope.report import NonfiniteOrigin
 
 REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
@@ -36,21 +45,63 @@ def rng_state() -> RngState:
 
 
 @contextlib.contextmanager
-def replaying(model: nn.Module, state: RngState) -> Iterator[None]:
-    """Run the block from the step's random state; restore buffers and random state afterwards."""
+def replaying(model: nn.Module, state: RngState, plain: bool = True) -> Iterator[None]:
+    """Run the block from the step's random state, eagerly; restore buffers and random state afterwards.
+
+    Args:
+        model: the model replayed.
+        state: the step's random state.
+        plain: reentrant checkpointing runs its regions directly (see ``plain_checkpoints``).
+    """
     global REPLAYING
     buffers = [b.detach().clone() for b in model.buffers()]
     now = rng_state()
     _set_rng(state)
     REPLAYING = True
     try:
-        yield
+        with _eager(), plain_checkpoints() if plain else contextlib.nullcontext():
+            yield
     finally:
         REPLAYING = False
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
         _set_rng(now)
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (it shares the parameters); any other as it is."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """``torch.compile``d code runs its original Python (nothing is compiled unless dynamo was imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
+@contextlib.contextmanager
+def plain_checkpoints() -> Iterator[None]:
+    """Inside the block, a reentrant checkpoint runs its function directly, as if not checkpointed.
+
+    The values are the same (the function runs once, from the same random state); what changes is
+    that its autograd nodes exist after the forward, so hooks can be put on them and
+    ``torch.autograd.grad`` can run through them. As reentrant checkpointing does, a region none of
+    whose tensor inputs requires grad makes no graph.
+    """
+    cls = torch.utils.checkpoint.CheckpointFunction
+
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        differentiable = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            return function(*args)
+
+    cls.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        del cls.apply  # back to the classmethod every autograd.Function inherits
 
 
 def _set_rng(state: RngState) -> None:
@@ -79,6 +130,7 @@ def locate(
     With ``lockstep`` (FSDP: the forward gathers parameters from every rank),
     the forward is replayed even when the batch or weights already explain it.
     """
+    model = eager_module(model)  # replayed eagerly, and named as the user names it
     bad_inputs = nonfinite_tensors(batch_tensors)
     params = dict(model.named_parameters())
     bad_params = nonfinite_tensors({n: to_local(p).detach() for n, p in params.items()})
@@ -115,9 +167,10 @@ def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, 
     """
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     zero_now = [p.grad == 0 for _, p in named]
-    with replaying(model, state):
+    # Checkpointing stays on: an fp32 replay is the one that needs its memory saving most.
+    with replaying(model, state, plain=False):
         loss = forward()
-        full = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        full = gradients(loss, model, [p for _, p in named])
     lost = []
     for zero, grad in zip(zero_now, full):
         flushed = zero & (grad != 0) if grad is not None else torch.zeros_like(zero)
@@ -126,6 +179,30 @@ def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, 
         return {}
     values = torch.stack([v.float() for v in lost]).tolist()
     return {name: value for (name, _), value in zip(named, values)}
+
+
+def gradients(loss: torch.Tensor, model: nn.Module, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The gradients of ``loss`` for ``params``; every ``.grad`` is left as it was.
+
+    ``torch.autograd.grad`` where it can run; through reentrant checkpointing, which refuses it,
+    a ``.backward()`` into ``.grad``s set aside beforehand and put back afterwards.
+    """
+    if not any(_is_reentrant(node) for node in graph_nodes(loss.grad_fn)):
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+    every = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in every]
+    for p in every:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, grad in zip(every, saved):
+            p.grad = grad
+
+
+def _is_reentrant(node: Any) -> bool:
+    return type(node).__name__ == "CheckpointFunctionBackward"
 
 
 def backward_error_site(model: nn.Module, forward: Forward, state: RngState) -> tuple[str | None, str | None]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -160,6 +160,15 @@ class Watch:
     def _pause(self, paused: bool) -> None:
         for probe in self.probes:
             probe.pause(paused)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The probes do not see the block: a replay gradscope runs of its own."""
+        self._pause(True)
+        try:
+            yield
+        finally:
+            self._pause(False)
 
     # --- steps ----------------------------------------------------------------------------------
 
