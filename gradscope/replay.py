@@ -30,7 +30,7 @@ from torch import nn
 from gradscope.errors import pick_user_frame
 from gradscope.probes.gradients import is_sharded, to_local
 from gradscope.probes.modules import ModuleTracker, _tensors
-from gradscope.probes.origins import FirstNonfinite, backward_origin, graph_nodes, nonfinite_tensors
+from gradscope.probes.origins import FirstNonfinite, backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.report import NonfiniteOrigin
 
 REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
@@ -129,19 +129,25 @@ def locate(
 
     With ``lockstep`` (FSDP: the forward gathers parameters from every rank),
     the forward is replayed even when the batch or weights already explain it.
+
+    The batch's rows that hold the value at the origin op are its ``samples`` (when the op's
+    output, or the batch tensor, has the batch's first dimension).
     """
     model = eager_module(model)  # replayed eagerly, and named as the user names it
+    batch = batch_size(batch_tensors)
     bad_inputs = nonfinite_tensors(batch_tensors)
     params = dict(model.named_parameters())
     bad_params = nonfinite_tensors({n: to_local(p).detach() for n, p in params.items()})
-    already = _already(bad_inputs, "input", kind) if bad_inputs else None
+    already = (
+        _already(bad_inputs, "input", kind, _input_rows(batch_tensors, bad_inputs, kind, batch)) if bad_inputs else None
+    )
     if already is None and bad_params:
         already = _already(bad_params, "parameter", kind)
     if already is not None and not lockstep:
         return already
     trainable = [p for p in params.values() if p.requires_grad]
     with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
-        finder = FirstNonfinite(tracker, kind)
+        finder = FirstNonfinite(tracker, kind, batch)
         with finder:
             loss = forward()
         if already is not None:
@@ -153,10 +159,22 @@ def locate(
         return backward_origin(loss, trainable, tracker, finder.ops, kind)
 
 
-def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str) -> NonfiniteOrigin:
+def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str, samples: tuple[int, ...] = ()) -> NonfiniteOrigin:
     names = tuple(bad)
     count = sum(n if kind == "nan" else i for n, i in bad.values())
-    return NonfiniteOrigin(phase=phase, kind=kind, tensors=names, count=count)
+    return NonfiniteOrigin(phase=phase, kind=kind, tensors=names, count=count, samples=samples)
+
+
+def _input_rows(
+    named: dict[str, torch.Tensor], bad: dict[str, tuple[int, int]], kind: str, batch: int | None
+) -> tuple[int, ...]:
+    rows = {i for name in bad for i in rows_with(named[name], kind, batch)}
+    return tuple(sorted(rows))
+
+
+def batch_size(named: dict[str, torch.Tensor]) -> int | None:
+    """Rows of the batch: the first dimension of its first tensor that has one."""
+    return next((t.shape[0] for t in named.values() if t.dim() > 0), None)
 
 
 def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, float]:
@@ -229,11 +247,11 @@ def _innermost_user_line(trace: str) -> str | None:
 
 
 def batch_tensors(inputs: Any, labels: Any) -> dict[str, torch.Tensor]:
-    """The batch's floating tensors by a readable name (``inputs``, ``inputs[1]``, ``labels``)."""
+    """The batch's tensors by a readable name (``inputs``, ``inputs[1]``, ``labels``); integer ones
+    (token ids) too, for the batch's size, though only floating ones can hold a NaN."""
     named: dict[str, torch.Tensor] = {}
     for prefix, value in (("inputs", inputs), ("labels", labels)):
         tensors = _tensors(value)
         for i, t in enumerate(tensors):
-            if t.is_floating_point():
-                named[prefix if len(tensors) == 1 else f"{prefix}[{i}]"] = t
+            named[prefix if len(tensors) == 1 else f"{prefix}[{i}]"] = t
     return named

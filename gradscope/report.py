@@ -87,6 +87,7 @@ class NonfiniteOrigin:
     input_min: float | None = None  # range of the op's finite inputs (forward only)
     input_max: float | None = None
     tensors: tuple[str, ...] = ()  # input/parameter phases: which tensors
+    samples: tuple[int, ...] = ()  # forward/loss/input phases: batch rows holding it at the origin op
     rank: int | None = None  # distributed runs: the first rank where it was made
 
 
@@ -310,7 +311,9 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     }
     origin = data.pop("origin")
     if origin:
-        origin = NonfiniteOrigin(**{**origin, "tensors": tuple(origin["tensors"])})
+        origin = NonfiniteOrigin(
+            **{**origin, "tensors": tuple(origin["tensors"]), "samples": tuple(origin.get("samples", ()))}
+        )
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
     data["stale"] = tuple(data.get("stale", ()))

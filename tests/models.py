@@ -186,3 +186,34 @@ class Fp16Overflow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.big(x))
+
+
+class LogOfScale(nn.Module):
+    """Scales each row's output by the log of its first input: a row whose first input is negative is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * torch.log(x[:, :1])
+
+
+class UnitRows(nn.Module):
+    """Divides each row by its norm: an all-zero row is 0 / 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x / torch.linalg.vector_norm(x, dim=-1, keepdim=True))
+
+
+def rows_batch(fault: str, rows: tuple[int, ...] = (2, 5), batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive inputs; the given rows made negative (``log``) or zero (``zero``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 8, generator=gen) + 0.5
+    for row in rows:
+        x[row] = -x[row] if fault == "log" else 0.0
+    return x, torch.randint(4, (batch,), generator=gen)

@@ -47,9 +47,9 @@ class FirstNonfinite(TorchFunctionMode):
     source line) in ``ops``, for naming the op behind a node in the backward.
     """
 
-    def __init__(self, tracker: ModuleTracker, kind: str) -> None:
+    def __init__(self, tracker: ModuleTracker, kind: str, batch: int | None = None) -> None:
         super().__init__()
-        self.tracker, self.kind = tracker, kind
+        self.tracker, self.kind, self.batch = tracker, kind, batch  # batch: rows of the step's batch
         self.found: NonfiniteOrigin | None = None
         self.first_inf: NonfiniteOrigin | None = None  # the first Inf made from finite inputs (an overflow)
         self.ops: dict[Any, tuple[str, str | None]] = {}
@@ -102,6 +102,7 @@ class FirstNonfinite(TorchFunctionMode):
             numel=produced.numel(),
             input_min=float(values.min()) if values.numel() else None,
             input_max=float(values.max()) if values.numel() else None,
+            samples=rows_with(produced, kind, self.batch),
         )
 
 
@@ -193,6 +194,14 @@ def graph_nodes(root: Any) -> list[Any]:
         nodes.append(node)
         pending.extend(child for child, _ in node.next_functions)
     return nodes
+
+
+def rows_with(t: torch.Tensor, kind: str, batch: int | None) -> tuple[int, ...]:
+    """The batch rows of ``t`` that hold ``kind`` (nan/inf), when its first dimension is the batch's."""
+    if batch is None or t.dim() == 0 or t.shape[0] != batch:
+        return ()
+    bad = t.detach().isnan() if kind == "nan" else t.detach().isinf()
+    return tuple(int(i) for i in bad.reshape(batch, -1).any(dim=1).nonzero().flatten().tolist())
 
 
 def nonfinite_tensors(named: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:

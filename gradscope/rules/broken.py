@@ -41,7 +41,7 @@ def nonfinite(report: Report, check: Any) -> list[Anomaly]:
             module=o.module,
             parameter=o.tensors[0] if o.phase == "parameter" and o.tensors else None,
             step=first.step,
-            message=on_rank + _origin_message(o, value) + spread + " " + _fix(o),
+            message=on_rank + _origin_message(o, value) + _samples(o) + spread + " " + _fix(o),
             evidence=evidence,
             rank=o.rank,
         )
@@ -86,6 +86,19 @@ def _origin_message(o: Any, value: str) -> str:
         span = f" from finite inputs in [{o.input_min:.4g}, {o.input_max:.4g}]"
     phase = "the loss" if o.phase == "loss" else "the forward pass"
     return f"{value} first appears in {phase}: {o.op}{where} returned {value} ({count}, {o.dtype}){span}.{at}"
+
+
+FEW_SAMPLES = 8  # listed in the message; evidence.samples has them all
+
+
+def _samples(o: Any) -> str:
+    rows = list(o.samples)
+    if not rows:
+        return ""
+    if len(rows) > FEW_SAMPLES:
+        return f" {len(rows)} samples of the batch hold it there (evidence.samples)."
+    which = "sample" if len(rows) == 1 else "samples"
+    return f" It is in batch {which} {', '.join(map(str, rows))} (their rows at that op)."
 
 
 def _spread(first: StepRecord, bad: list[StepRecord], kind: str) -> str:
