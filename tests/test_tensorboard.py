@@ -3,10 +3,15 @@
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
+import gradscope
+from gradscope import zoo
 from gradscope.cli import app
+from gradscope.report import Histogram, StepRecord
+from gradscope.reporters.tensorboard import QUEUE_STEPS, TensorBoardReporter, step_summary
 from tests.conftest import CONFIGS, TESTS
 
 runner = CliRunner()
@@ -68,3 +73,54 @@ def test_interrupted_run_leaves_its_steps_readable(tmp_path):
     acc = events(logdir)
     assert sorted(scalars(acc, "loss")) == [0, 1]
     assert [h.step for h in acc.Histograms("gradients/lin.weight")] == [0, 1]
+
+
+def _watched_steps(logdir, steps: int, fail_after: int | None = None) -> None:
+    torch.manual_seed(0)
+    model = zoo.MLP(in_features=8, hidden=8, depth=3, classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(4, (16,))
+    with gradscope.watch(model, optimizer, logdir=str(logdir), histograms_every=1):
+        for i in range(steps):
+            if i == fail_after:
+                raise RuntimeError("the loop failed")
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+
+def test_background_writer_loses_no_step_beyond_its_queue(tmp_path):
+    steps = QUEUE_STEPS * 2 + 3  # more steps than the queue holds: the loop waits, nothing is dropped
+    _watched_steps(tmp_path / "tb", steps)
+    acc = events(tmp_path / "tb")
+    assert sorted(scalars(acc, "grad_norm/total")) == list(range(steps))
+    assert [h.step for h in acc.Histograms("gradients/out.weight")] == list(range(steps))
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_steps_queued_before_an_error_in_the_loop_are_written(tmp_path):
+    with pytest.raises(RuntimeError, match="the loop failed"):
+        _watched_steps(tmp_path / "tb", 10, fail_after=5)
+    acc = events(tmp_path / "tb")
+    assert sorted(scalars(acc, "grad_norm/total")) == [0, 1, 2, 3, 4]
+    assert len(acc.Histograms("gradients/out.weight")) == 5
+
+
+def test_a_step_the_writer_thread_cannot_write_raises_on_the_next_call(tmp_path):
+    reporter = TensorBoardReporter(str(tmp_path / "tb"))
+    broken = Histogram(min="not a number", max=1.0, count=1, sum=1.0, sum_squares=1.0, nonfinite=0, buckets=(1,))
+    reporter.on_step(StepRecord(0, 1.0, 1.0, {}, {}, histograms={"w": broken}))
+    with pytest.raises(RuntimeError, match="writing the TensorBoard run .* failed"):
+        reporter.close()
+
+
+def test_one_event_per_step_holds_its_scalars_and_histograms():
+    record = StepRecord(
+        3, 0.5, 2.0, {}, {}, histograms={"w": Histogram(-1.0, 1.0, 4, 0.0, 2.0, 1, (1, 0, 3))}, clip_coefficient=0.25
+    )
+    summary = step_summary(record)
+    tags = [v.tag for v in summary.value]
+    assert tags == ["loss", "grad_norm/total", "clip/coefficient", "nonfinite/w", "gradients/w"]
+    histogram = summary.value[-1].histo
+    assert (histogram.num, list(histogram.bucket)) == (4, [1, 0, 3])
+    assert list(histogram.bucket_limit) == pytest.approx([-1 / 3, 1 / 3, 1.0])

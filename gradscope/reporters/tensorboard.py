@@ -11,17 +11,31 @@ custom-scalars layout that groups layers by their top-level module.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import math
+import queue
 import re
+import threading
 from collections import defaultdict
 from typing import Any
 
 from gradscope.report import Report, StepRecord
 
+# Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
+QUEUE_STEPS = 16
+_DONE = object()
+
 
 class TensorBoardReporter:
     """Writes scalars, histograms and text with one ``SummaryWriter``.
+
+    Steps are handed to a background thread through a bounded queue: building the
+    protobufs and writing the event file happen off the training thread. Each step
+    is one event holding all its scalars and histograms; the file is flushed
+    whenever the queue runs empty, and ``write``/``close`` (also at interpreter
+    exit) wait until every queued step is written. An error of the writer thread
+    is raised on the training thread at the next call.
 
     Args:
         logdir: the run's folder.
@@ -35,36 +49,26 @@ class TensorBoardReporter:
         self.written: set[int] = set()
         if config_text:
             self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_STEPS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="gradscope-tensorboard", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
 
     def on_step(self, step: StepRecord) -> None:
-        """Write one step as soon as it is measured."""
+        """Queue one step as soon as it is measured (written by the background thread)."""
+        self._raise_if_failed()
         if step.step in self.written:
             return
         self.written.add(step.step)
-        for tag, value in _scalars(step):
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, step.step)
-        for name, h in step.histograms.items():
-            if h.nonfinite:
-                self.writer.add_scalar(f"nonfinite/{name}", h.nonfinite, step.step)
-            if h.count:
-                self.writer.add_histogram_raw(
-                    f"gradients/{name}",
-                    h.min,
-                    h.max,
-                    h.count,
-                    h.sum,
-                    h.sum_squares,
-                    h.limits(),
-                    list(h.buckets),
-                    step.step,
-                )
-        self.writer.flush()
+        self._queue.put(step)
 
     def write(self, report: Report) -> None:
         """The steps not written yet, the anomalies as text, and the layout."""
         for step in report.steps:
             self.on_step(step)
+        self._queue.join()  # the steps first, then the text and pictures, from this thread
+        self._raise_if_failed()
         for a in report.anomalies:
             where = " ".join(x for x in (a.module or "", a.parameter or "") if x)
             text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
@@ -82,7 +86,61 @@ class TensorBoardReporter:
         self.writer.add_figure("gradient_flow", figure(report), report.steps[-1].step, close=True)
 
     def close(self) -> None:
+        """Write every queued step, stop the thread and close the file (a second call does nothing)."""
+        if self._thread.is_alive():
+            self._queue.put(_DONE)
+            self._thread.join()
+        atexit.unregister(self.close)
         self.writer.close()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing the TensorBoard run in {self.writer.log_dir} failed: {error}") from error
+
+    def _drain(self) -> None:
+        """The writer thread: one event per step; a flush whenever no step is waiting."""
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _DONE:
+                    self.writer.flush()
+                    return
+                if self._error is None:
+                    self.writer._get_file_writer().add_summary(step_summary(item), item.step)
+                    if self._queue.empty():
+                        self.writer.flush()
+            except Exception as error:  # kept for the training thread; the queue keeps draining
+                self._error = error
+            finally:
+                self._queue.task_done()
+
+
+def step_summary(step: StepRecord) -> Any:
+    """One step's scalars and histograms as a single ``Summary`` protobuf."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    values = [
+        Summary.Value(tag=tag, simple_value=value)
+        for tag, value in _scalars(step)
+        if value is not None and math.isfinite(value)
+    ]
+    for name, h in step.histograms.items():
+        if h.nonfinite:
+            values.append(Summary.Value(tag=f"nonfinite/{name}", simple_value=h.nonfinite))
+        if h.count:
+            histogram = HistogramProto(
+                min=h.min,
+                max=h.max,
+                num=h.count,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                bucket_limit=h.limits(),
+                bucket=h.buckets,
+            )
+            values.append(Summary.Value(tag=f"gradients/{name}", histo=histogram))
+    return Summary(value=values)
 
 
 def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
