@@ -60,10 +60,11 @@ class ForwardCapture:
         if self._call is None:
             return None
         args, kwargs, state, device, dtype = self._call
+        eager = replay.eager_module(self.model)  # a compiled model is replayed through its original
 
         def forward() -> torch.Tensor:
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                outputs = [t for t in _tensors(self.model(*args, **kwargs)) if t.requires_grad]
+                outputs = [t for t in _tensors(eager(*args, **kwargs)) if t.requires_grad]
             return sum(o.float().sum() for o in outputs)  # finite exactly when the outputs are
 
         origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind, lockstep)

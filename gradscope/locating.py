@@ -19,6 +19,7 @@ from torch import nn
 
 from gradscope import replay
 from gradscope.capture import ForwardCapture
+from gradscope.optional import optional
 from gradscope.report import NonfiniteOrigin, StepRecord
 
 
@@ -36,7 +37,7 @@ class OriginSearch:
 
     Args:
         model: the user's module (inside DDP), where replays run.
-        capture: the model's last forward call, or None (a compiled model, or ``locate`` off).
+        capture: the model's last forward call, or None (``locate`` off).
         ranks: a distributed run's ``distributed.Ranks``, or None.
         pause: called with True before a replay and False after it (probes that must not see it).
         enabled: False: never search.
@@ -49,8 +50,10 @@ class OriginSearch:
         ranks: Any = None,
         pause: Callable[[bool], None] | None = None,
         enabled: bool = True,
+        notes: list[str] | None = None,
     ) -> None:
         self.model, self.capture, self.ranks, self.enabled = model, capture, ranks, enabled
+        self.notes = notes if notes is not None else []
         self.pause = pause or (lambda paused: None)
         self.located = False
 
@@ -90,10 +93,12 @@ class OriginSearch:
     def _replay(self, kind: str, loss_bad: bool, step_replay: Replay | None, lockstep: bool) -> NonfiniteOrigin | None:
         self.pause(True)
         try:
-            if step_replay is not None:
-                r = step_replay
-                return replay.locate(self.model, r.inputs, r.forward, r.state, kind, lockstep)
-            return self.capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
+            with optional("the replay that locates the first NaN/Inf", self.notes):
+                if step_replay is not None:
+                    r = step_replay
+                    return replay.locate(self.model, r.inputs, r.forward, r.state, kind, lockstep)
+                return self.capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
+            return None
         finally:
             self.pause(False)
 

@@ -87,8 +87,9 @@ class Watch:
         if compiled and activations:
             activations = False
             self.notes.append(
-                "torch.compile'd model: activation statistics and NaN replays are off (global module hooks "
-                "and a TorchFunctionMode would force graph breaks); gradient statistics work as usual"
+                "torch.compile'd model: activation statistics are off (global module hooks and a "
+                "TorchFunctionMode would force graph breaks); a step with a NaN/Inf is replayed through "
+                "the eager original"
             )
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
@@ -98,8 +99,8 @@ class Watch:
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
         self.probes = self._probes(histograms_every if logdir or on_step else 0)
-        capture = ForwardCapture(inner) if locate and not compiled else None
-        self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate)
+        capture = ForwardCapture(inner) if locate else None
+        self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
         self.steps: list[StepRecord] = []
         self.outputs = Outputs(logdir=logdir, plot=plot)
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)

@@ -102,3 +102,20 @@ def test_an_analysis_the_model_cannot_run_is_skipped_with_a_note(tmp_path):
     assert "underflow" in note and "skipped" in note and "runs under autocast only" in note
     assert report["steps"][0]["parameters"]["inp.weight"]["grad_norm"] > 0
     assert len(report["steps"]) == 2
+
+
+def test_compiled_model_in_a_user_loop_is_located_through_its_eager_original():
+    torch.manual_seed(0)
+    model = real_faults.compiled_gpt2_sqrt_gate()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, real_faults.VOCAB, (2, real_faults.LENGTH))
+    with gradscope.watch(model, optimizer=opt) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    report = scope.report
+    (finding,) = [a for a in report.anomalies if a.kind.startswith("nonfinite")]
+    assert finding.kind == "nonfinite_gradient" and finding.module == "transformer.h.1.mlp.act"
+    assert finding.evidence["op"] == "Tensor.sqrt"
+    assert any("eager original" in note for note in report.run.notes)
