@@ -27,17 +27,22 @@ from gradscope.errors import (
     ConfigError,
     GradscopeError,
 )
+from gradscope.help import EXIT_CODES, Command
 from gradscope.inspection import Inspection
 from gradscope.reporters import Outputs, Reporters, build_reporters
+from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
+from gradscope.reporters.terminal import print_verdict
 from gradscope.version import __version__
 
 app = typer.Typer(
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # click's plain help: rich's shows `<bool>` after every flag
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     help="Gradient diagnostics for PyTorch models.",
+    epilog=EXIT_CODES,
 )
 
 
@@ -65,7 +70,14 @@ ShowAll = Annotated[bool, typer.Option("--all", help="Show every parameter row i
 Plot = Annotated[
     str | None, typer.Option("--plot", metavar="PATH.png", help="Save the gradient-flow picture (needs matplotlib).")
 ]
-FailOnOption = Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a finding is at least this severe.")]
+FailOnOption = Annotated[
+    FailOn,
+    typer.Option(
+        "--fail-on",
+        metavar="LEVEL",
+        help="Exit 1 when a finding is at least this severe: error, warning, info or never.",
+    ),
+]
 Verbose = Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks for errors.")]
 
 
@@ -78,9 +90,9 @@ def _root(
     """Gradient diagnostics for PyTorch models."""
 
 
-@app.command()
+@app.command(cls=Command, epilog=EXIT_CODES, short_help="Run a config's model and report its gradients.")
 def inspect(
-    config: Annotated[Path, typer.Argument(help="The YAML config to run.", show_default=False)],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The YAML config to run.", show_default=False)],
     json_path: Annotated[
         str | None, typer.Option("--json", metavar="PATH", help="Write the JSON report here ('-' for stdout).")
     ] = None,
@@ -107,21 +119,27 @@ def inspect(
     gradcheck: Annotated[
         bool, typer.Option("--gradcheck", help="Check custom autograd.Functions against finite differences.")
     ] = False,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the config's `steps`.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Override the config's `device`.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, metavar="N", help="Override the config's `steps`.")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", metavar="DEVICE", help="Override the config's `device` (cpu, cuda:1, ...)."),
+    ] = None,
     strategy: Annotated[
         Strategy | None,
         typer.Option(
             "--distributed",
-            help="Run under torchrun with DDP or FSDP2 (overrides the config's `distributed.strategy`).",
+            metavar="STRATEGY",
+            help="Run under torchrun with none, ddp or fsdp (overrides the config's `distributed.strategy`).",
         ),
     ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients.
 
-    Under torchrun (torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp) every
-    rank runs its slice of the batch and rank 0 writes the reports.
+    Under torchrun (torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp)
+    every rank runs its slice of the batch and rank 0 writes the reports.
     """
     try:
         overrides = _overrides(config, steps, device, gradcheck, check or [], logdir)
@@ -129,6 +147,8 @@ def inspect(
             overrides["distributed"] = {**_config_section(config, "distributed"), "strategy": strategy.value}
         if update_baseline and baseline is None:
             raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
+        if baseline is not None and not update_baseline and not baseline.exists():
+            raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
         saved = load_report(baseline) if baseline is not None and not update_baseline else None
         inspection = Inspection(load_config(config, overrides), saved)
     except GradscopeError as exc:
@@ -147,6 +167,9 @@ def inspect(
         inspection.close()
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     code = _finish(inspection, reporters, fail_on.value, verbose)
+    if reporters:
+        outputs = [json_path, junit, plot, inspection.settings.tensorboard.logdir]
+        _conclude(inspection, code, fail_on.value, outputs + [str(baseline) if update_baseline else None], json_path)
     if inspection.ranks is not None:
         # Everything is written and the process group is gone; gloo's worker threads can still abort
         # the interpreter's shutdown (SIGABRT as they release tensors), turning a finished run into a crash.
@@ -154,6 +177,19 @@ def inspect(
         sys.stderr.flush()
         os._exit(code)
     raise typer.Exit(code)
+
+
+def _conclude(
+    inspection: Inspection, code: int, fail_on: str, outputs: list[str | None], json_path: str | None
+) -> None:
+    """The files written and the one-line verdict, printed after everything else."""
+    try:
+        report = inspection.report()
+    except Exception:  # the report could not be built: the error above is the last word
+        return
+    if not report.steps:
+        return  # nothing was measured: the error on stderr is the whole story
+    print_verdict(sys.stderr if json_path == "-" else sys.stdout, report, code, fail_on, outputs)
 
 
 def _finish(inspection: Inspection, reporters: Reporters, fail_on: str, verbose: bool) -> int:
@@ -168,7 +204,7 @@ def _finish(inspection: Inspection, reporters: Reporters, fail_on: str, verbose:
         inspection.close()
 
 
-@app.command()
+@app.command(cls=Command, epilog=EXIT_CODES)
 def show(
     report_path: Annotated[Path, typer.Argument(metavar="REPORT.json", help="A report written by --json.")],
     show_all: ShowAll = False,
@@ -183,7 +219,9 @@ def show(
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
     reporters.write(report)
-    raise typer.Exit(EXIT_FINDINGS if report.at_or_above(fail_on.value) else EXIT_OK)
+    code = EXIT_FINDINGS if report.at_or_above(fail_on.value) else EXIT_OK
+    print_verdict(sys.stdout, report, code, fail_on.value, [plot])
+    raise typer.Exit(code)
 
 
 def _run(inspection: Inspection, reporters: Reporters, verbose: bool) -> int | None:
@@ -222,6 +260,8 @@ def _outputs(
         config_text=yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False) if logdir else None,
         github=os.environ.get("GITHUB_ACTIONS") == "true",
         config_source=settings.origin.source,
+        progress=settings.steps if sys.stderr.isatty() else None,  # a log file gets no progress line
+        compared=inspection.baseline is not None,
     )
 
 
@@ -261,6 +301,8 @@ def _fail(exc: BaseException, verbose: bool, code: int) -> int:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
     name = _name()
+    if code == EXIT_USAGE and os.environ.get("GITHUB_ACTIONS") == "true":
+        print(error_command(exc), file=sys.stderr)  # annotated at the user's line
     if code == EXIT_INTERNAL:
         print(f"{name}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("this is a bug in gradscope; rerun with -v for the traceback and report it", file=sys.stderr)

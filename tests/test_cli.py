@@ -195,7 +195,7 @@ def test_long_tables_are_truncated_unless_all():
     path = str(CONFIGS / "faults" / "deep_sigmoid_mlp.yaml")
     short = invoke("inspect", path, "--steps", "1").stdout
     full = invoke("inspect", path, "--steps", "1", "--all").stdout
-    assert "more rows (--all shows every row)" in short
+    assert "more rows" in short and "--all shows every row" in short
     assert "blocks.15.linear.weight" in full and "blocks.15.linear.weight" not in short
     assert "inp.weight" in short and "out.bias" in short
 

@@ -37,6 +37,8 @@ class Outputs:
         github: GitHub Actions annotations and step summary; ``config_source`` is where
             findings without a source line are annotated.
         baseline: a second JSON copy of the report (``--update-baseline``).
+        progress: the steps of the run, for a progress line on stderr (None: no line).
+        compared: the run was compared with a baseline (JUnit's ``baseline_drift`` ran).
     """
 
     terminal: IO[str] | None = None
@@ -50,6 +52,8 @@ class Outputs:
     github: bool = False
     config_source: str | None = None
     baseline: str | None = None
+    progress: int | None = None
+    compared: bool = False
 
 
 class Reporters:
@@ -90,6 +94,10 @@ def build_reporters(outputs: Outputs, rank: int | None = None) -> Reporters:
 def _make(outputs: Outputs) -> list[Reporter]:
     # Each reporter's module is imported only when asked for (rich, matplotlib, tensorboard are heavy).
     made: list[Reporter] = []
+    if outputs.progress:
+        from gradscope.reporters.progress import ProgressReporter
+
+        made.append(ProgressReporter(outputs.progress))  # first: its line is erased before the report prints
     if outputs.terminal is not None:
         from gradscope.reporters.terminal import TerminalReporter
 
@@ -105,7 +113,7 @@ def _make(outputs: Outputs) -> list[Reporter]:
     if outputs.junit:
         from gradscope.reporters.ci import JunitReporter
 
-        made.append(JunitReporter(outputs.junit, outputs.fail_on))
+        made.append(JunitReporter(outputs.junit, outputs.fail_on, baseline=outputs.compared))
     if outputs.logdir:
         from gradscope.reporters.tensorboard import TensorBoardReporter
 

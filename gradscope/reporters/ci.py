@@ -11,6 +11,7 @@ from xml.etree import ElementTree as ET
 
 from gradscope.config import Checks
 from gradscope.report import Anomaly, Report, StepRecord
+from gradscope.reporters.findings import Group, compress_names, group
 
 KINDS = tuple(name for name in Checks.model_fields if name != "ignore")
 _LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
@@ -33,21 +34,23 @@ class GithubReporter:
         return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
-        for anomaly in report.anomalies:
-            self.stream.write(self._command(anomaly) + "\n")
+        for found in group(report.anomalies):
+            self.stream.write(self._command(found) + "\n")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as f:
                 f.write(markdown_summary(report))
 
-    def _command(self, a: Anomaly) -> str:
+    def _command(self, found: Group) -> str:
+        a = found.first
         file, line = source_location(a)
         file = file or self.config
         props = [f"file={_escape_prop(file)}"] if file else []
         if line:
             props.append(f"line={line}")
-        props.append(f"title={_escape_prop(f'gradscope {a.kind}')}")
-        return f"::{_LEVEL[a.severity]} {','.join(props)}::{_escape(a.message)}"
+        count = f" x{len(found.anomalies)}" if len(found.anomalies) > 1 else ""
+        props.append(f"title={_escape_prop(f'gradscope {a.kind}{count}')}")
+        return f"::{_LEVEL[a.severity]} {','.join(props)}::{_escape(group_message(found))}"
 
     def close(self) -> None:
         self.stream.flush()
@@ -60,11 +63,25 @@ def markdown_summary(report: Report) -> str:
     if not report.anomalies:
         return head + "No anomalies found.\n\n"
     rows = ["| severity | kind | where | step | finding |", "|---|---|---|---|---|"]
-    for a in report.anomalies:
-        where = a.module or a.parameter or ""
-        message = a.message.replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {a.severity} | `{a.kind}` | `{where}` | {'' if a.step is None else a.step} | {message} |")
+    for found in group(report.anomalies):
+        message = group_message(found, where=False).replace("|", "\\|").replace("\n", " ")
+        count = f" x{len(found.anomalies)}" if len(found.anomalies) > 1 else ""
+        places = compress_names(found.places) if found.places else ""
+        rows.append(f"| {found.severity} | `{found.kind}`{count} | `{places}` | {found.steps()} | {message} |")
     return head + "\n".join(rows) + "\n\n"
+
+
+def group_message(found: Group, where: bool = True) -> str:
+    """One text for a group: the count, places and spread of the numbers, then the first message."""
+    if len(found.anomalies) == 1:
+        return found.first.message
+    spread = found.spread()
+    places = f" in {found.where()}" if where else ""
+    first = found.first.module or found.first.parameter
+    return (
+        f"{len(found.anomalies)} findings{places}{f' ({spread})' if spread else ''}. "
+        f"The first{f', {first}' if first else ''}: {found.first.message}"
+    )
 
 
 class JunitReporter:
@@ -75,8 +92,8 @@ class JunitReporter:
         fail_on: the ``--fail-on`` severity (``never``: no case fails).
     """
 
-    def __init__(self, path: str, fail_on: str) -> None:
-        self.path, self.fail_on = path, fail_on
+    def __init__(self, path: str, fail_on: str, baseline: bool = False) -> None:
+        self.path, self.fail_on, self.baseline = path, fail_on, baseline
 
     def on_step(self, step: StepRecord) -> None:
         return None  # writes the whole report at the end
@@ -85,20 +102,24 @@ class JunitReporter:
         failing = {id(a) for a in report.at_or_above(self.fail_on)}
         name = report.run.config or report.run.model
         suite = ET.Element("testsuite", name=f"gradscope {name}", tests=str(len(KINDS)))
-        failures = 0
+        skipped = not_run(report, self.baseline)
+        failures = skips = 0
         for kind in KINDS:
             case = ET.SubElement(suite, "testcase", classname=f"gradscope.{Path(name).stem}", name=kind)
             found = [a for a in report.anomalies if a.kind == kind]
-            bad = [a for a in found if id(a) in failing]
+            bad = group([a for a in found if id(a) in failing])
             if bad:
                 failures += 1
-                text = "\n".join(
-                    f"[{a.severity}] {a.module or a.parameter or ''} step {a.step}: {a.message}" for a in bad
-                )
-                ET.SubElement(case, "failure", message=bad[0].message[:200], type=bad[0].severity).text = text
+                text = "\n".join(f"[{g.severity}] {g.where()}: {group_message(g, where=False)}" for g in bad)
+                ET.SubElement(case, "failure", message=bad[0].first.message[:200], type=bad[0].severity).text = text
             elif found:
-                ET.SubElement(case, "system-out").text = "\n".join(f"[{a.severity}] {a.message}" for a in found)
+                text = "\n".join(f"[{g.severity}] {group_message(g)}" for g in group(found))
+                ET.SubElement(case, "system-out").text = text
+            elif kind in skipped:
+                skips += 1
+                ET.SubElement(case, "skipped", message=skipped[kind])
         suite.set("failures", str(failures))
+        suite.set("skipped", str(skips))
         if report.run.status != "completed":
             suite.set("errors", "1")
             ET.SubElement(suite, "system-err").text = f"run {report.run.status}: {report.run.error or ''}"
@@ -108,6 +129,51 @@ class JunitReporter:
 
     def close(self) -> None:
         return None
+
+
+def not_run(report: Report, baseline: bool) -> dict[str, str]:
+    """The checks this run could not make, each with why: JUnit counts them as skipped, not passed."""
+    steps = report.steps
+    run = report.run
+    kinds = {a.kind for step in steps for a in step.activations.values()}
+    out = {
+        "wrong_gradient": "no custom autograd.Function was checked (--gradcheck checks those the model calls)",
+        "baseline_drift": "no --baseline report to compare with",
+        "rank_divergence": "needs a DDP run of several processes (--distributed ddp under torchrun)",
+        "loss_scale_overflow": "no grad scaler in this run (fp16 only)",
+        "gradient_underflow": "no fp32 comparison in this run (bf16/fp16, one process)",
+        "gradient_clipping": "no gradient clipping in this run",
+        "dead_relu": "no ReLU ran in the measured forward passes",
+        "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
+    }
+    ran = {
+        "wrong_gradient": bool(report.gradchecks),
+        "baseline_drift": baseline,
+        "rank_divergence": bool(run.distributed) and (run.distributed or {}).get("strategy") == "ddp",
+        "loss_scale_overflow": any(s.loss_scale is not None for s in steps),
+        "gradient_underflow": any(s.underflow is not None for s in steps),
+        "gradient_clipping": any(s.clip_coefficient is not None for s in steps) or bool(run.clip),
+        "dead_relu": "relu" in kinds,
+        "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
+    }
+    return {kind: why for kind, why in out.items() if not ran[kind]}
+
+
+def error_command(exc: BaseException) -> str:
+    """An ``::error`` workflow command for an error that stopped the run (exit 2), placed at the
+    user's line the message names (the frame that raised, else the config's key)."""
+    text = str(exc)
+    match = re.search(r"\(at (.+?):(\d+) in ", text) or re.search(r"([^\s:()]+\.(?:py|ya?ml)):(\d+)", text)
+    props = []
+    if match:
+        path = match.group(1)
+        try:
+            path = os.path.relpath(path)
+        except ValueError:
+            pass
+        props = [f"file={_escape_prop(path)}", f"line={match.group(2)}"]
+    props.append(f"title={_escape_prop('gradscope error')}")
+    return f"::error {','.join(props)}::{_escape(text)}"
 
 
 def source_location(a: Anomaly) -> tuple[str | None, int | None]:

@@ -11,14 +11,30 @@ import os
 from typing import IO
 
 from rich.console import Console
+from rich.console import Group as Stack
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from gradscope.report import Anomaly, ParamInfo, ParamStats, Report, StepRecord
+from gradscope.reporters.findings import group
+from gradscope.reporters.layout import Column, fit
+from gradscope.reporters.verdict import verdict, written
 
 HEAD_ROWS = 15  # with a long table, the rows nearest the input ...
 TAIL_ROWS = 15  # ... and nearest the loss are shown, plus every flagged row
+STEP_HEAD = 5  # of a long run, the first steps ...
+STEP_TAIL = 5  # ... and the last are shown, plus every flagged step
+# The per-parameter columns after the name, and the order in which they give way to a narrow
+# terminal (None: always kept); non-finite stays, since it says where a NaN is.
+LAYER_COLUMNS = (
+    ("shape", 3),
+    ("grad norm", None),
+    ("grad/param", 4),
+    ("max |g|", 1),
+    ("zero %", 2),
+    ("non-finite", None),
+)
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -42,10 +58,10 @@ class TerminalReporter:
         if not report.steps:
             return  # nothing was measured; the error itself goes to stderr
         self.console.print(_header(report))
-        self.console.print(_steps_table(report))
+        self.console.print(_steps_table(report, self.show_all))
         if report.anomalies or report.run.status == "completed":
             self.console.print(_findings(report.anomalies))
-        self.console.print(_layer_table(report, _table_step(report), self.show_all))
+        self.console.print(_layer_table(report, _table_step(report), self.show_all, self.console.width))
         if report.run.status != "completed":
             self.console.print(_status_line(report))
 
@@ -82,51 +98,94 @@ def _header(report: Report) -> Text:
     return text
 
 
-def _steps_table(report: Report) -> Table:
+def _steps_table(report: Report, show_all: bool) -> Stack:
     steps = report.steps
     clip = any(s.clip_coefficient is not None for s in steps)
     amp = any(s.loss_scale is not None for s in steps)
-    table = Table(title="per step", title_justify="left", box=None, pad_edge=False)
-    for column in (
-        ["step", "loss", "grad norm"]
-        + (["clipped norm", "clip coef"] if clip else [])
-        + (["loss scale", "update"] if amp else [])
-    ):
-        table.add_column(column, justify="right")
-    for s in steps:
-        row = [str(s.step), _num(s.loss), _num(s.grad_norm_total)]
+    rows = _visible_steps(report, show_all)
+    shown = sum(1 for r in rows if not isinstance(r, int))
+    title = "per step" + (f" ({shown} of {len(steps)} shown: first, last and flagged)" if shown < len(steps) else "")
+    table = Table(box=None, pad_edge=False)
+    columns = ["step", "loss", "grad norm"]
+    columns += ["clipped norm", "clip coef"] if clip else []
+    columns += ["loss scale", "update"] if amp else []
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for s in rows:
+        if isinstance(s, int):
+            table.add_row(Text("...", style="dim"), Text(f"{s} steps", style="dim"), *[""] * (len(columns) - 2))
+            continue
+        # A backward that raised left no gradient: there is no norm to show, not a NaN one.
+        norm = Text("no grad", style="yellow") if s.backward_error else _num(s.grad_norm_total)
+        row: list[Text | str] = [str(s.step), _num(s.loss), norm]
         if clip:
             row += [_num(s.grad_norm_total_clipped), _num(s.clip_coefficient)]
         if amp:
             row += [_num(s.loss_scale), "skipped" if s.skipped else "applied"]
         table.add_row(*row)
-    return table
+    return Stack(Text(title), table)  # a title above, wrapped at the screen's width, not the table's
+
+
+def _visible_steps(report: Report, show_all: bool) -> list[StepRecord | int]:
+    """Every step of a short run; of a long one the first and last few and every flagged step."""
+    steps = report.steps
+    if show_all or len(steps) <= STEP_HEAD + STEP_TAIL + 5:
+        return list(steps)
+    starts = {a.step for a in report.anomalies}
+    keep = {i for i, s in enumerate(steps) if i < STEP_HEAD or i >= len(steps) - STEP_TAIL or s.step in starts}
+    keep |= {i for i, s in enumerate(steps) if _step_flagged(s)}
+    return _with_gaps(list(steps), keep)
+
+
+def _step_flagged(s: StepRecord) -> bool:
+    loss_bad = s.loss is not None and not math.isfinite(s.loss)
+    return loss_bad or not math.isfinite(s.grad_norm_total) or s.skipped or s.backward_error is not None
+
+
+def _with_gaps(items: list, keep: set[int]) -> list:
+    """``items`` at the kept indices, with an int counting each run of left-out ones."""
+    out: list = []
+    skipped = 0
+    for i, item in enumerate(items):
+        if i in keep:
+            if skipped:
+                out.append(skipped)
+            out.append(item)
+            skipped = 0
+        else:
+            skipped += 1
+    if skipped:
+        out.append(skipped)
+    return out
 
 
 def _findings(anomalies: tuple[Anomaly, ...]) -> Text | Panel:
     if not anomalies:
         return Text("no anomalies found", style="green")
+    groups = group(anomalies)
     text = Text()
-    for i, a in enumerate(anomalies):
-        where = " ".join(
-            x
-            for x in (
-                a.module or a.parameter or "",
-                f"step {a.step}" if a.step is not None else "",
-                f"rank {a.rank}" if a.rank is not None else "",
-            )
-            if x
-        )
+    for i, g in enumerate(groups):
         text.append("\n" if i else "")
-        text.append(f"{a.severity.upper():7} ", style=SEVERITY_STYLE.get(a.severity, ""))
-        text.append(f"{a.kind}", style="bold")
+        text.append(f"{g.severity.upper():7} ", style=SEVERITY_STYLE.get(g.severity, ""))
+        text.append(g.kind, style="bold")
+        if len(g.anomalies) > 1:
+            text.append(f" x{len(g.anomalies)}", style="bold")
+        where = g.where()
         text.append(f" [{where}] " if where else " ")
-        text.append(a.message + "\n")
-        trace = _origin_trace(a)
+        spread = g.spread()
+        if len(g.anomalies) > 1:
+            text.append(f"({spread}) " if spread else "")
+            first = g.first.module or g.first.parameter
+            text.append(f"The first{f', {first}' if first else ''}: ", style="dim")
+        text.append(g.first.message + "\n")
+        trace = _origin_trace(g.first)
         if trace:
             text.append(f"        origin: {trace}\n", style="dim")
+    count = f"{len(groups)} finding(s)"
+    if len(groups) < len(anomalies):
+        count += f" ({len(anomalies)} in the JSON report)"
     worst = anomalies[0].severity
-    return Panel(text, title=f"{len(anomalies)} finding(s)", title_align="left", border_style=SEVERITY_STYLE[worst])
+    return Panel(text, title=count, title_align="left", border_style=SEVERITY_STYLE[worst])
 
 
 def _origin_trace(a: Anomaly) -> str:
@@ -138,28 +197,41 @@ def _origin_trace(a: Anomaly) -> str:
     return " > ".join(str(p) for p in parts if p)
 
 
-def _layer_table(report: Report, step: StepRecord, show_all: bool) -> Table:
+def _layer_table(report: Report, step: StepRecord, show_all: bool, width: int) -> Stack | Text:
     infos = [p for p in report.parameters if p.name in step.parameters]
+    if not infos:
+        why = " (backward raised before any gradient arrived)" if step.backward_error else ""
+        return Text(f"per parameter, step {step.step}: no gradients{why}", style="yellow")
     rows = _visible_rows(infos, step, show_all)
+    params = [r for r in rows if not isinstance(r, int)]
+    cells = [_layer_cells(info, step.parameters[info.name]) for info in params]
+    columns = [
+        Column(header, [c[i] for c in cells], droppable=order is not None, drop_order=order or 0)
+        for i, (header, order) in enumerate(LAYER_COLUMNS)
+    ]
+    labels = [info.name + (f" (= {', '.join(info.aliases)})" if info.aliases else "") for info in params]
+    labels, kept = fit(labels, "parameter", columns, width)
     frozen = len(report.parameters) - len(infos)
-    title = f"per parameter, step {step.step}" + (f" ({frozen} frozen not shown)" if frozen else "")
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
-    for column, justify in [
-        ("parameter", "left"),
-        ("shape", "left"),
-        ("grad norm", "right"),
-        ("grad/param", "right"),
-        ("max |g|", "right"),
-        ("zero %", "right"),
-        ("non-finite", "right"),
-    ]:
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    notes = [f"{frozen} frozen not shown"] if frozen else []
+    if len(params) < len(infos):
+        notes.append(f"{len(params)} of {len(infos)} rows, --all shows every row")
+    left_out = [c.header for c in columns if c not in kept]
+    if left_out:
+        notes.append(f"{', '.join(left_out)} left out to fit {width} columns")
+    title = f"per parameter, step {step.step}" + (f" ({'; '.join(notes)})" if notes else "")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("parameter", justify="left", no_wrap=True)
+    for column in kept:
+        table.add_column(column.header, justify="left" if column.header == "shape" else "right", no_wrap=True)
+    names = iter(zip(labels, cells))
     for item in rows:
         if isinstance(item, int):
-            table.add_row(Text(f"... {item} more rows (--all shows every row)", style="dim"), "", "", "", "", "", "")
-        else:
-            table.add_row(*_layer_row(item, step.parameters[item.name]))
-    return table
+            table.add_row(Text(f"... {item} more rows", style="dim"), *[""] * len(kept))
+            continue
+        label, row = next(names)
+        styled = [_style(column.header, row[columns.index(column)]) for column in kept]
+        table.add_row(Text(label), *styled)
+    return Stack(Text(title), table)
 
 
 def _visible_rows(infos: list[ParamInfo], step: StepRecord, show_all: bool) -> list[ParamInfo | int]:
@@ -168,32 +240,42 @@ def _visible_rows(infos: list[ParamInfo], step: StepRecord, show_all: bool) -> l
         return list(infos)
     keep = {i for i in range(len(infos)) if i < HEAD_ROWS or i >= len(infos) - TAIL_ROWS}
     keep |= {i for i, info in enumerate(infos) if _flagged(step.parameters[info.name])}
-    out: list[ParamInfo | int] = []
-    skipped = 0
-    for i, info in enumerate(infos):
-        if i in keep:
-            if skipped:
-                out.append(skipped)
-            out.append(info)
-            skipped = 0
-        else:
-            skipped += 1
-    return out
+    return _with_gaps(infos, keep)
 
 
 def _flagged(stats: ParamStats) -> bool:
     return not stats.received or stats.nan_count > 0 or stats.inf_count > 0 or stats.zero_fraction == 1.0
 
 
-def _layer_row(info: ParamInfo, s: ParamStats) -> list[Text | str]:
-    name = Text(info.name + (f" (= {', '.join(info.aliases)})" if info.aliases else ""))
+def _layer_cells(info: ParamInfo, s: ParamStats) -> list[str]:
+    """Plain texts of a parameter's row after its name: shape, then the LAYER_COLUMNS numbers."""
     shape = "x".join(map(str, info.shape)) or "scalar"
     if not s.received:
-        return [name, shape, Text("no grad", style="yellow"), "", "", "", ""]
-    nonfinite = s.nan_count + s.inf_count
-    bad = Text(f"{s.nan_count} NaN {s.inf_count} Inf", style="bold red") if nonfinite else Text("0")
-    zero = Text(f"{100 * (s.zero_fraction or 0):.1f}", style="yellow" if s.zero_fraction == 1.0 else "")
-    return [name, shape, _num(s.grad_norm), _num(s.grad_to_param), _num(s.grad_max_abs), zero, bad]
+        return [shape, "no grad", "", "", "", ""]
+    parts = [f"{s.nan_count} NaN" if s.nan_count else "", f"{s.inf_count} Inf" if s.inf_count else ""]
+    nonfinite = " ".join(p for p in parts if p) or "0"
+    zero = f"{100 * (s.zero_fraction or 0):.1f}"
+    return [shape, _num(s.grad_norm), _num(s.grad_to_param), _max_abs(info, s), zero, nonfinite]
+
+
+def _max_abs(info: ParamInfo, s: ParamStats) -> str:
+    """Max |g|: Inf when any entry is infinite; NaN when no entry is finite (the probe's max over
+    finite entries would read 0 there)."""
+    if s.inf_count:
+        return "Inf"
+    if s.nan_count and s.nan_count >= info.numel:
+        return "NaN"
+    return _num(s.grad_max_abs)
+
+
+def _style(header: str, cell: str) -> Text:
+    if cell == "no grad":
+        return Text(cell, style="yellow")
+    if header == "non-finite" and cell != "0":
+        return Text(cell, style="bold red")
+    if header == "zero %" and cell == "100.0":
+        return Text(cell, style="yellow")
+    return Text(cell)
 
 
 def _status_line(report: Report) -> Text:
@@ -211,3 +293,26 @@ def _num(value: float | None) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{value:.4g}"
     return f"{value:.3e}"
+
+
+def print_verdict(stream: IO[str], report: Report, code: int, fail_on: str, outputs: list[str | None]) -> None:
+    """The files written, then the one-line verdict: the last thing on the screen.
+
+    Args:
+        stream: where the terminal report went.
+        report: the finished (or partial) report.
+        code: the exit code the command returns.
+        fail_on: the ``--fail-on`` severity.
+        outputs: paths the run was asked to write (missing ones and ``-`` are left out).
+    """
+    console = Console(file=stream, width=None if stream.isatty() else 400, highlight=False, soft_wrap=True)
+    files = written(outputs)
+    if files:
+        console.print(files, style="dim")
+    style = (
+        "bold red"
+        if code not in (0, 1) or report.at_or_above("error")
+        else SEVERITY_STYLE.get(report.anomalies[0].severity if report.anomalies else "", "bold green")
+    )
+    console.print(verdict(report, code, fail_on), style=style)
+    console.file.flush()
