@@ -85,6 +85,7 @@ class Checks(_Strict):
     saturated_activation: FractionCheck = FractionCheck()
     unused_parameter: _Check = _Check()
     zero_gradient: _Check = _Check()
+    expert_routing: _Check = _Check()
     gradient_clipping: ClippingCheck = ClippingCheck()
     loss_scale_overflow: StepFractionCheck = StepFractionCheck(fraction=0.25)
     gradient_underflow: UnderflowCheck = UnderflowCheck()

@@ -155,6 +155,7 @@ class Inspection:
             model_target=settings.model.target,
             seed=settings.seed,
             optimizer=settings.optimizer.name if settings.optimizer else None,
+            lr=settings.optimizer.lr if settings.optimizer else None,
             clip=settings.clip.model_dump() if settings.clip else None,
             checkpointed_modules=tuple(self.checkpointed),
             batch=self.batch.describe() + (f" on each of {self.ranks.world} ranks" if self.ranks else ""),

@@ -220,6 +220,7 @@ class RunInfo:
     model_target: str | None = None
     seed: int | None = None
     optimizer: str | None = None
+    lr: float | None = None  # the optimizer's learning rate (its first parameter group's)
     clip: dict[str, float] | None = None
     checkpointed_modules: tuple[str, ...] = ()
     batch: str | None = None

@@ -300,6 +300,7 @@ class Watch:
             parameters_total=sum(i.numel for i in self.gradients.infos),
             parameters_trainable=sum(i.numel for i in self.trainable),
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
+            lr=_learning_rate(self.optimizer),
             torch_version=torch.__version__,
             gradscope_version=__version__,
             notes=tuple(self.notes),
@@ -361,3 +362,10 @@ def watch(
 
 def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
+def _learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The first parameter group's learning rate, when it is a plain number (not a scheduler's tensor)."""
+    groups = optimizer.param_groups if optimizer is not None else []
+    lr = groups[0].get("lr") if groups else None
+    return float(lr) if isinstance(lr, (int, float)) else None

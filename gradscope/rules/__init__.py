@@ -18,16 +18,11 @@ from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
 from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
-from gradscope.rules.flow import (
-    exploding_gradient,
-    stale_gradient,
-    unused_parameter,
-    vanishing_gradient,
-    zero_gradient,
-)
+from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
 from gradscope.rules.spikes import gradient_spike, loss_spike, with_causes
+from gradscope.rules.unused import expert_routing, unused_parameter, zero_gradient
 
 Rule = Callable[[Report, Any], list[Anomaly]]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -42,6 +37,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("saturated_activation", saturated_activation),
     ("unused_parameter", unused_parameter),
     ("zero_gradient", zero_gradient),
+    ("expert_routing", expert_routing),
     ("gradient_clipping", gradient_clipping),
     ("loss_scale_overflow", loss_scale_overflow),
     ("gradient_underflow", gradient_underflow),

@@ -1,11 +1,25 @@
-"""Gradient flow: vanishing, exploding, unused and zero gradients."""
+"""Gradient flow: vanishing and exploding gradients along the model's depth, and stale gradients.
+
+Depth is compared block by block (``rules.depth``), and what zero-initialised
+partners explain is left out, so LoRA's ``A``, the query and key weights of an
+attention block at init, or a ReZero branch are not read as a network whose
+early layers starve.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gradscope.report import Anomaly, ParamInfo, Report, StepRecord
-from gradscope.rules.common import by_module, clean_steps, fully_dead, in_forward_order, median, weights_in_order
+from gradscope.rules.common import clean_steps, median, weights_in_order
+from gradscope.rules.depth import Partner, by_block, explained, zero_partners
+
+# Optimizers whose update does not scale with the gradient (per-element normalised steps):
+# a constant factor on the loss, or a huge |grad|/|weight|, changes nothing they do.
+SCALE_FREE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb", "sophia", "came")
+REFERENCE_LR = 0.01  # what ``exploding_gradient.relative`` assumes when the learning rate is not known
+
+Blocks = list[tuple[str, float, list[str]]]
 
 
 def _relative(step: StepRecord, weights: list[ParamInfo]) -> list[tuple[str, float]]:
@@ -22,25 +36,40 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return median(values[:k]), median(values[-k:])
 
 
+def _judged(report: Report) -> tuple[list[ParamInfo], dict[str, str], list[Partner]]:
+    """The weights the flow rules compare (not those zero-initialised partners explain), their
+    modules, and the partners."""
+    partners = zero_partners(report)
+    skip = explained(partners)
+    weights = [p for p in weights_in_order(report) if p.name not in skip]
+    return weights, {p.name: p.module for p in weights}, partners
+
+
 def vanishing_gradient(report: Report, check: Any) -> list[Anomaly]:
-    """Relative gradients (|grad| / |weight|) near the input far below those near the loss."""
-    weights = weights_in_order(report)
+    """The blocks nearest the input, as a whole, get relative gradients far below those nearest the loss."""
+    weights, modules, partners = _judged(report)
+    found: list[Anomaly] = []
     for step in clean_steps(report):
         rel = _relative(step, weights)
-        if len(rel) < 2:
-            continue
-        first, last = _ends([r for _, r in rel])
-        if first / last < check.ratio:
-            start = next(name for name, r in reversed(rel) if r < check.ratio * last)
-            return [_vanishing(step, rel, first, last, start, check)]
-        if max(r for _, r in rel) < check.negligible:
-            return [_negligible(step, rel, check)]
-    return []
+        blocks = by_block(rel, modules)
+        if len(blocks) >= 2:
+            first, last = _ends([m for _, m, _ in blocks])
+            if first / last < check.ratio:
+                found = [_vanishing(step, rel, blocks, first, last, check)]
+                break
+        if len(rel) >= 2 and max(r for _, r in rel) < check.negligible:
+            found = [_negligible(step, rel, check)]
+            break
+    note = _partner_note(report, partners, check)
+    return found + ([note] if note and not found else [])
 
 
 def _vanishing(
-    step: StepRecord, rel: list[tuple[str, float]], first: float, last: float, start: str, check: Any
+    step: StepRecord, rel: list[tuple[str, float]], blocks: Blocks, first: float, last: float, check: Any
 ) -> Anomaly:
+    block, _, members = next(b for b in reversed(blocks) if b[1] < check.ratio * last)
+    ratios = dict(rel)
+    start = next((n for n in members if ratios[n] < check.ratio * last), members[0])
     return Anomaly(
         kind="vanishing_gradient",
         severity="error",
@@ -48,13 +77,20 @@ def _vanishing(
         parameter=start,
         step=step.step,
         message=(
-            f"gradients vanish toward the input: |grad|/|weight| is {first:.2e} at {rel[0][0]} but "
-            f"{last:.2e} at {rel[-1][0]} ({last / first:.1e}x smaller); it falls below {check.ratio:g} of the "
-            f"output side's at {start}. Early layers will barely learn. Usual fixes: activations that do not "
-            f"saturate (ReLU/GELU instead of sigmoid/tanh), residual connections, normalisation (LayerNorm/"
-            f"BatchNorm), and variance-preserving init (He/Xavier)."
+            f"gradients vanish toward the input: the median |grad|/|weight| of a block's weights is {first:.2e} "
+            f"at {blocks[0][0]} but {last:.2e} at {blocks[-1][0]} ({last / first:.1e}x smaller; blocks compared "
+            f"as a whole, like with like); it falls below {check.ratio:g} of the output side's at {block} "
+            f"({start}). Early layers will barely learn. Usual fixes: activations that do not saturate "
+            f"(ReLU/GELU instead of sigmoid/tanh), residual connections, normalisation (LayerNorm/BatchNorm), "
+            f"and variance-preserving init (He/Xavier)."
         ),
-        evidence={"relative_gradient": dict(rel), "first": first, "last": last, "threshold": check.ratio},
+        evidence={
+            "relative_gradient": ratios,
+            "blocks": {b: m for b, m, _ in blocks},
+            "first": first,
+            "last": last,
+            "threshold": check.ratio,
+        },
     )
 
 
@@ -66,31 +102,82 @@ def _negligible(step: StepRecord, rel: list[tuple[str, float]], check: Any) -> A
         step=step.step,
         message=(
             f"gradients are negligible everywhere: the largest |grad|/|weight| is {top:.2e} (< {check.negligible:g}); "
-            f"no layer will move. Check the loss scale (a loss multiplied by a tiny constant), saturated outputs, or init."
+            f"no layer will move. Check the loss scale (a loss multiplied by a tiny constant), saturated outputs, "
+            f"normalisation gains initialised near zero, or init."
         ),
         evidence={"relative_gradient": dict(rel)},
     )
 
 
+def _partner_note(report: Report, partners: list[Partner], check: Any) -> Anomaly | None:
+    """An info naming the zero-initialised weights, when the weights they gate got zero or tiny gradients."""
+    gated = [n for p in partners for n in p.gated]
+    if not gated:
+        return None
+    held = [n for n in gated if _held_back(report, n, check.ratio)]
+    if not held:
+        return None
+    zeros = [p.name for p in partners]
+    return Anomaly(
+        kind="vanishing_gradient",
+        severity="info",
+        module=partners[0].scope or None,
+        parameter=zeros[0],
+        message=(
+            f"{len(zeros)} parameter(s) start at zero but get a gradient of their own ({', '.join(zeros[:3])}"
+            f"{'...' if len(zeros) > 3 else ''}): until the first optimizer steps move them, the {len(held)} "
+            f"weight(s) of their branches ({', '.join(held[:3])}{'...' if len(held) > 3 else ''}) get zero or tiny "
+            f"gradients by design (LoRA's B, ReZero gates, zero-initialised residual branches, adaLN-Zero). "
+            f"They are left out of the vanishing and exploding checks."
+        ),
+        evidence={"zero_initialised": zeros, "held_back": held, "branches": {p.name: p.scope for p in partners}},
+    )
+
+
+def _held_back(report: Report, name: str, ratio: float) -> bool:
+    for step in clean_steps(report):
+        s = step.parameters.get(name)
+        if s is None or s.grad_norm is None:
+            continue
+        if s.grad_norm == 0:
+            return True
+        others = [t.grad_to_param for n, t in step.parameters.items() if n != name and t.grad_to_param]
+        if s.grad_to_param is not None and others and s.grad_to_param < ratio * median(others):
+            return True
+    return False
+
+
 def exploding_gradient(report: Report, check: Any) -> list[Anomaly]:
-    """Relative gradients that grow toward the input, or are huge next to their weights."""
-    weights = weights_in_order(report)
+    """Relative gradients that grow toward the input (block by block), or updates the optimizer in use
+    would make larger than the weights themselves."""
+    weights, modules, _ = _judged(report)
+    optimizer = (report.run.optimizer or "").lower()
+    scale_free = any(name in optimizer for name in SCALE_FREE)
+    lr = report.run.lr if report.run.lr is not None and not scale_free else None
     for step in clean_steps(report):
         rel = _relative(step, weights)
         if not rel:
             continue
         name, top = max(rel, key=lambda item: item[1])
-        first, last = _ends([r for _, r in rel]) if len(rel) >= 2 else (top, top)
-        if len(rel) >= 2 and first / last > check.ratio:
+        blocks = by_block(rel, modules)
+        first, last = _ends([m for _, m, _ in blocks]) if len(blocks) >= 2 else (top, top)
+        if len(blocks) >= 2 and first / last > check.ratio:
             message = (
-                f"gradients grow toward the input: |grad|/|weight| is {first:.2e} at {rel[0][0]} but {last:.2e} "
-                f"at {rel[-1][0]} ({first / last:.1e}x larger)."
+                f"gradients grow toward the input: the median |grad|/|weight| of a block's weights is {first:.2e} "
+                f"at {blocks[0][0]} but {last:.2e} at {blocks[-1][0]} ({first / last:.1e}x larger)."
             )
-        elif top > check.relative:
-            message = f"gradients are huge: |grad| is {top:.3g}x |weight| at {name} (threshold {check.relative:g}); one SGD step at lr 0.01 would change it by more than its own norm."
+        elif not scale_free and top * (lr or REFERENCE_LR) / REFERENCE_LR > check.relative:
+            message = _huge_message(name, top, lr, optimizer, check)
         else:
             continue
         fix = " Usual fixes: smaller init (He/Xavier scale), normalisation, residual scaling, gradient clipping, a lower learning rate."
+        evidence = {
+            "relative_gradient": dict(rel),
+            "grad_norm_total": step.grad_norm_total,
+            "optimizer": optimizer or None,
+        }
+        if lr is not None:
+            evidence["lr"] = lr
         return [
             Anomaly(
                 kind="exploding_gradient",
@@ -99,94 +186,25 @@ def exploding_gradient(report: Report, check: Any) -> list[Anomaly]:
                 parameter=name,
                 step=step.step,
                 message=message + fix,
-                evidence={"relative_gradient": dict(rel), "grad_norm_total": step.grad_norm_total},
+                evidence=evidence,
             )
         ]
     return []
 
 
-def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
-    """Trainable parameters that got no gradient in any step, grouped by module."""
-    steps = [s for s in report.steps if s.backward_error is None]
-    if not steps:
-        return []
-    never = [p for p in report.parameters if p.trainable and not any(s.parameters[p.name].received for s in steps)]
-    called = set(report.called_modules or ())
-    out = []
-    for module, params in by_module(never).items():
-        names = [p.name for p in params]
-        if report.called_modules is not None and module not in called:
-            cause = f"{module or '(model)'} never runs in forward: drop it, or freeze it (requires_grad_(False)) if it is meant to be unused"
-        elif report.called_modules is not None:
-            cause = f"{module or '(model)'} runs in forward but its output does not reach the loss: cut off by .detach(), torch.no_grad() or discarded"
-        else:
-            cause = "it is never used in forward, or its output is cut off from the loss"
-        out.append(
-            Anomaly(
-                kind="unused_parameter",
-                severity="warning",
-                module=module or None,
-                parameter=names[0],
-                message=f"{', '.join(names)} require a gradient but got none in {len(steps)} step(s): {cause}.",
-                evidence={
-                    "parameters": names,
-                    "module_called": module in called if report.called_modules is not None else None,
-                },
-            )
+def _huge_message(name: str, top: float, lr: float | None, optimizer: str, check: Any) -> str:
+    if lr is not None:
+        return (
+            f"gradients are huge for {optimizer or 'the optimizer'} at lr {lr:g}: |grad| is {top:.3g}x |weight| at "
+            f"{name}, so one step changes it by about {lr * top:.3g}x its own norm (threshold "
+            f"{check.relative * REFERENCE_LR:g}, from exploding_gradient.relative at lr {REFERENCE_LR:g}); "
+            f"momentum makes it larger."
         )
-    return out
-
-
-def zero_gradient(report: Report, check: Any) -> list[Anomaly]:
-    """Gradients that arrive but are exactly zero everywhere, in every step: one finding, placed where
-    the flow of gradient stops (an all-zero weight, or else the zero-gradient module nearest the loss)."""
-    steps = clean_steps(report)
-    if not steps or any(fully_dead(s) for s in steps):
-        return []  # a layer of dead ReLUs explains it; dead_relu reports that
-    params = in_forward_order(report)
-    zero = [p for p in params if p.trainable and _always_zero(p.name, steps)]
-    if not zero:
-        return []
-    blank = [
-        p
-        for p in params
-        if len(p.shape) >= 2 and steps[0].parameters.get(p.name) and steps[0].parameters[p.name].param_norm == 0
-    ]
-    if blank:
-        place = blank[-1]
-        cause = (
-            f" These weights are all zeros: {', '.join(p.name for p in blank[:6])}. A zero weight passes no gradient "
-            f"back and zero activations give the next layer none: initialise them randomly (zero init is only "
-            f"safe for the last layer of a residual branch)."
-        )
-    else:
-        place = zero[-1]
-        cause = " The path from the loss is dead: a multiplication by 0, a constant output, or dead units after it."
-    names = [p.name for p in zero]
-    return [
-        Anomaly(
-            kind="zero_gradient",
-            severity="warning",
-            module=place.module or None,
-            parameter=place.name,
-            step=steps[0].step,
-            message=(
-                f"no gradient flows back past {place.module or '(model)'}: the gradients of {len(names)} parameters "
-                f"({', '.join(names[:6])}{'...' if len(names) > 6 else ''}) are exactly zero in every step.{cause}"
-            ),
-            evidence={"parameters": names, "zero_weights": [p.name for p in blank]},
-        )
-    ]
-
-
-def _always_zero(name: str, steps: list[StepRecord]) -> bool:
-    for s in steps:
-        stats = s.parameters.get(name)
-        if stats is None or not stats.received or stats.grad_norm != 0:
-            return False
-        if s.underflow and s.underflow.get(name, 0.0) > 0:
-            return False  # fp32 keeps it: gradient_underflow reports that
-    return True
+    return (
+        f"gradients are huge: |grad| is {top:.3g}x |weight| at {name} (threshold {check.relative:g}); with no "
+        f"optimizer known this assumes SGD at lr {REFERENCE_LR:g}, where one step would change it by more than its "
+        f"own norm (Adam-family optimizers ignore the gradient's scale)."
+    )
 
 
 def stale_gradient(report: Report, check: Any) -> list[Anomaly]:
