@@ -234,7 +234,7 @@ def summarize(
     tables = []
     for members in groups.values():
         gs = [_values(grads[i]) for i in members]
-        ps = [params[i].detach() for i in members]
+        ps = [_real(params[i].detach()) for i in members]
         columns = _cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else _device_columns(gs, ps, extra_norm)
         tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
         order.extend(members)
@@ -280,14 +280,14 @@ def _cpu_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: flo
 def _row_stats(g: torch.Tensor, p: torch.Tensor, extra_norm: float | None) -> torch.Tensor:
     """Per row of ``g`` (tensors, entries): L2 norm, max |g|, non-zero count, ``p``'s L2 norm."""
     columns = [
-        torch.linalg.vector_norm(g, dim=1, dtype=torch.float32),
+        torch.linalg.vector_norm(g, dim=1, dtype=norm_dtype(g)),
         _row_max_abs(g),
         # count_nonzero over a dim is several times slower than over a whole tensor.
         torch.count_nonzero(g).double().reshape(1) if g.shape[0] == 1 else (g != 0).sum(dim=1).double(),
-        torch.linalg.vector_norm(p, dim=1, dtype=torch.float32),
+        torch.linalg.vector_norm(p, dim=1, dtype=norm_dtype(p)),
     ]
     if extra_norm is not None:
-        columns.append(torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=torch.float32))
+        columns.append(torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=norm_dtype(g)))
     return torch.stack([c.double() for c in columns], dim=1)
 
 
@@ -296,29 +296,54 @@ def _row_max_abs(g: torch.Tensor) -> torch.Tensor:
         return g.new_zeros(g.shape[0], dtype=torch.float32)
     if g.shape[0] == 1:  # one large tensor: aminmax reads it once without an |g| copy
         low, high = torch.aminmax(g)
-        return torch.maximum(low.abs(), high.abs()).float().reshape(1)
-    return g.abs().amax(dim=1).float()
+        return torch.maximum(low.abs(), high.abs()).to(norm_dtype(g)).reshape(1)
+    return g.abs().amax(dim=1).to(norm_dtype(g))
 
 
 def l2_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """float32 L2 norm of each tensor (no sync); on the CPU, same-shape small tensors are stacked."""
+    """L2 norm of each tensor (no sync), each in ``norm_dtype`` (float32 or float64); on the CPU,
+    same-shape small tensors of one dtype are stacked."""
     if not tensors or tensors[0].device.type != "cpu":
         return _norms(tensors, 2.0) if tensors else torch.zeros(0)
-    out = torch.empty(len(tensors), dtype=torch.float32)
-    shapes: dict[torch.Size, list[int]] = defaultdict(list)
+    out = torch.empty(len(tensors), dtype=max((norm_dtype(t) for t in tensors), key=_width))
+    shapes: dict[tuple[torch.Size, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         if t.numel() < _CPU_LARGE:
-            shapes[t.shape].append(i)
+            shapes[(t.shape, t.dtype)].append(i)
         else:
-            out[i] = torch.linalg.vector_norm(t, dtype=torch.float32)
+            out[i] = torch.linalg.vector_norm(t, dtype=norm_dtype(t)).to(out.dtype)
     for members in shapes.values():
         stacked = torch.stack([tensors[i] for i in members]).reshape(len(members), -1)
-        out[members] = torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32)
+        out[members] = torch.linalg.vector_norm(stacked, dim=1, dtype=norm_dtype(stacked)).to(out.dtype)
     return out
 
 
 def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+    """Each tensor's ``ord``-norm, one foreach call per dtype (float64 tensors keep float64)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return torch.stack(torch._foreach_norm(tensors, ord, dtype=norm_dtype(tensors[0])))
+    out = torch.empty(len(tensors), dtype=max((norm_dtype(t) for t in tensors), key=_width), device=tensors[0].device)
+    for dtype in dtypes:
+        members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        out[members] = _norms([tensors[i] for i in members], ord).to(out.dtype)
+    return out
+
+
+def norm_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a norm of ``tensor`` is taken in: float32, or float64 for a float64 tensor
+    (narrowing it is an error in torch, and would lose what a float64 model keeps)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor's moduli: the same L2 and p-norms, max |z| and non-zero count as the
+    complex entries (torch's norms reject a real dtype for complex input)."""
+    return tensor.abs() if tensor.is_complex() else tensor
 
 
 def _needs_float64(row: list[float]) -> bool:
@@ -346,7 +371,7 @@ def _exact_row(grad: torch.Tensor) -> torch.Tensor:
 def _values(grad: torch.Tensor) -> torch.Tensor:
     # A sparse gradient's statistics are those of its stored values; a sharded one's, of its local shard.
     grad = to_local(grad)
-    return grad.coalesce().values() if grad.is_sparse else grad
+    return _real(grad.coalesce().values() if grad.is_sparse else grad)
 
 
 def to_local(tensor: torch.Tensor) -> torch.Tensor:
