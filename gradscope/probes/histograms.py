@@ -2,10 +2,18 @@
 
 Each histogram has ``BINS`` equal buckets between the finite minimum and
 maximum of one gradient; non-finite entries are left out and counted.
+
+The work is batched: the gradients of one device and dtype are laid end to end
+in chunks of at most ``CHUNK`` entries (small gradients share a chunk, a large
+one spans several), and each chunk costs the same dozen or so kernels however
+many gradients it holds (segment reductions, one ``bincount`` for all their
+buckets). A model with a thousand small tensors pays a few chunks, not a few
+dozen kernels per tensor; temporaries stay a chunk's size.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -16,6 +24,8 @@ from gradscope.report import Histogram, StepRecord
 
 BINS = 30
 WIDTH = 6 + BINS  # min, max, count, sum, sum of squares, non-finite count, then the bucket counts
+CHUNK = 1 << 18  # entries per chunk
+_INF = float("inf")
 
 
 def gradient_histograms(grads: list[torch.Tensor], shards: Any = None) -> torch.Tensor:
@@ -28,46 +38,106 @@ def gradient_histograms(grads: list[torch.Tensor], shards: Any = None) -> torch.
     """
     if not grads:
         return torch.zeros((0, WIDTH), dtype=torch.float64)
-    flat = [g.detach().flatten() for g in grads]
-    bounds = torch.stack([_finite_bounds(g) for g in flat])  # (n, 2): min, -max
+    home = grads[0].device
+    dtype = torch.float32 if home.type == "mps" else torch.float64
+    chunks = _chunks([g.detach().reshape(-1) for g in grads])
+    bounds = torch.full((len(grads), 2), _INF, dtype=dtype, device=home)  # each row's min and -max
+    for chunk in chunks:
+        rows = chunk.rows.to(home)[:, None].expand(-1, 2)
+        bounds.scatter_reduce_(0, rows, _bounds(chunk, chunk.values()).to(home, dtype), "amin")
     if shards is not None:
         bounds = shards.reduce_min(bounds)
-    table = torch.stack([_row(g, lo, -neg_hi) for g, (lo, neg_hi) in zip(flat, bounds.to(flat[0].device).unbind())])
+    some = bounds[:, 0] <= -bounds[:, 1]
+    lo, hi = torch.where(some, bounds[:, 0], 0.0), torch.where(some, -bounds[:, 1], 0.0)  # none finite: [0, 0]
+    table = torch.zeros((len(grads), WIDTH - 2), dtype=dtype, device=home)
+    for chunk in chunks:
+        rows = chunk.rows.to(home)
+        table.index_add_(0, rows, _sums(chunk, lo[rows].to(chunk.device), hi[rows].to(chunk.device)).to(home, dtype))
     if shards is not None:
-        table = torch.cat([table[:, :2], shards.reduce_sum(table[:, 2:]).to(table.dtype)], dim=1)
-    return table
+        table = shards.reduce_sum(table).to(dtype)
+    return torch.cat([lo[:, None], hi[:, None], table], dim=1)
 
 
-def _dtype(g: torch.Tensor) -> torch.dtype:
-    return torch.float32 if g.device.type == "mps" else torch.float64
+class _Chunk:
+    """Pieces of gradients end to end; ``rows[k]`` is the table row of piece ``k``."""
+
+    def __init__(self, pieces: list[tuple[int, torch.Tensor]]) -> None:
+        self.pieces = [p for _, p in pieces]
+        self.count = len(pieces)
+        self.device = self.pieces[0].device
+        # bfloat16 and float16 entries are bucketed in float32, whose steps are finer than theirs.
+        self.dtype = torch.promote_types(self.pieces[0].dtype, torch.float32)
+        self.lengths = torch.tensor([p.numel() for p in self.pieces], device=self.device)
+        self.rows = torch.tensor([row for row, _ in pieces], device=self.device)
+
+    def values(self) -> torch.Tensor:
+        """The chunk's entries, (entries,) (a copy only when they are several pieces or half precision)."""
+        flat = torch.cat(self.pieces) if self.count > 1 else self.pieces[0]
+        return flat.to(self.dtype)
+
+    def each(self, per_piece: torch.Tensor, entries: int) -> torch.Tensor:
+        """A per-piece value for each entry of its piece: (entries,), or (1,) to broadcast."""
+        if self.count == 1:
+            return per_piece
+        return torch.repeat_interleave(per_piece, self.lengths, output_size=entries)
+
+    def reduce(self, values: torch.Tensor, how: str, initial: float) -> torch.Tensor:
+        """One value per piece, (pieces,), in a single kernel however many pieces there are."""
+        if self.count == 1:
+            if not values.numel():
+                return values.new_full((1,), initial)
+            return {"min": values.amin, "max": values.amax, "sum": values.sum}[how]().reshape(1)
+        return torch.segment_reduce(values, how, lengths=self.lengths, initial=initial)
 
 
-def _finite_bounds(g: torch.Tensor) -> torch.Tensor:
-    """The smallest finite entry and minus the largest (inf, inf when there is none)."""
-    dtype = _dtype(g)
-    finite = torch.isfinite(g)
-    inf = torch.tensor(float("inf"), dtype=dtype, device=g.device)
-    if not g.numel():
-        return torch.stack([inf, inf])
-    values = g.to(dtype)
-    lo = torch.where(finite, values, inf).amin()
-    hi = torch.where(finite, values, -inf).amax()
-    return torch.stack([lo, -hi])
+def _chunks(flat: list[torch.Tensor]) -> list[_Chunk]:
+    """The gradients cut into chunks of at most ``CHUNK`` entries, per (device, dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for row, f in enumerate(flat):
+        pieces = [f[at : at + CHUNK] for at in range(0, f.numel(), CHUNK)] or [f]
+        groups[(f.device, f.dtype)].extend((row, p) for p in pieces)
+    chunks = []
+    for pieces in groups.values():
+        run: list[tuple[int, torch.Tensor]] = []
+        size = 0
+        for row, piece in pieces:
+            if run and size + piece.numel() > CHUNK:
+                chunks.append(_Chunk(run))
+                run, size = [], 0
+            run.append((row, piece))
+            size += piece.numel()
+        chunks.append(_Chunk(run))
+    return chunks
 
 
-def _row(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    dtype = _dtype(g)
-    finite = torch.isfinite(g)
-    values = torch.where(finite, g, torch.zeros_like(g)).to(dtype)
-    some = lo <= hi
-    lo, hi = torch.where(some, lo, 0.0).to(dtype), torch.where(some, hi, 0.0).to(dtype)  # none finite: [0, 0]
-    span = (hi - lo).clamp_min(torch.finfo(dtype).tiny)
-    index = ((values - lo) / span * BINS).floor().clamp(0, BINS - 1).nan_to_num(0).long()
-    counts = torch.zeros(BINS, dtype=dtype, device=g.device).scatter_add_(0, index, finite.to(dtype))
-    stats = torch.stack(
-        [lo, hi, finite.sum().to(dtype), values.sum(), (values * values).sum(), (~finite).sum().to(dtype)]
-    )
-    return torch.cat([stats, counts])
+def _bounds(chunk: _Chunk, values: torch.Tensor) -> torch.Tensor:
+    """Each piece's smallest finite entry and minus its largest (inf, inf when there is none): (pieces, 2)."""
+    low = chunk.reduce(values.nan_to_num(_INF, _INF, _INF), "min", _INF)
+    high = chunk.reduce(values.nan_to_num(-_INF, -_INF, -_INF), "max", -_INF)
+    return torch.stack([low, -high], dim=1)
+
+
+def _sums(chunk: _Chunk, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(pieces, WIDTH - 2): finite count, sum, sum of squares, non-finite count and bucket counts
+    of each piece, given its row's bounds ``lo`` and ``hi`` (pieces,)."""
+    values = chunk.values()
+    entries = values.numel()
+    finite = torch.isfinite(values)
+    values = torch.where(finite, values, 0.0)
+    lo, hi = lo.to(chunk.dtype), hi.to(chunk.dtype)
+    # Finite even for a one-valued gradient (hi == lo), whose entries all land in bucket 0.
+    scale = BINS / (hi - lo).clamp_min(BINS * torch.finfo(chunk.dtype).tiny)
+    bucket = ((values - chunk.each(lo, entries)) * chunk.each(scale, entries)).floor_().clamp_(0, BINS - 1).long()
+    if chunk.count > 1:
+        bucket += chunk.each(torch.arange(0, chunk.count * BINS, BINS, device=chunk.device), entries)
+    slots = chunk.count * BINS  # a slot per (piece, bucket), and one past them for the non-finite entries
+    counts = torch.bincount(torch.where(finite, bucket, slots), minlength=slots + 1)[:slots]
+    counts = counts.reshape(chunk.count, BINS).to(lo.dtype)
+    count = counts.sum(dim=1)
+    total = chunk.reduce(values, "sum", 0.0).to(lo.dtype)
+    squares = chunk.reduce(values * values, "sum", 0.0).to(lo.dtype)
+    stats = torch.stack([count, total, squares, chunk.lengths.to(lo.dtype) - count], dim=1)
+    return torch.cat([stats, counts], dim=1)
 
 
 def to_histogram(row: list[float]) -> Histogram:

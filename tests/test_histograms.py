@@ -1,0 +1,77 @@
+"""Gradient histograms checked against torch.histogram of each gradient's finite entries."""
+
+import math
+
+import pytest
+import torch
+
+from gradscope.probes.histograms import BINS, CHUNK, gradient_histograms, to_histogram
+
+
+def expected(g: torch.Tensor) -> dict:
+    finite = g[torch.isfinite(g)].double().flatten()
+    nonfinite = g.numel() - finite.numel()
+    if not finite.numel():
+        return {"count": 0, "nonfinite": nonfinite, "buckets": [0] * BINS}
+    lo, hi = finite.min().item(), finite.max().item()
+    if lo == hi:
+        buckets = [finite.numel()] + [0] * (BINS - 1)
+    else:
+        buckets = torch.histogram(finite, bins=BINS, range=(lo, hi)).hist.long().tolist()
+    return {
+        "min": lo,
+        "max": hi,
+        "count": finite.numel(),
+        "nonfinite": nonfinite,
+        "sum": finite.sum().item(),
+        "squares": finite.square().sum().item(),
+        "buckets": buckets,
+    }
+
+
+def check(grads: list[torch.Tensor], exact_buckets: bool) -> None:
+    table = gradient_histograms(grads)
+    assert table.shape == (len(grads), 6 + BINS)
+    for g, row in zip(grads, table.tolist()):
+        h, want = to_histogram(row), expected(g)
+        assert (h.count, h.nonfinite, sum(h.buckets)) == (want["count"], want["nonfinite"], want["count"])
+        if not want["count"]:
+            continue
+        assert (h.min, h.max) == (want["min"], want["max"])
+        assert h.sum == pytest.approx(want["sum"], rel=1e-4, abs=1e-4 * math.sqrt(want["squares"]))
+        assert h.sum_squares == pytest.approx(want["squares"], rel=1e-4)
+        if exact_buckets:
+            assert list(h.buckets) == want["buckets"]
+
+
+def test_many_small_gradients_share_chunks_and_match_one_by_one():
+    torch.manual_seed(0)
+    grads = [torch.randn(16, 16, dtype=torch.float64) * (i + 1) for i in range(300)] + [
+        torch.randn(7) for _ in range(5)
+    ]
+    check(grads, exact_buckets=False)
+    check(grads[:300], exact_buckets=True)
+
+
+def test_a_gradient_spanning_several_chunks_is_one_histogram():
+    torch.manual_seed(0)
+    large = torch.randn(CHUNK * 2 + 1000, dtype=torch.float64)
+    large[CHUNK + 5] = 40.0  # the maximum sits in the second chunk: bounds combine across chunks
+    large[10] = math.nan
+    check([torch.randn(3, 3, dtype=torch.float64), large, torch.randn(50, dtype=torch.float64)], exact_buckets=True)
+
+
+def test_nonfinite_constant_empty_and_half_precision_gradients():
+    grads = [
+        torch.tensor([1.0, math.nan, 3.0, math.inf, -math.inf]),
+        torch.full((5,), math.nan),
+        torch.zeros(0),
+        torch.full((7,), 2.5),
+        torch.randn(64, 8).bfloat16(),
+        torch.tensor([math.inf, -2.0]),
+    ]
+    check(grads, exact_buckets=False)
+    h = to_histogram(gradient_histograms(grads[:1])[0].tolist())
+    assert (h.min, h.max, h.count, h.nonfinite, h.buckets[0], h.buckets[-1]) == (1.0, 3.0, 2, 3, 1, 1)
+    constant = to_histogram(gradient_histograms([grads[3]])[0].tolist())
+    assert constant.buckets[0] == 7 and constant.min == constant.max == 2.5
