@@ -1,5 +1,6 @@
 """What ``gradscope.watch`` keeps of a user's loop to observe it: the model's last forward call
-(to replay a step that shows a NaN) and the steps a grad scaler skips."""
+(to replay a step that shows a NaN), the precision its forward ran in, and the steps a grad
+scaler skips."""
 
 from __future__ import annotations
 
@@ -15,6 +16,55 @@ from gradscope.probes.modules import _tensors
 from gradscope.report import NonfiniteOrigin
 
 AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {**AUTOCAST_NAMES, torch.float32: "fp32", torch.float64: "fp64"}
+
+
+class PrecisionSeen:
+    """The precision the model's first training forward really ran in.
+
+    Autocast is read inside the forward, at the calls of the modules that hold parameters:
+    accelerate switches it on inside the model's own ``forward`` and Lightning around
+    ``training_step`` (which may call submodules, not the model), so the state outside the
+    model's call says nothing. Without autocast, the trainable parameters' dtype tells (a model
+    cast to bf16 runs in bf16). The hooks come off after the first step (``settle``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.autocast: torch.dtype | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> PrecisionSeen:
+        owners = [m for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None]
+        self._handles = [m.register_forward_pre_hook(self._look) for m in owners]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.settle()
+
+    def settle(self) -> None:
+        """Stop looking (the first step has run): its hooks come off."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _look(self, module: nn.Module, args: Any) -> None:
+        if self.autocast is not None or not torch.is_grad_enabled() or replay.REPLAYING:
+            return
+        device = next(module.parameters(recurse=False)).device.type
+        if torch.is_autocast_enabled(device):
+            self.autocast = torch.get_autocast_dtype(device)
+
+    @property
+    def name(self) -> str:
+        """``bf16``/``fp16`` under autocast, else the trainable parameters' dtype (``fp32``, ``bf16``...)."""
+        if self.autocast is not None:
+            return AUTOCAST_NAMES.get(self.autocast, str(self.autocast))
+        dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
+        if len(dtypes) == 1:
+            dtype = dtypes.pop()
+            return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        return "fp32" if not dtypes or torch.float32 in dtypes else "mixed"
 
 
 class ForwardCapture:
@@ -23,7 +73,6 @@ class ForwardCapture:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.precision = "fp32"
         self._call: tuple[tuple[Any, ...], dict[str, Any], replay.RngState, str, torch.dtype | None] | None = None
         self._handles: list[Any] = []
 
@@ -41,7 +90,6 @@ class ForwardCapture:
             param = next(module.parameters(), None)
             device = param.device.type if param is not None else "cpu"
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            self.precision = AUTOCAST_NAMES.get(dtype, "fp32") if dtype is not None else "fp32"
             self._call = (args, kwargs, replay.rng_state(), device, dtype)
 
     def locate(self, kind: str, loss_bad: bool, lockstep: bool = False) -> NonfiniteOrigin | None:

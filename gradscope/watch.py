@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gradscope import distributed, rules
-from gradscope.capture import ForwardCapture, record_scaler_skips
+from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.locating import OriginSearch, Replay
@@ -72,6 +72,9 @@ class Watch:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
+        # accelerate's AcceleratedOptimizer (and its scaler), Lightning's LightningOptimizer: the torch optimizer inside.
+        optimizer, wrapper_scaler = distributed.unwrap_optimizer(optimizer)
+        scaler = scaler if scaler is not None else wrapper_scaler
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.ranks = ranks if ranks is not None else distributed.joined(model)
         # DDP's module: its names are the report's, the hooks watch it and replays run on it locally.
@@ -83,7 +86,7 @@ class Watch:
         # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
         self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
-        compiled = _is_compiled(inner)
+        compiled = compiled_model(inner)
         if compiled and activations:
             activations = False
             self.notes.append(
@@ -101,11 +104,13 @@ class Watch:
         self.probes = self._probes(histograms_every if logdir or on_step else 0)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
+        self.precision = PrecisionSeen(inner)
         self.steps: list[StepRecord] = []
         self.outputs = Outputs(logdir=logdir, plot=plot)
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
+        self._upcoming: tuple[torch.Tensor | None, Replay | None] = (None, None)  # see upcoming()
         self._stack = contextlib.ExitStack()
 
     def _probes(self, histograms_every: int) -> list[Probe]:
@@ -139,6 +144,8 @@ class Watch:
                 self._stack.enter_context(skips)
             if self.search.capture is not None:
                 self._stack.enter_context(self.search.capture)
+            if not compiled_model(self.probe_model):  # hooks inside a compiled graph would break it
+                self._stack.enter_context(self.precision)
             for probe in self.probes:
                 self._stack.callback(probe.detach)
                 probe.attach()
@@ -197,12 +204,46 @@ class Watch:
         """Record a step whose backward raised."""
         return self._append(StepRecord(self._seen, loss, math.nan, {}, {}, backward_error=failure))
 
-    def _before_optimizer_step(self, *_: Any) -> None:
-        if not self._recorded:
-            if self._measured_now():
-                self._finish(loss=None)  # a step pre-hook must return None
-            else:
-                self._pass()
+    def upcoming(self, loss: torch.Tensor | None = None, replay: Replay | None = None) -> None:
+        """Hand over the loss (and a replay) of the step the optimizer hook records next: for a
+        driver whose trainer calls ``optimizer.step()`` itself (the Lightning and Hugging Face callbacks)."""
+        self._upcoming = (loss, replay)
+
+    def _before_optimizer_step(
+        self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if self._recorded:
+            return None
+        # ``args`` holds the optimizer itself first, then step's own arguments.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is not None:
+            # optimizer.step(closure) (Lightning, LBFGS): forward and backward run inside step, so the
+            # step is recorded once the closure has returned (its clipping done), before the update.
+            wrapped = self._after_closure(closure)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (args[0], wrapped, *args[2:]), kwargs
+        self._record_now(None)
+        return None
+
+    def _after_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            result = closure()
+            if not self._recorded:  # LBFGS calls the closure again in its line search: the first is the step
+                self._recorded = True
+                self._record_now(result if isinstance(result, torch.Tensor) else None)
+            return result
+
+        return run
+
+    def _record_now(self, loss: torch.Tensor | None) -> None:
+        given, step_replay = self._upcoming
+        self._upcoming = (None, None)
+        loss = given if given is not None else loss
+        if self._measured_now():
+            self._finish(loss=loss, replay=step_replay)
+        else:
+            self._pass()
 
     def _skipped(self) -> None:
         """The grad scaler skipped the optimizer step, so no pre-hook recorded it."""
@@ -260,6 +301,7 @@ class Watch:
 
     def _append(self, record: StepRecord) -> StepRecord:
         self.steps.append(record)
+        self.precision.settle()
         for probe in self.probes:
             probe.step_done(record)
         self._next_step()
@@ -289,12 +331,10 @@ class Watch:
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
-        capture = self.search.capture
-        precision = capture.precision if capture is not None else "unknown"
         return RunInfo(
             model=distributed.model_name(getattr(self.probe_model, "_orig_mod", self.probe_model)),
             device=str(param.device) if param is not None else "cpu",
-            precision=precision,
+            precision=self.precision.name,
             steps_requested=len(self.steps),
             steps_completed=len(self.steps),
             parameters_total=sum(i.numel for i in self.gradients.infos),
@@ -321,6 +361,7 @@ def watch(
     histograms_every: int = 10,
     plot: str | None = None,
     every: int = 1,
+    on_step: Callable[[StepRecord], None] | None = None,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -339,6 +380,7 @@ def watch(
         histograms_every: gradient histograms for TensorBoard every N steps.
         plot: save the gradient-flow picture there when the block exits (needs matplotlib).
         every: measure every N-th step only (the others cost nothing); 1 measures every step.
+        on_step: called with each step's ``StepRecord`` as it is measured (to log it your own way).
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
@@ -355,12 +397,14 @@ def watch(
         activations,
         locate,
         histograms_every,
+        on_step=on_step,
         plot=plot,
         every=every,
     )
 
 
-def _is_compiled(model: nn.Module) -> bool:
+def compiled_model(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile`` returned."""
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
