@@ -14,6 +14,9 @@ from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
 
 SEVERITY_COLOR = {"error": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
+LEGEND_STEPS = 10  # more steps than this: a colour bar instead of a legend, and a heat map panel
+# How a layer's state is marked on the flow panel: (y in axes fraction, marker, colour).
+MARKS = {"NaN/Inf": (0.97, "X", "red"), "zero": (0.03, "v", "black"), "no gradient": (0.03, "o", "0.6")}
 
 
 def require_matplotlib() -> Any:
@@ -35,14 +38,22 @@ def require_matplotlib() -> Any:
 
 
 def figure(report: Report) -> Any:
-    """A matplotlib figure of the report's gradient flow (the caller closes it)."""
+    """A matplotlib figure of the report's gradient flow (the caller closes it).
+
+    Panels: per-layer norms per step (lines coloured by step, NaN/Inf, zero and missing gradients
+    marked on their layer); for a long run a layer x step heat map; dead/saturated fractions.
+    """
     plt = require_matplotlib()
     activations = _activation_fractions(report)
-    rows = 2 if activations else 1
+    heat = len(report.steps) > LEGEND_STEPS
+    rows = 1 + heat + bool(activations)
     fig, axes = plt.subplots(rows, 1, figsize=(12, 4.5 * rows), squeeze=False)
-    _flow(axes[0][0], report)
+    panels = iter(axes[:, 0])
+    _flow(next(panels), report, plt)
+    if heat:
+        _heat_map(next(panels), report, plt, fig)
     if activations:
-        _activations(axes[1][0], activations)
+        _activations(next(panels), activations)
     fig.tight_layout()
     return fig
 
@@ -55,39 +66,161 @@ def _layers(report: Report) -> list[str]:
     return [p.name for p in names]
 
 
-def _flow(ax: Any, report: Report) -> None:
-    layers = _layers(report)
-    x = range(len(layers))
-    plotted = False
+def _states(report: Report, layers: list[str]) -> dict[str, list[int]]:
+    """Per state (``nonfinite``, ``zero``, ``no grad``), the layer positions in that state at some step."""
+    out: dict[str, set[int]] = {state: set() for state in MARKS}
     for step in report.steps:
+        for i, name in enumerate(layers):
+            s = step.parameters.get(name)
+            if s is None or not s.received:
+                out["no gradient"].add(i)
+            elif s.nan_count or s.inf_count or not math.isfinite(s.grad_norm or 0.0):
+                out["NaN/Inf"].add(i)
+            elif s.grad_norm == 0:
+                out["zero"].add(i)
+    return {state: sorted(found) for state, found in out.items()}
+
+
+def _flow(ax: Any, report: Report, plt: Any) -> None:
+    layers = _layers(report)
+    x = list(range(len(layers)))
+    steps = report.steps
+    colours = plt.get_cmap("viridis")
+    span = max(steps[-1].step - steps[0].step, 1)
+    plotted = False
+    for step in steps:
         norms = [step.parameters[n].grad_norm if n in step.parameters else None for n in layers]
         values = [v if v and 0 < v < math.inf else math.nan for v in norms]
         plotted = plotted or any(not math.isnan(v) for v in values)
-        ax.plot(x, values, marker="o", markersize=3, label=f"step {step.step}", alpha=0.8)
-    position = {name: i for i, name in enumerate(layers)}
+        colour = colours((step.step - steps[0].step) / span) if len(steps) > 1 else "tab:blue"
+        ax.plot(x, values, marker="o", markersize=3, color=colour, label=f"step {step.step}", alpha=0.8, lw=1.2)
+    if plotted:
+        ax.set_yscale("log")
+    else:
+        ax.set_yticks([])
+        ax.text(
+            0.5,
+            0.5,
+            "no finite, non-zero gradient norm: see the marked layers",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=10,
+            color="0.3",
+        )
+    _mark_states(ax, _states(report, layers))
+    _mark_findings(ax, report, {name: i for i, name in enumerate(layers)})
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title(
+        f"gradient flow: {report.run.model}, input -> output ({len(steps)} step{'s' if len(steps) > 1 else ''})",
+        loc="left",
+    )
+    if len(steps) > LEGEND_STEPS:
+        bar = plt.colorbar(
+            plt.cm.ScalarMappable(norm=plt.Normalize(steps[0].step, steps[-1].step), cmap=colours), ax=ax, pad=0.01
+        )
+        bar.set_label("step")
+    handles, labels = ax.get_legend_handles_labels()
+    keep = [(h, lab) for h, lab in zip(handles, labels) if len(steps) <= LEGEND_STEPS or not lab.startswith("step ")]
+    if keep:
+        # Above the panel's right corner: outside the data, clear of a colour bar.
+        ax.legend(*zip(*keep), fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, borderaxespad=0.2)
+
+
+def _mark_states(ax: Any, states: dict[str, list[int]]) -> None:
+    """A marker on each layer's tick position in a band at the top (NaN/Inf) or bottom (zero, no gradient)."""
+    band = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for state, positions in states.items():
+        if not positions:
+            continue
+        y, marker, colour = MARKS[state]
+        ax.scatter(
+            positions,
+            [y] * len(positions),
+            transform=band,
+            marker=marker,
+            s=60,
+            color=colour,
+            label=f"{state} ({len(positions)} layers)",
+            zorder=5,
+            clip_on=False,
+        )
+        if state == "NaN/Inf":
+            for i in positions:
+                ax.axvspan(i - 0.4, i + 0.4, color=colour, alpha=0.08, lw=0)
+
+
+def _mark_findings(ax: Any, report: Report, position: dict[str, int]) -> None:
     for a in report.anomalies:
         where = _position(a, position)
         if where is not None:
             ax.axvline(where, color=SEVERITY_COLOR[a.severity], linestyle="--", alpha=0.7)
-            ax.annotate(a.kind, (where, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=8)
-    if plotted:
-        ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no finite, non-zero gradient norm to plot", transform=ax.transAxes, ha="center")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(layers, rotation=90, fontsize=7)
-    ax.set_ylabel("gradient L2 norm")
-    ax.set_title(f"gradient flow: {report.run.model}, input -> output")
-    if len(report.steps) <= 12:
-        ax.legend(fontsize=7)
+            ax.annotate(
+                a.kind,
+                (where, 0.9),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                fontsize=8,
+                xytext=(3, 0),
+                textcoords="offset points",
+            )
+
+
+def _heat_map(ax: Any, report: Report, plt: Any, fig: Any) -> None:
+    """Layers x steps, log10 of the gradient norm; NaN/Inf red, zero or no gradient black."""
+    layers = _layers(report)
+    grid = []
+    for step in report.steps:
+        row = []
+        for name in layers:
+            s = step.parameters.get(name)
+            v = s.grad_norm if s is not None else None
+            if v is not None and not math.isfinite(v):
+                row.append(math.nan)  # drawn in the colour map's "bad" colour
+            elif not v:
+                row.append(-math.inf)  # below the colour range: "under" (made finite below)
+            else:
+                row.append(math.log10(v))
+        grid.append(row)
+    finite = [v for row in grid for v in row if math.isfinite(v)]
+    # cividis, not the step colours of the panel above; NaN/Inf red ("bad"), zero black ("under").
+    cmap = plt.get_cmap("cividis").with_extremes(bad="red", under="black")
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    # imshow masks infinities like NaN: a zero is drawn one decade under the range instead.
+    grid = [[low - 1 if v == -math.inf else v for v in row] for row in grid]
+    image = ax.imshow(
+        [list(col) for col in zip(*grid)] if grid else [[]],
+        aspect="auto",
+        cmap=cmap,
+        vmin=low,
+        vmax=high if high > low else low + 1,
+        interpolation="nearest",
+        extent=(report.steps[0].step - 0.5, report.steps[-1].step + 0.5, len(layers) - 0.5, -0.5),
+    )
+    bar = fig.colorbar(image, ax=ax, pad=0.01, extend="min")
+    bar.set_label("log10 gradient norm (red: NaN/Inf, black: zero or none)")
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=6 if len(layers) > 30 else 7)
+    ax.set_xlabel("step")
+    ax.set_title("gradient norm per layer and step (input at the top)")
 
 
 def _position(anomaly: Any, position: dict[str, int]) -> int | None:
+    """The layer a finding is drawn at: its parameter, else the first weight of its module or, for a
+    module without weights (an activation), of the nearest enclosing module that has one."""
     if anomaly.parameter in position:
         return position[anomaly.parameter]
     module = (anomaly.module or "").split(" (call")[0]
-    hits = [i for name, i in position.items() if module and name.startswith(module + ".")]
-    return hits[0] if hits else None
+    while module:
+        hits = [i for name, i in position.items() if name.startswith(module + ".")]
+        if hits:
+            return hits[0]
+        module = module.rpartition(".")[0]
+    return None
 
 
 def _activation_fractions(report: Report) -> dict[str, float]:
@@ -98,11 +231,16 @@ def _activation_fractions(report: Report) -> dict[str, float]:
 
 def _activations(ax: Any, fractions: dict[str, float]) -> None:
     sites = list(fractions)
-    ax.bar(range(len(sites)), [fractions[s] for s in sites], color="tab:gray")
+    values = [fractions[s] for s in sites]
+    colours = ["tab:orange" if v >= 0.5 else "tab:gray" for v in values]  # 0.5: the checks' default fraction
+    ax.bar(range(len(sites)), values, color=colours)
+    if not any(values):
+        ax.text(0.5, 0.5, "no dead or saturated units", transform=ax.transAxes, ha="center", color="0.3")
     ax.set_xticks(range(len(sites)))
     ax.set_xticklabels(sites, rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("dead (ReLU) / saturated fraction")
+    ax.set_title("activations, last step (orange: at least half dead or saturated)")
 
 
 class PlotReporter:
