@@ -109,7 +109,8 @@ class ActivationStats:
     (dead); for sigmoid/tanh, of its output values within 0.01 of a bound
     (saturated, where the derivative is below ~0.02). A unit is a feature (the
     last dimension; the channel for 4-D and 5-D outputs); ``samples`` is how
-    many values of each unit the batch gave.
+    many values of each unit the batch gave; ``density`` (ReLUs) is the
+    fraction of all output values that are above 0.
     """
 
     kind: str  # relu | sigmoid | tanh
@@ -118,6 +119,7 @@ class ActivationStats:
     units: int
     samples: int
     fraction: float  # dead (relu) or saturated (sigmoid/tanh) units
+    density: float | None = None  # relu: the fraction of all its output values that are > 0
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ class ActivationCounts(Probe):
         self.mode.paused = not measured
 
     def collect(self, step: StepContext) -> list[torch.Tensor]:
-        counts = self.mode.counts_of_all_ranks(self.ranks) if self.ranks is not None else self.mode.counts
-        return [torch.stack(counts)] if counts else []  # one tensor, not one per site
+        values = self.mode.values(self.ranks)
+        return [torch.stack(values)] if values else []  # one tensor, not one per site
 
     def contribute(self, values: list[float], record: StepRecord) -> dict[str, Any]:
         world = self.ranks.world if self.ranks is not None else 1

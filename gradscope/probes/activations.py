@@ -1,8 +1,10 @@
 """Activation statistics: dead ReLU units and saturated sigmoid/tanh units, per call site.
 
 A ``TorchFunctionMode`` sees every ReLU, sigmoid and tanh however it is
-called (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), and reduces
-each output on the device to one count; the counts join the step's one host
+called (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``, ``clamp(min=0)``,
+``clamp_min(0)``, ``nn.ReLU6``/``F.relu6``), and reduces each output on the
+device to counts (a ReLU's dead units and its firing values, for the density
+that tells a sparse code from a dead one); the counts join the step's one host
 transfer. A mode costs a Python call per op of the forward, so after the first
 step, when every activation it saw was an activation module (``nn.ReLU``,
 ``nn.Sigmoid``, ...), forward hooks on those modules alone take over
@@ -37,6 +39,21 @@ KINDS: dict[Any, str] = {
     F.tanh: "tanh",
     torch.Tensor.tanh: "tanh",
 }
+# A clamp at 0 from below is a ReLU (PyTorch's own tutorial writes ``x.clamp(min=0)``); ReLU6 is
+# ``F.hardtanh(x, 0, 6)``. Their lower bound is the second argument or ``min``/``min_val``.
+CLAMPS: dict[Any, str] = {
+    torch.clamp: "min",
+    torch.clamp_: "min",
+    torch.clip: "min",
+    torch.Tensor.clamp: "min",
+    torch.Tensor.clamp_: "min",
+    torch.Tensor.clip: "min",
+    torch.clamp_min: "min",
+    torch.clamp_min_: "min",
+    torch.Tensor.clamp_min: "min",
+    torch.Tensor.clamp_min_: "min",
+    F.hardtanh: "min_val",
+}
 # Modules whose forward is exactly one of the ops above.
 MODULE_KINDS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 # A sigmoid unit is saturated beyond these outputs (|x| > 4.6, where sigmoid' < 0.01);
@@ -70,6 +87,7 @@ class ActivationProbe(TorchFunctionMode):
         self.per_unit = False  # keep each ReLU's dead-unit flags (to combine them across ranks)
         self.sites: list[_Site] = []
         self.counts: list[torch.Tensor] = []
+        self.fires: list[torch.Tensor] = []  # per site: values > 0 (ReLUs; 0 for the others)
         self.flags: list[torch.Tensor | None] = []
         self.hooked: dict[int, tuple[str, str]] = {}  # hook mode: id(module) -> (name, kind)
         self._sources: dict[tuple[str, int], str | None] = {}
@@ -78,7 +96,7 @@ class ActivationProbe(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        kind = KINDS.get(func)
+        kind = KINDS.get(func) or _clamp_at_zero(func, args, kwargs)
         if kind is None or self.paused or in_backward():
             return out  # checkpointed modules recompute their forward in backward: counted once
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.ndim >= 2:
@@ -87,7 +105,7 @@ class ActivationProbe(TorchFunctionMode):
 
     def reset(self) -> None:
         """Start a new step's statistics."""
-        self.sites, self.counts, self.shapes, self.flags = [], [], [], []
+        self.sites, self.counts, self.shapes, self.flags, self.fires = [], [], [], [], []
         self.calls.clear()
 
     def module_sites(self, model: nn.Module) -> dict[nn.Module, str] | None:
@@ -135,8 +153,17 @@ class ActivationProbe(TorchFunctionMode):
         # Dead ReLUs are counted per unit; saturation per value, since every saturated value
         # cuts its own gradient: fractions are of ``units`` and of all values respectively.
         self.counts.append(flagged.sum())
+        self.fires.append((out > 0).sum() if kind == "relu" else flagged.new_zeros((), dtype=torch.int64))
         self.flags.append(flagged if self.per_unit and kind == "relu" else None)
         self.shapes.append((units if kind == "relu" else out.numel(), out.numel() // max(units, 1)))
+
+    def values(self, ranks: Any = None) -> list[torch.Tensor]:
+        """What the step fetches: each site's count (over every rank's slice of the batch when
+        ``ranks`` is given), then each site's firing values."""
+        if ranks is None:
+            return [*self.counts, *self.fires]
+        fires = ranks.reduce_sum(torch.stack(self.fires).double()).unbind() if self.fires else []
+        return [*(c.double() for c in self.counts_of_all_ranks(ranks)), *fires]
 
     def counts_of_all_ranks(self, ranks: Any) -> list[torch.Tensor]:
         """The counts over every rank's slice of the batch (``per_unit`` must be on): a unit is
@@ -155,20 +182,32 @@ class ActivationProbe(TorchFunctionMode):
                 counts[i] = value
         return counts
 
-    def results(self, counts: list[float], world: int = 1) -> dict[str, ActivationStats]:
-        """Key each site by module, call and source line, given the fetched ``counts`` (over
+    def results(self, values: list[float], world: int = 1) -> dict[str, ActivationStats]:
+        """Key each site by module, call and source line, given the fetched ``values`` (over
         ``world`` ranks' equal slices of the batch)."""
         out = {}
         calls = self.calls if self.hooked else self.tracker.calls
-        for site, count, (total, samples) in zip(self.sites, counts, self.shapes):
+        counts, fires = values[: len(self.sites)], values[len(self.sites) :]
+        for site, count, fired, (total, samples) in zip(self.sites, counts, fires, self.shapes):
             if site.kind != "relu":
                 total *= world  # saturated values are counted over every rank's values
             samples *= world
             units = total if site.kind == "relu" else total // max(samples, 1)
             module = describe_call(site.module or "(model)", site.call, calls[site.module])
             key = f"{module}:{site.kind}" + (f"@{site.source.rpartition('/')[2]}" if site.source else "")
-            out[_unique(key, out)] = ActivationStats(site.kind, module, site.source, units, samples, count / total)
+            density = fired / max(units * samples, 1) if site.kind == "relu" else None
+            stats = ActivationStats(site.kind, module, site.source, units, samples, count / total, density)
+            out[_unique(key, out)] = stats
         return out
+
+
+def _clamp_at_zero(func: Any, args: Any, kwargs: Any) -> str | None:
+    """ "relu" for a clamp whose lower bound is the number 0 (``clamp(min=0)``, ``hardtanh(x, 0, 6)``)."""
+    key = CLAMPS.get(func)
+    if key is None:
+        return None
+    low = args[1] if len(args) > 1 else (kwargs or {}).get(key)
+    return "relu" if isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0 else None
 
 
 def _unique(key: str, taken: dict[str, Any]) -> str:

@@ -54,9 +54,7 @@ def zero_partners(report: Report) -> list[Partner]:
         if s.param_norm > NEAR_ZERO * math.sqrt(max(p.numel, 1)):
             continue
         scope = _branch(p, trainable)
-        gated = tuple(
-            q.name for q in trainable if q.name != p.name and _inside(q.module, scope) and not q.name.endswith("bias")
-        )
+        gated = tuple(q.name for q in trainable if q.name != p.name and _inside(q.module, scope))
         partners.append(Partner(p.name, scope, gated))
     return partners
 

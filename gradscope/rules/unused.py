@@ -153,7 +153,7 @@ def zero_gradient(report: Report, check: Any) -> list[Anomaly]:
             parameter=place.name,
             step=steps[0].step,
             message=(
-                f"no gradient flows back past {place.module or '(model)'}: the gradients of {len(names)} parameters "
+                f"no gradient flows back past {place.module or place.name}: the gradients of {len(names)} parameters "
                 f"({', '.join(names[:6])}{'...' if len(names) > 6 else ''}) are {how} in every step.{cause}"
             ),
             evidence={"parameters": names, "zero_weights": [p.name for p in blank], "exact": exact},
