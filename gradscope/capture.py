@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from gradscope import replay
-from gradscope.probes.modules import _tensors
 from gradscope.report import NonfiniteOrigin
+from gradscope.tensors import tensors_in
 
 AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPE_NAMES = {**AUTOCAST_NAMES, torch.float32: "fp32", torch.float64: "fp64"}
@@ -112,7 +112,7 @@ class ForwardCapture:
 
         def forward() -> torch.Tensor:
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                outputs = [t for t in _tensors(eager(*args, **kwargs)) if t.requires_grad]
+                outputs = [t for t in tensors_in(eager(*args, **kwargs)) if t.requires_grad]
             return sum(o.float().sum() for o in outputs)  # finite exactly when the outputs are
 
         origin = replay.locate(self.model, replay.batch_tensors([args, kwargs], None), forward, state, kind, lockstep)
@@ -126,24 +126,24 @@ class ForwardCapture:
 def record_scaler_skips(
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
-    recorded: Callable[[], int],
-    record_skipped: Callable[[], Any],
+    updates: Callable[[], int],
+    skipped: Callable[[], Any],
 ) -> Iterator[None]:
     """Record the steps a grad scaler skips (it does not call ``optimizer.step``, so no pre-hook fires).
 
     Args:
         scaler: the user's grad scaler; its ``step`` is wrapped inside the block.
         optimizer: the watched optimizer (other optimizers' steps are left alone).
-        recorded: how many steps are recorded so far.
-        record_skipped: records the step as skipped.
+        updates: how many optimizer steps ran so far.
+        skipped: called when the scaler skipped the optimizer's step.
     """
     original = scaler.step
 
     def step(stepped: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        before = recorded()
+        before = updates()
         result = original(stepped, *args, **kwargs)
-        if recorded() == before and stepped is optimizer:
-            record_skipped()
+        if updates() == before and stepped is optimizer:
+            skipped()
         return result
 
     scaler.step = step  # type: ignore[method-assign]

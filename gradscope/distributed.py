@@ -245,43 +245,6 @@ def _blocks(module: nn.Module) -> Iterator[nn.Module]:
             yield from _blocks(child)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP (whose names the report uses, and which replays run locally).
-
-    A model ``accelerate`` prepared is the user's own module (its ``forward`` wrapped in autocast)
-    or a DDP around it, so this covers it too.
-    """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def unwrap_optimizer(optimizer: Any) -> tuple[Any, Any]:
-    """The torch optimizer inside a trainer's wrapper, and the grad scaler the wrapper steps it with.
-
-    ``accelerate``'s ``AcceleratedOptimizer`` keeps it as ``.optimizer`` (and its scaler as
-    ``.scaler``), Lightning's ``LightningOptimizer`` as ``._optimizer``. A wrapper is not a
-    ``torch.optim.Optimizer`` with step hooks of its own, so gradscope hooks the optimizer inside.
-
-    Returns:
-        ``(optimizer, scaler)``; the scaler is None when the wrapper has none.
-    """
-    scaler = None
-    while optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        scaler = scaler or getattr(optimizer, "scaler", None)
-        optimizer = inner
-    return optimizer, scaler
-
-
-def model_name(model: nn.Module) -> str:
-    """The class name of the user's model (``fully_shard`` renames it ``FSDP<name>``)."""
-    cls = type(unwrap(model))
-    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":  # class FSDP<name>(FSDPModule, <name>)
-        cls = cls.__bases__[1]
-    return cls.__name__
-
-
 def shard(value: Any, rank: int, world: int, rows: int) -> Any:
     """Rank ``rank``'s contiguous slice (of ``rows // world`` rows) of every tensor in a batch."""
     if isinstance(value, torch.Tensor):

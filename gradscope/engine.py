@@ -27,6 +27,7 @@ from gradscope.optional import optional
 from gradscope.probes import functions
 from gradscope.report import BackwardFailure, GradcheckResult, StepRecord
 from gradscope.watch import Watch
+from gradscope.wrappers import unwrap
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +77,7 @@ class Engine:
     ) -> None:
         self.model, self.optimizer, self.loss_fn, self.plan = model, optimizer, loss_fn, plan
         # Replays run here: on one rank, without DDP's all-reduce; a compiled model's eager original.
-        self.inner = replay.eager_module(distributed.unwrap(model))
+        self.inner = unwrap(model, compiled=True)
         self.ranks = ranks
         self.scaler = torch.amp.GradScaler(plan.device.type) if plan.precision == "fp16" else None
         self.watch = Watch(

@@ -7,22 +7,15 @@ Exit codes follow ruff/bandit: 0 clean, 1 findings at or above ``--fail-on``,
 from __future__ import annotations
 
 import re
-import traceback
-from pathlib import Path
 from typing import Any
 
-import torch
+from gradscope.frames import user_frame
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# gradscope's own model files count as user code: they are what a config names.
-MODEL_FILES = ("zoo.py", "faults.py")
-_TORCH_DIR = Path(torch.__file__).resolve().parent
 
 
 class GradscopeError(Exception):
@@ -105,36 +98,3 @@ class ModelError(GradscopeError):
         located = ModelError(self.key, self.what, self.cause, config_at)
         located.__traceback__ = self.__traceback__
         return located
-
-
-def user_frame(exc: BaseException) -> str | None:
-    """Where user code raised, as ``file:line in func``."""
-    frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
-    return pick_user_frame(frames)
-
-
-def pick_user_frame(frames: list[tuple[str, Any, str]]) -> str | None:
-    """The innermost of ``(file, line, function)`` frames that is neither torch's nor gradscope's own
-    (the zoo counts as user code), preferring code outside site-packages: a user's model file over
-    the library it calls. As ``file:line in func``."""
-    theirs = [f for f in frames if not _is_ours_or_torch(f[0])]
-    outside = [f for f in theirs if not _is_installed(f[0])]
-    picked = outside or theirs
-    if not picked:
-        return None
-    filename, line, name = picked[-1]
-    return f"{filename}:{line} in {name}"
-
-
-def _is_ours_or_torch(filename: str) -> bool:
-    if filename.startswith("<"):
-        return True
-    path = Path(filename).resolve()
-    if path.is_relative_to(_TORCH_DIR):
-        return True
-    return path.is_relative_to(_PACKAGE_DIR) and path.name not in MODEL_FILES
-
-
-def _is_installed(filename: str) -> bool:
-    parts = Path(filename).parts
-    return "site-packages" in parts or "dist-packages" in parts

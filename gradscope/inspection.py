@@ -6,23 +6,21 @@ after an interrupt or an error holds the steps completed before it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from gradscope import distributed, loading, rules
+from gradscope import distributed, loading
 from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
 from gradscope.errors import ConfigError, GradscopeError
 from gradscope.probes.gradients import describe_parameters
-from gradscope.probes.modules import _tensors
-from gradscope.report import Report, RunInfo, StepRecord
-from gradscope.version import __version__
+from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
+from gradscope.runs import ReportCache, judged, run_info
+from gradscope.tensors import tensors_in
+from gradscope.wrappers import unwrap
 
 
 class Inspection:
@@ -39,7 +37,7 @@ class Inspection:
     def __init__(self, settings: Settings, baseline: Report | None = None) -> None:
         self.settings = settings
         self.baseline = baseline
-        self.steps: list[StepRecord] = []
+        self._report = ReportCache()
         self.status = "not started"
         self.error: str | None = None
         self.checkpointed: list[str] = []
@@ -119,9 +117,7 @@ class Inspection:
                 self.engine.watch,
             ):
                 for index in range(settings.steps):
-                    record = self.engine.step(index, self.batch)
-                    if record is not None:
-                        self.steps.append(record)
+                    self.engine.step(index, self.batch)  # the watch keeps what it measured
                     if self.engine.stopped:
                         break
         except KeyboardInterrupt:
@@ -137,18 +133,36 @@ class Inspection:
         self.status = "completed"
         return self.report()
 
+    @property
+    def steps(self) -> list[StepRecord]:
+        """The steps measured so far (the watch's record of them)."""
+        return self.engine.watch.steps if self.engine is not None else []
+
     def report(self) -> Report:
-        """What was measured so far, with the anomalies the rules find in it."""
-        infos = describe_parameters(getattr(self.model, "_orig_mod", self.model))  # a compiled model's own names
+        """What was measured so far, with the anomalies the rules find in it (judged once per change)."""
+        key = (len(self.steps), self.status, self.error, self._duration, len(self.checkpointed), self.engine is None)
+        return self._report.get(key, self._judged)
+
+    def _judged(self) -> Report:
+        infos = describe_parameters(unwrap(self.model, compiled=True))  # a compiled model's own names
+        called = self.engine.watch.called if self.engine is not None else None
+        gradchecks = self.engine.gradchecks if self.engine is not None else ()
+        steps = tuple(self.steps)
+        report = Report(
+            self._run_info(infos), tuple(infos), steps, called_modules=called or None, gradchecks=gradchecks
+        )
+        return judged(report, self.settings.checks, self.baseline)
+
+    def _run_info(self, infos: list[ParamInfo]) -> RunInfo:
         settings = self.settings
-        run = RunInfo(
-            model=distributed.model_name(self.model),
+        return run_info(
+            self.model,
+            infos,
+            len(self.steps),
+            self.ranks,
             device=str(self.device),
             precision=settings.precision,
             steps_requested=settings.steps,
-            steps_completed=len(self.steps),
-            parameters_total=sum(i.numel for i in infos),
-            parameters_trainable=sum(i.numel for i in infos if i.trainable),
             status=self.status,
             error=self.error,
             config=settings.origin.source,
@@ -159,17 +173,9 @@ class Inspection:
             clip=settings.clip.model_dump() if settings.clip else None,
             checkpointed_modules=tuple(self.checkpointed),
             batch=self.batch.describe() + (f" on each of {self.ranks.world} ranks" if self.ranks else ""),
-            torch_version=torch.__version__,
-            gradscope_version=__version__,
             duration_s=round(self._duration, 4),
             notes=self._notes(),
-            distributed=self.ranks.describe() if self.ranks is not None else None,
         )
-        called = self.engine.watch.called if self.engine is not None else None
-        gradchecks = self.engine.gradchecks if self.engine is not None else ()
-        report = Report(run, tuple(infos), tuple(self.steps), called_modules=called or None, gradchecks=gradchecks)
-        anomalies, ignored = rules.diagnose(report, settings.checks, self.baseline)
-        return dataclasses.replace(report, anomalies=anomalies, ignored=ignored)
 
     def _notes(self) -> tuple[str, ...]:
         notes = list(self.engine.watch.notes) if self.engine is not None else []
@@ -182,7 +188,7 @@ class Inspection:
 
 def _rows(batch: loading.Batch) -> int:
     """The batch's leading dimension (its first tensor's)."""
-    tensors = _tensors([batch.inputs, batch.labels])
+    tensors = tensors_in([batch.inputs, batch.labels])
     return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else 1
 
 

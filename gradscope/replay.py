@@ -27,11 +27,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from gradscope.errors import pick_user_frame
+from gradscope.frames import pick_user_frame
 from gradscope.probes.gradients import is_sharded, to_local
-from gradscope.probes.modules import ModuleTracker, _tensors
+from gradscope.probes.modules import ModuleTracker
 from gradscope.probes.origins import FirstNonfinite, backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.report import NonfiniteOrigin
+from gradscope.tensors import tensors_in
+from gradscope.wrappers import is_compiled, unwrap
 
 REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
 Forward = Callable[[], torch.Tensor]  # runs model and loss on the step's batch, returns the loss
@@ -71,7 +73,7 @@ def replaying(model: nn.Module, state: RngState, plain: bool = True) -> Iterator
 
 def eager_module(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile``d model wraps (it shares the parameters); any other as it is."""
-    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+    return unwrap(model, compiled=True) if is_compiled(model) else model
 
 
 def _eager() -> contextlib.AbstractContextManager[Any]:
@@ -251,7 +253,7 @@ def batch_tensors(inputs: Any, labels: Any) -> dict[str, torch.Tensor]:
     (token ids) too, for the batch's size, though only floating ones can hold a NaN."""
     named: dict[str, torch.Tensor] = {}
     for prefix, value in (("inputs", inputs), ("labels", labels)):
-        tensors = _tensors(value)
+        tensors = tensors_in(value)
         for i, t in enumerate(tensors):
             named[prefix if len(tensors) == 1 else f"{prefix}[{i}]"] = t
     return named

@@ -38,7 +38,8 @@ from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
 from gradscope.report import SEVERITIES, BackwardFailure, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
-from gradscope.version import __version__
+from gradscope.runs import ReportCache, judged, run_info
+from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
 
@@ -73,12 +74,12 @@ class Watch:
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
         # accelerate's AcceleratedOptimizer (and its scaler), Lightning's LightningOptimizer: the torch optimizer inside.
-        optimizer, wrapper_scaler = distributed.unwrap_optimizer(optimizer)
+        optimizer, wrapper_scaler = unwrap_optimizer(optimizer)
         scaler = scaler if scaler is not None else wrapper_scaler
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.ranks = ranks if ranks is not None else distributed.joined(model)
         # DDP's module: its names are the report's, the hooks watch it and replays run on it locally.
-        self.probe_model = inner = distributed.unwrap(model)
+        self.probe_model = inner = unwrap(model)
         self._shards = self.ranks if self.ranks is not None and self.ranks.sharded else None  # FSDP
         self.raise_on, self.checks = raise_on, checks or Checks()
         self.on_step, self.every = on_step, every
@@ -86,7 +87,7 @@ class Watch:
         # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
         self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
-        compiled = compiled_model(inner)
+        compiled = is_compiled(inner)
         if compiled and activations:
             activations = False
             self.notes.append(
@@ -96,7 +97,7 @@ class Watch:
             )
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
-        self.gradients = GradientProbe(getattr(inner, "_orig_mod", inner), extra_norm=extra, shards=self._shards)
+        self.gradients = GradientProbe(unwrap(inner, compiled=True), extra_norm=extra, shards=self._shards)
         self.recorder = Recorder(self.gradients, clip, scaler)
         self.trainable = self.recorder.trainable
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
@@ -111,7 +112,9 @@ class Watch:
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
         self._upcoming: tuple[torch.Tensor | None, Replay | None] = (None, None)  # see upcoming()
+        self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
+        self._report = ReportCache()
 
     def _probes(self, histograms_every: int) -> list[Probe]:
         """The probes besides the gradient probe, in the order they measure (the same on every rank)."""
@@ -140,11 +143,11 @@ class Watch:
                 self._hook(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
                 self._hook(self.optimizer.register_step_post_hook(self._after_optimizer_step))
             if self.scaler is not None and self.optimizer is not None:
-                skips = record_scaler_skips(self.scaler, self.optimizer, lambda: len(self.steps), self._skipped)
+                skips = record_scaler_skips(self.scaler, self.optimizer, lambda: self._updates, self._skipped)
                 self._stack.enter_context(skips)
             if self.search.capture is not None:
                 self._stack.enter_context(self.search.capture)
-            if not compiled_model(self.probe_model):  # hooks inside a compiled graph would break it
+            if not is_compiled(self.probe_model):  # hooks inside a compiled graph would break it
                 self._stack.enter_context(self.precision)
             for probe in self.probes:
                 self._stack.callback(probe.detach)
@@ -246,7 +249,11 @@ class Watch:
             self._pass()
 
     def _skipped(self) -> None:
-        """The grad scaler skipped the optimizer step, so no pre-hook recorded it."""
+        """The grad scaler skipped the optimizer step, so no pre-hook recorded it (nor will a post-hook
+        end it): record it, unless ``step()`` did already."""
+        if self._recorded:
+            self._end_step()
+            return
         self._finish(loss=None, skipped=True)
 
     def _measured_now(self) -> bool:
@@ -266,6 +273,10 @@ class Watch:
             probe.begin_step(measured)
 
     def _after_optimizer_step(self, *_: Any) -> None:
+        self._updates += 1
+        self._end_step()
+
+    def _end_step(self) -> None:
         self._recorded = False
         self.gradients.mark_step()
 
@@ -324,27 +335,31 @@ class Watch:
 
     @property
     def report(self) -> Report:
-        """Everything recorded so far, with the anomalies the rules find in it."""
-        report = Report(self._run_info(), tuple(self.gradients.infos), tuple(self.steps), called_modules=self.called)
-        anomalies, ignored = rules.diagnose(report, self.checks)
-        return replace(report, anomalies=anomalies, ignored=ignored)
+        """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
+        return self._report.get((len(self.steps), len(self.notes), self._precision()), self._judged)
+
+    def _judged(self) -> Report:
+        steps = tuple(self.steps)
+        return judged(
+            Report(self._run_info(), tuple(self.gradients.infos), steps, called_modules=self.called), self.checks
+        )
+
+    def _precision(self) -> str:
+        return self.precision.name
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
-        return RunInfo(
-            model=distributed.model_name(getattr(self.probe_model, "_orig_mod", self.probe_model)),
+        return run_info(
+            self.model,
+            self.gradients.infos,
+            len(self.steps),
+            self.ranks,
             device=str(param.device) if param is not None else "cpu",
-            precision=self.precision.name,
+            precision=self._precision(),
             steps_requested=len(self.steps),
-            steps_completed=len(self.steps),
-            parameters_total=sum(i.numel for i in self.gradients.infos),
-            parameters_trainable=sum(i.numel for i in self.trainable),
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
             lr=_learning_rate(self.optimizer),
-            torch_version=torch.__version__,
-            gradscope_version=__version__,
             notes=tuple(self.notes),
-            distributed=self.ranks.describe() if self.ranks is not None else None,
         )
 
 
@@ -401,11 +416,6 @@ def watch(
         plot=plot,
         every=every,
     )
-
-
-def compiled_model(model: nn.Module) -> bool:
-    """Whether ``model`` is what ``torch.compile`` returned."""
-    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
 def _learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:

@@ -202,3 +202,13 @@ def test_fp16_overflow_skips_the_step_and_records_the_scale():
     assert first.loss_scale == 65536.0
     assert second.loss_scale == 32768.0  # the scaler backed off by its factor of 0.5
     assert any(s.inf_count or s.nan_count for s in first.parameters.values())
+
+
+def test_steps_the_scaler_skips_are_recorded_once():
+    raw = {**MODELS["mlp"], "precision": "fp16", "steps": 3, "optimizer": {"name": "sgd", "lr": 0.1}}
+    inspection = gradscope.Inspection(settings_from_dict(raw))
+    with torch.no_grad():
+        inspection.model.out.weight.mul_(1e4)  # every step overflows and is skipped
+    report = inspection.run()
+    assert [(s.step, s.skipped) for s in report.steps] == [(0, True), (1, True), (2, True)]
+    assert all(s.loss is not None for s in report.steps)

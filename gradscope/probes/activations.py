@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradscope.probes.modules import ModuleTracker, describe_call, in_backward, user_site
+from gradscope.frames import user_site
+from gradscope.probes.modules import ModuleTracker, describe_call, in_backward
 from gradscope.report import ActivationStats
 
 KINDS: dict[Any, str] = {

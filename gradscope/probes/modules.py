@@ -7,9 +7,7 @@ it, and every autograd node to the module call that created it.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,11 +15,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from gradscope.errors import MODEL_FILES
-
-_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-_MODEL_FILES = tuple(str(Path(_PACKAGE_DIR) / name) for name in MODEL_FILES)
+from gradscope.tensors import tensors_in
 
 
 class ModuleTracker:
@@ -75,7 +69,7 @@ class ModuleTracker:
             self.calls[name] += 1
             self.stack.append((name, self.calls[name]))
             if self.claim_nodes:
-                self._inputs.append({t.grad_fn for t in _tensors(args) if t.grad_fn is not None})
+                self._inputs.append({t.grad_fn for t in tensors_in(args) if t.grad_fn is not None})
 
     def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
         name = self.names.get(id(module))
@@ -88,7 +82,7 @@ class ModuleTracker:
     def _claim(self, output: Any, owner: tuple[str, int], before: set[Any]) -> None:
         # Nodes created during this call (between its inputs and its outputs) and not
         # claimed by an inner module belong to it.
-        pending = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        pending = [t.grad_fn for t in tensors_in(output) if t.grad_fn is not None]
         seen: set[Any] = set()
         while pending:
             node = pending.pop()
@@ -99,39 +93,9 @@ class ModuleTracker:
             pending.extend(child for child, _ in node.next_functions)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    for attr in ("logits", "loss", "last_hidden_state"):  # model-output objects (Hugging Face)
-        inner = getattr(value, attr, None)
-        if isinstance(inner, torch.Tensor):
-            return [inner]
-    return []
-
-
 def in_backward() -> bool:
     """Whether a backward pass is running (where checkpointed modules recompute their forward)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def user_site() -> tuple[str, int, str] | None:
-    """The innermost calling frame outside torch and gradscope (its model files count as user code).
-
-    Returns:
-        ``(filename, line, function)``, or None.
-    """
-    frame: Any = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        ours = filename.startswith(_PACKAGE_DIR) and filename not in _MODEL_FILES
-        if not (ours or filename.startswith(_TORCH_DIR) or filename.startswith("<")):
-            return filename, frame.f_lineno, frame.f_code.co_name
-        frame = frame.f_back
-    return None
 
 
 def describe_call(name: str, call: int, total: int) -> str:

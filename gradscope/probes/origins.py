@@ -20,16 +20,10 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradscope.probes.modules import (
-    _MODEL_FILES,
-    _PACKAGE_DIR,
-    _TORCH_DIR,
-    ModuleTracker,
-    _tensors,
-    describe_call,
-    user_site,
-)
+from gradscope.frames import MODEL_FILES, PACKAGE_DIR, TORCH_DIR, user_site
+from gradscope.probes.modules import ModuleTracker, describe_call
 from gradscope.report import NonfiniteOrigin
+from gradscope.tensors import tensors_in
 
 ROOT = "(model)"  # how the top-level module is named in messages
 
@@ -58,7 +52,7 @@ class FirstNonfinite(TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_metadata(func) or _called_by_distributed():
             return func(*args, **kwargs)
-        inputs = [t for t in _tensors([args, kwargs]) if t.is_floating_point()]
+        inputs = [t for t in tensors_in([args, kwargs]) if t.is_floating_point()]
         if self.found is not None:
             out = func(*args, **kwargs)
             self._record_nodes(func, out)
@@ -70,7 +64,7 @@ class FirstNonfinite(TorchFunctionMode):
         for kind in ("nan", "inf"):
             if had[kind] or explicit or (kind == "inf" and had["nan"]):
                 continue
-            produced = [t for t in _tensors(out) + inputs if t.is_floating_point() and _has(t, kind)]
+            produced = [t for t in tensors_in(out) + inputs if t.is_floating_point() and _has(t, kind)]
             if not produced:
                 continue
             origin = self._origin(func, inputs, produced[0], kind)
@@ -82,7 +76,7 @@ class FirstNonfinite(TorchFunctionMode):
         return out
 
     def _record_nodes(self, func: Any, out: Any) -> None:
-        for t in _tensors(out):
+        for t in tensors_in(out):
             if t.grad_fn is not None and t.grad_fn not in self.ops:
                 self.ops[t.grad_fn] = (op_name(func), _source(user_site()))
 
@@ -256,9 +250,9 @@ def _has(t: torch.Tensor, kind: str) -> bool:
 
 
 # FSDP gathers parameters into uninitialised buffers inside the modules' calls: not the model's ops.
-_DISTRIBUTED = str(Path(_TORCH_DIR) / "distributed")
+_DISTRIBUTED = str(Path(TORCH_DIR) / "distributed")
 # Frames that only pass an op on: torch's own, and gradscope's other modes (the activation probe).
-_PASSING = (_TORCH_DIR, _PACKAGE_DIR)
+_PASSING = (TORCH_DIR, PACKAGE_DIR)
 
 
 def _called_by_distributed() -> bool:
@@ -269,7 +263,7 @@ def _called_by_distributed() -> bool:
         filename = frame.f_code.co_filename
         if filename.startswith(_DISTRIBUTED):
             return True
-        if not filename.startswith(_PASSING) or filename in _MODEL_FILES:
+        if not filename.startswith(_PASSING) or filename in MODEL_FILES:
             return False
         frame = frame.f_back
     return False
