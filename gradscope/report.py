@@ -253,6 +253,20 @@ class Report:
         floor = SEVERITIES.index(severity)
         return [a for a in self.anomalies if SEVERITIES.index(a.severity) >= floor]
 
+    def save(self, path: str) -> None:
+        """Write the JSON report to ``path`` (its folder is made; ``gradscope show`` reads it back)."""
+        from gradscope.reporters.json import JsonReporter  # reporters read reports: imported on use
+
+        JsonReporter(path).write(self)
+
+    def print(self, show_all: bool = False) -> None:
+        """Print the report as ``gradscope inspect`` does (``show_all``: every parameter row)."""
+        import sys
+
+        from gradscope.reporters.terminal import TerminalReporter
+
+        TerminalReporter(sys.stdout, show_all=show_all).write(self)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (strict: non-finite floats become strings)."""
         return {
