@@ -8,6 +8,7 @@ be installed beside the CPU torch the suite runs on.
 import json
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -81,3 +82,60 @@ def test_transformers_efficientnet_init_is_found_starved():
     kinds = {a.kind: a for a in report.anomalies}
     assert kinds["vanishing_gradient"].severity == "warning"
     assert "negligible everywhere" in kinds["vanishing_gradient"].message
+
+
+def _gpt2_lora():
+    import peft
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=32))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
+    return peft.get_peft_model(base, config)
+
+
+def _llama_reentrant():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
+LOOPS = {
+    # (build, autocast dtype, a GradScaler as the recipe uses one, learning rate)
+    "gpt2_lora_fp16_scaler": (_gpt2_lora, torch.float16, True, 2e-4),
+    "llama_hf_reentrant_bf16": (_llama_reentrant, torch.bfloat16, False, 3e-4),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_watched_training_loop_is_clean(name):
+    """The loop a fine-tuning script writes, a fresh batch each step, under gradscope.watch."""
+    build, dtype, scaled, lr = LOOPS[name]
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    with gradscope.watch(model, optimizer=opt, scaler=scaler) as scope:
+        for step in range(4):
+            ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                loss = model(input_ids=ids, labels=ids).loss
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+    report = scope.report
+    assert len(report.steps) == 4
+    assert report.at_or_above("warning") == [], [(a.kind, a.message) for a in report.anomalies]
