@@ -100,7 +100,7 @@ def test_long_run_shows_first_last_and_flagged_steps(tmp_path):
 
 
 def test_no_progress_line_when_stderr_is_not_a_terminal():
-    result = invoke("inspect", str(CONFIGS / "residual_mlp.yaml"), "--steps", "2")
+    result = invoke("inspect", str(FAULTS / "dead_relu.yaml"), "--steps", "2")
     assert "\r" not in result.stderr and "step 1/2" not in result.stderr
 
 
