@@ -17,6 +17,7 @@ from gradscope.config import ClipSpec
 from gradscope.probes.base import Fetch
 from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, GradientProbe, Readings
 from gradscope.report import StepRecord
+from gradscope.tables import Layout
 
 # Names of the recorder's own parts of the step's transfer.
 LOSS, PRE, SCALE = "loss", "pre", "scale"
@@ -34,6 +35,7 @@ class Recorder:
     def __init__(self, gradients: GradientProbe, clip: ClipSpec | None, scaler: torch.amp.GradScaler | None) -> None:
         self.gradients, self.clip, self.scaler = gradients, clip, scaler
         self.trainable = [info for info in gradients.infos if info.trainable]
+        self.layout = Layout(self.trainable)
 
     def collect(self, fetch: Fetch, loss: torch.Tensor | None, pre: tuple[list[int], torch.Tensor] | None) -> None:
         """Add the loss, the end-of-backward norms ``pre`` and the loss scale to the step's transfer."""
@@ -70,19 +72,19 @@ class Recorder:
         clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
         if clipped and measured > 0:
             unclip(readings, measured)
-        params = stats.parameter_stats(self.trainable, readings)
-        total = stats.total_norm(params)
+        params = stats.parameter_stats(self.layout, readings)
+        total = stats.total_norm(readings)
         extra = self._clipping(readings, total, post, measured, clipped)
         if self.scaler is not None:
             # The scaler skips the update exactly when an unscaled gradient is not finite.
-            skipped = skipped or any(s.nan_count or s.inf_count for s in params.values())
+            skipped = skipped or bool(readings.nonfinite)
             extra.update(loss_scale=scale, skipped=skipped)
         return StepRecord(
             step=index,
             loss=values[LOSS][0] if loss_known else None,
             grad_norm_total=total,
             parameters=params,
-            modules=stats.module_stats(self.trainable, params),
+            modules=stats.module_stats(params),
             stale=tuple(self.gradients.names[i] for i in sorted(self.gradients.stale)),
             **extra,
         )

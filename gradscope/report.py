@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,8 +176,8 @@ class StepRecord:
     step: int
     loss: float | None  # None: not known (gradscope.watch with an optimizer hook sees no loss)
     grad_norm_total: float
-    parameters: dict[str, ParamStats]
-    modules: dict[str, ModuleStats]
+    parameters: Mapping[str, ParamStats]  # a ``tables.ParamTable`` when measured, a dict when read from JSON
+    modules: Mapping[str, ModuleStats]
     grad_norm_total_clipped: float | None = None
     clip_norm: float | None = None  # the norm clip_grad_norm_ measured, in its norm_type
     clip_coefficient: float | None = None  # what gradients were multiplied by (1.0: not clipped)

@@ -183,6 +183,7 @@ def peaks(key: str, device: torch.device, modes: list[str], steps: int) -> dict[
     out = {}
     for mode in modes:
         command = [sys.executable, __file__, "--peak-of", key, mode, str(steps), "--device", str(device)]
+        command += ["--threads", str(torch.get_num_threads())]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         out[mode] = float(result.stdout.strip().splitlines()[-1])
     return out
@@ -196,12 +197,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="plain is always run")
     parser.add_argument("--memory", action="store_true", help="also measure each mode's peak memory")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is steadier on a shared machine"
+    )
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The peers' own warnings (detect_anomaly's "enabled", the full backward hook on the first module) per round.
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_of:
         key, mode, steps = args.peak_of
         print(peak(CASES[key], device, mode, int(steps)))
