@@ -122,22 +122,23 @@ def _sums(chunk: _Chunk, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     of each piece, given its row's bounds ``lo`` and ``hi`` (pieces,)."""
     values = chunk.values()
     entries = values.numel()
-    finite = torch.isfinite(values)
-    values = torch.where(finite, values, 0.0)
     lo, hi = lo.to(chunk.dtype), hi.to(chunk.dtype)
     # Finite even for a one-valued gradient (hi == lo), whose entries all land in bucket 0.
     scale = BINS / (hi - lo).clamp_min(BINS * torch.finfo(chunk.dtype).tiny)
-    bucket = ((values - chunk.each(lo, entries)) * chunk.each(scale, entries)).floor_().clamp_(0, BINS - 1).long()
+    # Each piece has BINS + 1 slots: slot 0 counts its NaN and Inf entries (which the arithmetic keeps
+    # non-finite, so no isfinite pass is needed), slots 1..BINS its buckets.
+    slot = ((values - chunk.each(lo, entries)) * chunk.each(scale, entries)).floor_()
+    slot = slot.nan_to_num_(-1.0, -1.0, -1.0).clamp_(-1, BINS - 1).add_(1).long()
     if chunk.count > 1:
-        bucket += chunk.each(torch.arange(0, chunk.count * BINS, BINS, device=chunk.device), entries)
-    slots = chunk.count * BINS  # a slot per (piece, bucket), and one past them for the non-finite entries
-    counts = torch.bincount(torch.where(finite, bucket, slots), minlength=slots + 1)[:slots]
-    counts = counts.reshape(chunk.count, BINS).to(lo.dtype)
-    count = counts.sum(dim=1)
-    total = chunk.reduce(values, "sum", 0.0).to(lo.dtype)
-    squares = chunk.reduce(values * values, "sum", 0.0).to(lo.dtype)
-    stats = torch.stack([count, total, squares, chunk.lengths.to(lo.dtype) - count], dim=1)
-    return torch.cat([stats, counts], dim=1)
+        slot += chunk.each(torch.arange(0, chunk.count * (BINS + 1), BINS + 1, device=chunk.device), entries)
+    counts = torch.bincount(slot, minlength=chunk.count * (BINS + 1)).reshape(chunk.count, BINS + 1)
+    counts = counts.to(lo.dtype)
+    finite = values.nan_to_num(0.0, 0.0, 0.0)
+    total = chunk.reduce(finite, "sum", 0.0).to(lo.dtype)
+    squares = chunk.reduce(finite * finite, "sum", 0.0).to(lo.dtype)
+    count = counts[:, 1:].sum(dim=1)
+    stats = torch.stack([count, total, squares, counts[:, 0]], dim=1)
+    return torch.cat([stats, counts[:, 1:]], dim=1)
 
 
 def to_histogram(row: list[float]) -> Histogram:
