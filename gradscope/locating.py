@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import replay
+from gradscope import replay, tables
 from gradscope.capture import ForwardCapture
 from gradscope.optional import optional
 from gradscope.report import NonfiniteOrigin, StepRecord
@@ -59,7 +59,7 @@ class OriginSearch:
 
     def find(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
         """The origin of the record's NaN/Inf, or None (none, found before, or not searchable)."""
-        bad = [s for s in record.parameters.values() if s.nan_count or s.inf_count]
+        bad = tables.nonfinite(record.parameters)
         loss_bad = not finite(record.loss)
         if self.located or not self.enabled or not (bad or loss_bad):
             return None

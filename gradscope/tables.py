@@ -88,9 +88,9 @@ class ParamTable(Mapping[str, ParamStats]):
         ratio = norm / param_norm if param_norm else None
         return ParamStats(norm, max_abs, zero_fraction, nans, infs, param_norm, ratio)
 
-    def received(self) -> list[tuple[int, ParamStats]]:
-        """(position, stats) of each parameter that got a gradient."""
-        return [(i, self._at(i)) for i in self._row]
+    def nonfinite(self) -> list[ParamStats]:
+        """The statistics of the parameters whose gradient holds a NaN or Inf (no scan of the others)."""
+        return [self._at(i) for i in self._nonfinite]
 
 
 class ModuleTable(Mapping[str, ModuleStats]):
@@ -153,3 +153,10 @@ def aggregate(members: list[int], stats: list[ParamStats], layout: Layout) -> Mo
         parameters=len(members),
         with_grad=received,
     )
+
+
+def nonfinite(params: Mapping[str, ParamStats]) -> list[ParamStats]:
+    """The parameters' statistics whose gradient holds a NaN or Inf (a ParamTable knows them without a scan)."""
+    if isinstance(params, ParamTable):
+        return params.nonfinite()
+    return [s for s in params.values() if s.nan_count or s.inf_count]
