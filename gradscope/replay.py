@@ -28,9 +28,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from gradscope.frames import pick_user_frame
+from gradscope.probes.forward_origin import NonfiniteFlow
 from gradscope.probes.gradients import is_sharded, to_local
 from gradscope.probes.modules import ModuleTracker
-from gradscope.probes.origins import FirstNonfinite, backward_origin, graph_nodes, nonfinite_tensors, rows_with
+from gradscope.probes.origins import backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.report import NonfiniteOrigin
 from gradscope.tensors import tensors_in
 from gradscope.wrappers import is_compiled, unwrap
@@ -123,11 +124,12 @@ def locate(
 ) -> NonfiniteOrigin | None:
     """Where the step's first NaN (``kind="nan"``) or Inf was made.
 
-    Checks the batch and the weights, then replays the forward op by op. If
-    the replayed loss is not finite, the first op that made the value is the
-    origin. If it is finite (only gradients are bad), a NaN made in the
-    forward did not reach the loss (``where`` discarded it), so the backward
-    is replayed node by node to find the gradient that turned.
+    Checks the batch and the weights, then replays the forward op by op,
+    following non-finite values forward. If the replayed loss is not finite,
+    the op that made the NaN/Inf it holds is the origin (an Inf made and
+    thrown away before is not). If it is finite (only gradients are bad), a
+    NaN made in the forward did not reach the loss (``where`` discarded it),
+    so the backward is replayed node by node to find the gradient that turned.
 
     With ``lockstep`` (FSDP: the forward gathers parameters from every rank),
     the forward is replayed even when the batch or weights already explain it.
@@ -149,16 +151,17 @@ def locate(
         return already
     trainable = [p for p in params.values() if p.requires_grad]
     with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
-        finder = FirstNonfinite(tracker, kind, batch)
-        with finder:
+        flow = NonfiniteFlow(tracker, batch)
+        with flow:
             loss = forward()
         if already is not None:
             return already
-        if finder.found is not None and not bool(torch.isfinite(loss.detach()).all()):
-            return finder.found
+        found = flow.origin_of(loss)
+        if found is not None:
+            return found
         if not loss.requires_grad or any(is_sharded(p) for p in trainable):
             return None  # FSDP's gradients reach its gathered parameters, which a replay cannot follow
-        return backward_origin(loss, trainable, tracker, finder.ops, kind)
+        return backward_origin(loss, trainable, tracker, flow.ops, kind, flow.loss_nodes)
 
 
 def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str, samples: tuple[int, ...] = ()) -> NonfiniteOrigin:

@@ -80,3 +80,65 @@ class NeedsAutocast(nn.Module):
         if not torch.is_autocast_enabled("cpu"):
             raise RuntimeError("this model runs under autocast only")
         return self.out(torch.relu(self.inp(x)))
+
+
+def t5(overflow: float = 1.0) -> nn.Module:
+    """A 2+2-layer T5 from ``T5Config``. ``overflow`` scales the last decoder block's
+    ``DenseReluDense.wo`` weight, whose output then overflows fp16's 65504 (huggingface/transformers#5651:
+    "T5 fp16 overflow in forward (T5DenseReluDense)", at ``h = self.wo(h)``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.decoder.block[1].layer[2].DenseReluDense.wo.weight.mul_(overflow)
+    return model.train()
+
+
+class DiscardedInfs(nn.Module):
+    """Makes Infs and throws each away (selected away by ``torch.where``, clamped, cast to an integer
+    bucket as T5's relative positions are, masked), then overflows for real in ``out``."""
+
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.out = nn.Linear(width, classes)
+        with torch.no_grad():
+            self.out.weight.mul_(1e38)  # finite weights whose products overflow float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) * 10
+        h = h + torch.where(h > 0, torch.log(h.relu()), torch.zeros_like(h))  # log(0) = -inf, not selected
+        h = h + torch.exp(h * 100).clamp(max=1.0)  # exp overflows, clamped back
+        h = h + torch.exp(h * 100).long().clamp(0, 3).float()  # Inf cast to an integer bucket
+        h = h + torch.exp(h * 100).masked_fill(h > -1, 0.0)  # Inf masked to 0
+        return self.out(h)
+
+
+def log_of_softmax_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A hand-written cross-entropy, ``log(softmax(x))`` in two steps: a probability that underflows
+    to 0 gives ``log(0) = -inf`` (``F.log_softmax`` does not)."""
+    probs = torch.softmax(output * 1e3, dim=-1)
+    picked = probs.gather(-1, labels[:, None]).squeeze(-1)
+    return -torch.log(picked).mean()
+
+
+def pairwise_distance_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus a spread term, the mean Euclidean distance between the batch's outputs as
+    ``sqrt(sum(diff ** 2))``: each row's distance to itself is 0, where the gradient is ``0 * inf``,
+    NaN (tilman151/rul-adapt#22: "Gradient of euclidean distance is not defined for a distance of zero")."""
+    diff = output[:, None, :] - output[None, :, :]
+    distance = diff.pow(2).sum(-1).sqrt()
+    return torch.nn.functional.cross_entropy(output, labels) - 0.1 * distance.mean()

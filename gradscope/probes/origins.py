@@ -1,4 +1,5 @@
-"""Where a NaN or Inf first appears: the op in the forward pass, or the autograd node in the backward.
+"""Where a NaN or Inf first appears in the backward (the autograd node), and what finding it shares
+with the forward's search (``forward_origin``): op names, source lines, counts.
 
 Runs only on a step where the loss or a gradient was seen to be non-finite:
 the step's forward and backward are replayed on the same weights, batch and
@@ -18,86 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from gradscope.frames import MODEL_FILES, PACKAGE_DIR, TORCH_DIR, user_site
+from gradscope.frames import MODEL_FILES, PACKAGE_DIR, TORCH_DIR
 from gradscope.probes.modules import ModuleTracker, describe_call
 from gradscope.report import NonfiniteOrigin
-from gradscope.tensors import tensors_in
 
 ROOT = "(model)"  # how the top-level module is named in messages
-
-
-class FirstNonfinite(TorchFunctionMode):
-    """Records the first op that creates a NaN (or an Inf) from inputs without one.
-
-    An Inf written on purpose (``masked_fill(mask, -inf)``, an attention mask)
-    is not an origin: ops given an infinite scalar are skipped, so a softmax
-    over a fully masked row is found as the origin of its NaN. A NaN made
-    from an Inf that an earlier op made from finite inputs (an overflow, a
-    log of 0) is traced to that op.
-
-    It also maps the autograd node of every op's output to (op name, user
-    source line) in ``ops``, for naming the op behind a node in the backward.
-    """
-
-    def __init__(self, tracker: ModuleTracker, kind: str, batch: int | None = None) -> None:
-        super().__init__()
-        self.tracker, self.kind, self.batch = tracker, kind, batch  # batch: rows of the step's batch
-        self.found: NonfiniteOrigin | None = None
-        self.first_inf: NonfiniteOrigin | None = None  # the first Inf made from finite inputs (an overflow)
-        self.ops: dict[Any, tuple[str, str | None]] = {}
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if _is_metadata(func) or _called_by_distributed():
-            return func(*args, **kwargs)
-        inputs = [t for t in tensors_in([args, kwargs]) if t.is_floating_point()]
-        if self.found is not None:
-            out = func(*args, **kwargs)
-            self._record_nodes(func, out)
-            return out
-        explicit = _explicit_inf(args, kwargs)
-        had = {kind: any(_has(t, kind) for t in inputs) for kind in ("nan", "inf")}
-        out = func(*args, **kwargs)
-        self._record_nodes(func, out)
-        for kind in ("nan", "inf"):
-            if had[kind] or explicit or (kind == "inf" and had["nan"]):
-                continue
-            produced = [t for t in tensors_in(out) + inputs if t.is_floating_point() and _has(t, kind)]
-            if not produced:
-                continue
-            origin = self._origin(func, inputs, produced[0], kind)
-            if kind == self.kind:
-                # A NaN made from an overflowed Inf (inf - inf, inf * 0) starts at that overflow.
-                self.found = self.first_inf if kind == "nan" and had["inf"] and self.first_inf else origin
-            elif self.first_inf is None:
-                self.first_inf = origin
-        return out
-
-    def _record_nodes(self, func: Any, out: Any) -> None:
-        for t in tensors_in(out):
-            if t.grad_fn is not None and t.grad_fn not in self.ops:
-                self.ops[t.grad_fn] = (op_name(func), _source(user_site()))
-
-    def _origin(self, func: Any, inputs: list[torch.Tensor], produced: torch.Tensor, kind: str) -> NonfiniteOrigin:
-        where = self.tracker.current
-        site = user_site()
-        finite = [t.detach()[torch.isfinite(t.detach())] for t in inputs if t.numel()]
-        values = torch.cat([t.float().flatten() for t in finite]) if finite else torch.zeros(0)
-        return NonfiniteOrigin(
-            phase="forward" if where else "loss",
-            kind=kind,
-            op=op_name(func),
-            module=_module(where, self.tracker),
-            source=_source(site),
-            dtype=str(produced.dtype).removeprefix("torch."),
-            count=int(_count(produced, kind)),
-            numel=produced.numel(),
-            input_min=float(values.min()) if values.numel() else None,
-            input_max=float(values.max()) if values.numel() else None,
-            samples=rows_with(produced, kind, self.batch),
-        )
 
 
 def backward_origin(
@@ -106,6 +33,7 @@ def backward_origin(
     tracker: ModuleTracker,
     ops: dict[Any, tuple[str, str | None]],
     kind: str,
+    loss_nodes: frozenset[Any] | set[Any] = frozenset(),
 ) -> NonfiniteOrigin | None:
     """Replay backward from ``loss``; the first autograd node whose incoming gradients are free of
     ``kind`` (nan/inf) but whose outgoing ones are not.
@@ -116,6 +44,8 @@ def backward_origin(
         tracker: the tracker that claimed the forward's nodes for modules.
         ops: node -> (op name, source line) recorded in the forward.
         kind: ``nan`` or ``inf``.
+        loss_nodes: the nodes of ops that ran outside every module (the loss): a gradient they
+            make is the loss's (phase ``loss``), not that of the last module that ran.
     """
     found: list[NonfiniteOrigin] = []
 
@@ -125,7 +55,7 @@ def backward_origin(
                 return
             if any(_has(g, kind) for g in grad_outputs if isinstance(g, torch.Tensor)):
                 return  # it only passed on what it received
-            found.append(_node_origin(node, grad_inputs, tracker, ops, kind))
+            found.append(_node_origin(node, grad_inputs, tracker, ops, kind, loss_nodes))
 
         return check
 
@@ -139,20 +69,26 @@ def backward_origin(
 
 
 def _node_origin(
-    node: Any, grads: tuple[Any, ...], tracker: ModuleTracker, ops: dict[Any, tuple[str, str | None]], kind: str
+    node: Any,
+    grads: tuple[Any, ...],
+    tracker: ModuleTracker,
+    ops: dict[Any, tuple[str, str | None]],
+    kind: str,
+    loss_nodes: frozenset[Any] | set[Any],
 ) -> NonfiniteOrigin:
     bad = next(g for g in grads if isinstance(g, torch.Tensor) and _has(g, kind))
+    owner = _owner(node, tracker, loss_nodes)
     op, source = ops.get(node, (None, None))
     forward_cls = getattr(type(node), "_forward_cls", None)  # a custom autograd.Function
     if forward_cls is not None:
         op = f"{forward_cls.__qualname__}.backward"
         source = _function_source(forward_cls.backward)
     return NonfiniteOrigin(
-        phase="backward",
+        phase="loss" if owner is _LOSS else "backward",
         kind=kind,
         op=op or node.name(),
         node=node.name(),
-        module=_module(_owner(node, tracker), tracker),
+        module=None if owner is _LOSS else _module(owner, tracker),
         source=source,
         dtype=str(bad.dtype).removeprefix("torch."),
         count=int(_count(bad, kind)),
@@ -160,11 +96,12 @@ def _node_origin(
     )
 
 
-def _owner(node: Any, tracker: ModuleTracker) -> tuple[str, int] | None:
-    """The module call that created ``node``; unclaimed nodes (inside composite ops) take
-    the module of the nearest claimed node they feed into."""
-    if node in tracker.node_module:
-        return tracker.node_module[node]
+_LOSS = ("", -1)  # _owner's answer for a node of the loss, made outside every module
+
+
+def _owner(node: Any, tracker: ModuleTracker, loss_nodes: frozenset[Any] | set[Any]) -> tuple[str, int] | None:
+    """The module call that created ``node`` (``_LOSS``: an op outside every module); unclaimed
+    nodes (inside composite ops) take the owner of the nearest known node they feed into."""
     pending, seen = [node], set()
     while pending:
         current = pending.pop(0)
@@ -173,6 +110,8 @@ def _owner(node: Any, tracker: ModuleTracker) -> tuple[str, int] | None:
         seen.add(current)
         if current in tracker.node_module:
             return tracker.node_module[current]
+        if current in loss_nodes:
+            return _LOSS
         pending.extend(child for child, _ in current.next_functions)
     return None
 

@@ -69,11 +69,12 @@ def _origin_message(o: Any, value: str) -> str:
         return f"{value} is already in the batch ({', '.join(o.tensors)}: {o.count} values) before the model runs."
     if o.phase == "parameter":
         return f"{value} is already in parameter {', '.join(o.tensors[:3])} before the forward pass."
-    if o.phase == "backward":
+    if o.phase == "backward" or (o.phase == "loss" and o.node):
         node = f" (autograd node {o.node})" if o.node and o.node not in (o.op or "") else ""
+        where = where or (" in the loss (outside every module)" if o.phase == "loss" else "")
         return (
             f"{value} first appears in the backward pass: the gradient of {o.op}{node}{where} "
-            f"is {value} ({count}, {o.dtype}) although the gradient flowing into it is finite.{at}"
+            f"is {value} ({count}, {o.dtype}) although the gradient flowing into it holds no {value}.{at}"
         )
     if o.op is None and o.phase == "loss":
         # gradscope.watch replays only the model: an origin outside it has no op to name.
@@ -131,7 +132,7 @@ def _fix(o: Any) -> str:
         return "A softmax over a row that is all -inf (fully masked): keep at least one position unmasked."
     if "exp" in op:
         return "exp overflows: subtract the maximum first (logsumexp) or clamp its input."
-    if o.phase == "backward":
+    if o.phase == "backward" or o.node:
         return "A backward formula divides by or multiplies into 0/Inf: check the op's domain (or the custom backward)."
     return "Check this op's inputs."
 
