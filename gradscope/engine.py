@@ -154,11 +154,11 @@ class Engine:
             if self.ranks is not None and distributed.peer_failed(exc):
                 raise distributed.RankFailure(self.ranks.rank, exc) from exc
             replayed = lambda: self.forward(batch, model=self.inner)  # noqa: E731
-            node, source = None, None
+            site: dict[str, str | None] = {}
             with optional("the replay that names the failing backward node", self.watch.notes), self.watch.paused():
-                node, source = replay.backward_error_site(self.inner, replayed, state)
+                site = replay.backward_error_site(self.inner, replayed, state)
             message = str(exc).split(" Hint:")[0]  # PyTorch's hint suggests the anomaly mode used here already
-            return BackwardFailure(f"{type(exc).__name__}: {message}", node, source)
+            return BackwardFailure(f"{type(exc).__name__}: {message}", **site)
         except Exception as exc:
             raise ModelError("model", "the backward pass", exc) from exc
         return None

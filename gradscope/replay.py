@@ -30,8 +30,9 @@ from torch import nn
 from gradscope.frames import pick_user_frame
 from gradscope.probes.forward_origin import NonfiniteFlow
 from gradscope.probes.gradients import is_sharded, to_local
+from gradscope.probes.inplace import InplaceWrites, RunningNode, culprit
 from gradscope.probes.modules import ModuleTracker
-from gradscope.probes.origins import backward_origin, graph_nodes, nonfinite_tensors, rows_with
+from gradscope.probes.origins import _LOSS, _module, _owner, backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.report import NonfiniteOrigin
 from gradscope.tensors import tensors_in
 from gradscope.wrappers import is_compiled, unwrap
@@ -228,23 +229,47 @@ def _is_reentrant(node: Any) -> bool:
     return type(node).__name__ == "CheckpointFunctionBackward"
 
 
-def backward_error_site(model: nn.Module, forward: Forward, state: RngState) -> tuple[str | None, str | None]:
-    """Replay forward and backward under anomaly mode; the autograd node that failed and the
-    user's forward line that created it (PyTorch records it in anomaly mode)."""
-    with warnings.catch_warnings(record=True) as caught, replaying(model, state):
+def backward_error_site(model: nn.Module, forward: Forward, state: RngState) -> dict[str, str | None]:
+    """Replay forward and backward under anomaly mode: where backward raised.
+
+    Returns:
+        ``BackwardFailure`` fields: the failing autograd ``node``, the user's forward line that
+        created it (``source``, which anomaly mode records), the ``module`` whose call created it
+        (it saved the tensor), and for a tensor changed in place, the op that changed it
+        (``modified_by``), its module (``modified_in``) and line (``modified_at``).
+    """
+    model = eager_module(model)
+    message = ""
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        replaying(model, state),
+        ModuleTracker(model, claim_nodes=True) as tracker,
+    ):
         warnings.simplefilter("always")
+        writes = InplaceWrites(tracker)
+        running = RunningNode([])
         with torch.autograd.detect_anomaly(check_nan=False):
             try:
-                loss = forward()
-                torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-            except RuntimeError:
-                pass
+                with writes:
+                    loss = forward()
+                running = RunningNode(graph_nodes(loss.grad_fn))
+                with running:
+                    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+            except RuntimeError as exc:
+                message = str(exc)
+        owner = _owner(running.last, tracker, writes.loss_nodes) if running.last is not None else None
+        module = _module(owner, tracker) if owner is not None and owner is not _LOSS else None
+        site: dict[str, str | None] = {"node": None, "source": None, "module": module}
     for warning in caught:
         text = str(warning.message)
         match = re.search(r"Error detected in (\w+)", text)
         if match:
-            return match.group(1), _innermost_user_line(text)
-    return None, None
+            site.update(node=match.group(1), source=_innermost_user_line(text))
+            break
+    write = culprit(writes.writes, message, running.last)
+    if write is not None:
+        site.update(modified_by=write.op, modified_in=write.module, modified_at=write.source)
+    return site
 
 
 def _innermost_user_line(trace: str) -> str | None:

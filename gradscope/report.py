@@ -94,12 +94,17 @@ class NonfiniteOrigin:
 
 @dataclass(frozen=True)
 class BackwardFailure:
-    """PyTorch raised in backward: its message, the autograd node that failed, and the
-    user's forward line that created that node."""
+    """PyTorch raised in backward: its message, the autograd node that failed, the user's forward
+    line that created that node and the module whose call did (it saved the tensor), and for a
+    saved tensor changed in place, the op, module and line that changed it."""
 
     message: str
     node: str | None = None
     source: str | None = None
+    module: str | None = None
+    modified_by: str | None = None  # the in-place op (Tensor.mul_, Tensor.__iadd__, ...)
+    modified_in: str | None = None  # its module (None: outside every module)
+    modified_at: str | None = None  # its line
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,34 @@ def pairwise_distance_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.
     diff = output[:, None, :] - output[None, :, :]
     distance = diff.pow(2).sum(-1).sqrt()
     return torch.nn.functional.cross_entropy(output, labels) - 0.1 * distance.mean()
+
+
+class ResidualBlock(nn.Module):
+    """``out += x`` on a ReLU's output, which ReLU's backward needs (iMED-Lab/ER-Net#3, pytorch/vision#807:
+    "replace out+=residual with out=out+residual")."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(width, width), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        out += x  # fault: changes the ReLU's saved output
+        return out
+
+
+class InplaceResidual(nn.Module):
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ResidualBlock(width), ResidualBlock(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def inplace_sigmoid_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A loss that rescales a sigmoid's output in place, which the sigmoid's backward needs."""
+    probs = torch.sigmoid(output)
+    probs.mul_(2)
+    return torch.nn.functional.nll_loss(probs.log(), labels)

@@ -164,22 +164,37 @@ def backward_error(report: Report, check: Any) -> list[Anomaly]:
         failure = step.backward_error
         if failure is None:
             continue
-        where = f" The failing node {failure.node} was created at {failure.source}." if failure.source else ""
-        hint = (
-            " An in-place op (x.add_(), x[...] = , relu(inplace=True)) changed a tensor backward needs: use its out-of-place form."
-            if "inplace" in failure.message
-            else ""
-        )
         out.append(
             Anomaly(
                 kind="backward_error",
                 severity="error",
+                module=failure.modified_in or failure.module,  # where the fix goes: the in-place op's module
                 step=step.step,
-                message=f"backward raised at step {step.step}: {failure.message.splitlines()[0]}{where}{hint}",
-                evidence={"node": failure.node, "source": failure.source, "error": failure.message},
+                message=f"backward raised at step {step.step}: {failure.message.splitlines()[0]}{_failure_site(failure)}",
+                evidence={k: v for k, v in vars(failure).items() if v is not None and k != "message"}
+                | {"error": failure.message},
             )
         )
     return out
+
+
+def _failure_site(failure: Any) -> str:
+    """Where backward failed, and for an in-place change, what changed the saved tensor."""
+    text = ""
+    if failure.node:
+        module = f" (made in {failure.module})" if failure.module else ""
+        made = f", created at {failure.source}" if failure.source else ""
+        text = f" The failing node is {failure.node}{module}{made}."
+    if failure.modified_by:
+        where = f"in {failure.modified_in}" if failure.modified_in else "outside every module (the loss)"
+        at = f" at {failure.modified_at}" if failure.modified_at else ""
+        text += (
+            f" The tensor it saved was changed in place by {failure.modified_by} {where}{at}: use its out-of-place "
+            f"form (x = x * 2 for x.mul_(2), out = out + residual for out += residual, inplace=False)."
+        )
+    elif "inplace" in failure.message:
+        text += " An in-place op (x.add_(), x[...] = , relu(inplace=True)) changed a tensor backward needs: use its out-of-place form."
+    return text
 
 
 def wrong_gradient(report: Report, check: Any) -> list[Anomaly]:
