@@ -23,16 +23,17 @@ def test_nan_made_after_the_model_in_a_user_loop_names_no_none():
 
 
 def test_scaler_that_skips_every_step_is_an_error():
+    """Gradients that overflow fp16 even unscaled: the scale collapses below 1 and nothing trains."""
     torch.manual_seed(0)
     model = faults.ScaledOutput(scale=1000.0, in_features=16, hidden=32, depth=2, classes=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
     with gradscope.watch(model, optimizer=opt, scaler=scaler) as scope:
         for _ in range(3):
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss = torch.nn.functional.cross_entropy(model(x), y) * 1e4  # a loss weight that large
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()

@@ -17,8 +17,8 @@ def nonfinite_step(step: StepRecord) -> bool:
     if step.backward_error is not None:
         return False
     grads_bad = any(s.nan_count or s.inf_count for s in step.parameters.values())
-    if step.skipped and step.origin is None:
-        return False  # a grad-scaler overflow: loss_scale_overflow reports it
+    if step.skipped and step.origin is None and not loss_is_bad(step):
+        return False  # a grad-scaler overflow: loss_scale_overflow reports it (a NaN loss is a NaN's spread)
     return loss_is_bad(step) or grads_bad
 
 

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from gradscope.report import Anomaly, Report, StepRecord
-from gradscope.rules.common import in_forward_order, median
+from gradscope.rules.common import in_forward_order, median, nonfinite_step
 
 
 def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
@@ -65,43 +65,94 @@ def _dominant(step: StepRecord) -> list[tuple[str, float]]:
     return sorted(shares, key=lambda item: -item[1])
 
 
+COLLAPSED = 1.0  # a scale below 1: the gradients overflow fp16 even unscaled
+
+
 def loss_scale_overflow(report: Report, check: Any) -> list[Anomaly]:
-    """fp16: steps the grad scaler skipped because the scaled gradients overflowed."""
-    skipped = [s for s in report.steps if s.skipped and s.origin is None]
+    """fp16: steps the grad scaler skipped because the scaled gradients overflowed.
+
+    Skips while the scale falls from its initial value to its working value (the steps before the
+    first applied one) are calibration, what the scaler is built to do: at most an ``info``. Only
+    skipping after calibration (more than ``fraction`` of those steps, or the last step), or a
+    scale that collapses below 1, is a warning; no step ever applied with a collapsed scale is an
+    error. A skip that follows a NaN/Inf made in the step belongs to that finding.
+    """
+    steps = [s for s in report.steps if s.loss_scale is not None]
+    skipped = [s for s in steps if s.skipped and not nonfinite_step(s)]
     if not skipped:
         return []
-    fraction = len(skipped) / len(report.steps)
-    first = skipped[0]
-    bad = [n for n, s in first.parameters.items() if s.nan_count or s.inf_count]
-    severity = "warning" if fraction > check.fraction or skipped[-1] is report.steps[-1] else "info"
-    if len(skipped) == len(report.steps) and len(skipped) > 1:
+    applied = next((i for i, s in enumerate(steps) if not s.skipped), len(steps))
+    calibrating = [s for s in steps[:applied] if s.skipped and s.loss_scale >= COLLAPSED]
+    after = [s for s in skipped if s not in calibrating]
+    if not after:
+        return [_calibration(calibrating, len(steps))]
+    collapsed = [s for s in after if s.loss_scale < COLLAPSED]
+    later = steps[applied:]
+    fraction = len(after) / max(len(later), 1)
+    severity = "warning" if fraction > check.fraction or after[-1] is steps[-1] or collapsed else "info"
+    if collapsed and applied == len(steps) and len(steps) > 1:
         severity = "error"  # no step was ever applied: the model does not train at all
-    scales = ", ".join(f"step {s.step}: {s.loss_scale:g}" for s in skipped[:5])
-    more = ", ..." if len(skipped) > 5 else ""
-    return [
-        Anomaly(
-            kind="loss_scale_overflow",
-            severity=severity,
-            parameter=bad[0] if bad else None,
-            module=bad[0].rpartition(".")[0] if bad else None,
-            step=first.step,
-            message=(
-                f"{'no step was applied, the model does not train: ' if severity == 'error' else ''}"
-                f"the grad scaler skipped {len(skipped)} of {len(report.steps)} steps ({scales}{more}): scaled fp16 gradients "
-                f"overflowed in {len(bad)} parameters ({', '.join(bad[:4])}{'...' if len(bad) > 4 else ''}). A few skips "
-                f"while the scale calibrates are normal; many mean gradients near fp16's limit: use bf16, or find the "
-                f"layer whose gradients are that large."
-            ),
-            evidence={"steps": [s.step for s in skipped], "scales": [s.loss_scale for s in skipped], "parameters": bad},
-        )
-    ]
+    return [_persisting(after, calibrating, collapsed, steps, severity)]
+
+
+def _calibration(calibrating: list[StepRecord], total: int) -> Anomaly:
+    first, last = calibrating[0], calibrating[-1]
+    return Anomaly(
+        kind="loss_scale_overflow",
+        severity="info",
+        step=first.step,
+        message=(
+            f"the grad scaler calibrated: it skipped the first {len(calibrating)} of {total} steps while the loss "
+            f"scale fell from {first.loss_scale:g} to {last.loss_scale:g}. That is what a scaler does at the start; "
+            f"only skips after it has applied steps would mean gradients near fp16's limit."
+        ),
+        evidence={"calibration_steps": [s.step for s in calibrating], "scales": [s.loss_scale for s in calibrating]},
+    )
+
+
+def _persisting(
+    after: list[StepRecord],
+    calibrating: list[StepRecord],
+    collapsed: list[StepRecord],
+    steps: list[StepRecord],
+    severity: str,
+) -> Anomaly:
+    first = after[0]
+    bad = [n for n, s in first.parameters.items() if s.nan_count or s.inf_count]
+    scales = ", ".join(f"step {s.step}: {s.loss_scale:g}" for s in after[:5]) + (", ..." if len(after) > 5 else "")
+    why = (
+        f"the scale collapsed to {collapsed[-1].loss_scale:g} (below 1: the gradients overflow fp16 even unscaled)"
+        if collapsed
+        else ("the last step was skipped" if after[-1] is steps[-1] else f"{len(after)} skips after calibration")
+    )
+    calibrated = f" after {len(calibrating)} calibration skips" if calibrating else ""
+    listed = f"{', '.join(bad[:4])}{'...' if len(bad) > 4 else ''}"
+    return Anomaly(
+        kind="loss_scale_overflow",
+        severity=severity,
+        parameter=bad[0] if bad else None,
+        module=bad[0].rpartition(".")[0] if bad else None,
+        step=first.step,
+        message=(
+            f"{'no step was applied, the model does not train: ' if severity == 'error' else ''}"
+            f"the grad scaler keeps skipping steps{calibrated}: {len(after)} of {len(steps)} ({scales}); {why}. "
+            f"Scaled fp16 gradients overflowed in {len(bad)} parameters ({listed}). Use bf16, or fix the "
+            f"layer whose gradients are that large."
+        ),
+        evidence={
+            "steps": [s.step for s in after],
+            "scales": [s.loss_scale for s in after],
+            "calibration_steps": [s.step for s in calibrating],
+            "parameters": bad,
+        },
+    )
 
 
 def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
     """Low precision flushes gradient entries to zero that an fp32 step keeps."""
     step = next((s for s in report.steps if s.underflow), None)
-    if step is None or step.underflow is None:
-        return []
+    if step is None or step.underflow is None or nonfinite_step(step):
+        return []  # a step with a NaN/Inf: its zeros are that fault's, reported with its origin
     order = {p.name: i for i, p in enumerate(in_forward_order(report))}
     lost = sorted(
         ((n, f) for n, f in step.underflow.items() if f > check.fraction), key=lambda item: order.get(item[0], 0)

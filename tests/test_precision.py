@@ -1,0 +1,43 @@
+"""fp16 with a grad scaler: calibration is not a fault, steps are numbered as run, one fault one finding."""
+
+import gradscope
+from gradscope.config import load_config
+from tests.conftest import CONFIGS
+from tests.test_auxiliary import lm
+
+OVERFLOW = CONFIGS / "faults" / "fp16_overflow.yaml"
+
+
+def test_fp16_steps_are_numbered_as_they_ran():
+    """``steps: 3`` under fp16 with every step skipped was reported as steps 0, 2, 4."""
+    report = gradscope.inspect(load_config(OVERFLOW, {"steps": 3}))
+    assert [s.step for s in report.steps] == [0, 1, 2]
+    assert all(s.skipped for s in report.steps)
+    assert [s.loss_scale for s in report.steps] == [65536.0, 32768.0, 16384.0]
+
+
+def test_scaler_calibration_is_not_a_fault():
+    """The first skips, while the scale falls from 65536 toward its working value, are what a grad
+    scaler does: at most an info, whatever share of a short run they are."""
+    report = gradscope.inspect(load_config(OVERFLOW, {"steps": 3}))
+    (finding,) = [a for a in report.anomalies if a.kind == "loss_scale_overflow"]
+    assert finding.severity == "info" and "calibrated" in finding.message
+    assert finding.evidence["calibration_steps"] == [0, 1, 2]
+    assert not report.at_or_above("warning")
+
+
+def test_skips_that_follow_a_nan_made_after_calibration_belong_to_its_finding():
+    report = gradscope.inspect(load_config(OVERFLOW, {"steps": 24, "optimizer": {"name": "sgd", "lr": 0.01}}))
+    steps = {s.step: s for s in report.steps}
+    applied = min(i for i, s in steps.items() if not s.skipped)
+    (origin,) = [a for a in report.anomalies if a.kind.startswith("nonfinite")]
+    # The x1000 logits blow the weights up once steps apply: the skips of those steps are the NaN's.
+    assert origin.step > applied
+    assert not [a for a in report.anomalies if a.kind == "loss_scale_overflow" and a.severity != "info"]
+
+
+def test_t5_fp16_overflow_is_one_finding_not_also_a_scaler_skip():
+    """The skipped steps of a NaN made in the forward belong to that finding (one fault, one finding)."""
+    report = gradscope.inspect(lm("t5", args={"overflow": 1e5}, precision="fp16", steps=2))
+    assert [a.kind for a in report.anomalies] == ["nonfinite_forward"]
+    assert report.anomalies[0].evidence["steps_affected"] == [0, 1]
