@@ -195,6 +195,8 @@ class StepRecord:
     histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
     stale: tuple[str, ...] = ()  # parameters whose gradient was added onto the previous step's (no zero_grad)
     ranks: tuple[RankStep, ...] = ()  # distributed runs: each rank's own loss and gradients
+    # Optional probes' values (``watch(probes=...)``): probe name -> key (a parameter...) -> number.
+    probes: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.locating import OriginSearch, Replay
+from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
-from gradscope.probes.base import Fetch, Probe, StepContext
+from gradscope.probes.base import Fetch, Probe, StepContext, Watched
 from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
@@ -68,6 +69,7 @@ class Watch:
         plot: str | None = None,
         every: int = 1,
         ranks: distributed.Ranks | None = None,
+        probes: tuple[str, ...] | list[str] = (),
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -102,7 +104,7 @@ class Watch:
         self.trainable = self.recorder.trainable
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
-        self.probes = self._probes(histograms_every if logdir or on_step else 0)
+        self.probes = self._probes(histograms_every if logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
         self.precision = PrecisionSeen(inner)
@@ -116,8 +118,9 @@ class Watch:
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
 
-    def _probes(self, histograms_every: int) -> list[Probe]:
-        """The probes besides the gradient probe, in the order they measure (the same on every rank)."""
+    def _probes(self, histograms_every: int, named: tuple[str, ...] | list[str]) -> list[Probe]:
+        """The probes besides the gradient probe, in the order they measure (the same on every rank):
+        the watch's own, then the optional ones ``named``."""
         probes: list[Probe] = []
         if histograms_every:
             probes.append(HistogramProbe(self.gradients, histograms_every, self._shards))
@@ -125,7 +128,7 @@ class Watch:
             probes.append(self.activations)
         if self.ranks is not None:
             probes.append(RankViews(self.ranks, self.model, self.gradients.params, self.gradients.names, self.notes))
-        return probes
+        return probes + optional(named, Watched(self.probe_model, self.gradients, self.ranks, self._shards))
 
     @property
     def called(self) -> tuple[str, ...] | None:
@@ -377,6 +380,7 @@ def watch(
     plot: str | None = None,
     every: int = 1,
     on_step: Callable[[StepRecord], None] | None = None,
+    probes: tuple[str, ...] | list[str] = (),
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -396,6 +400,8 @@ def watch(
         plot: save the gradient-flow picture there when the block exits (needs matplotlib).
         every: measure every N-th step only (the others cost nothing); 1 measures every step.
         on_step: called with each step's ``StepRecord`` as it is measured (to log it your own way).
+        probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``;
+            their values are in ``StepRecord.probes``.
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
@@ -415,6 +421,7 @@ def watch(
         on_step=on_step,
         plot=plot,
         every=every,
+        probes=probes,
     )
 
 

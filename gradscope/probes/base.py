@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradscope.report import StepRecord
 
@@ -30,6 +31,23 @@ class StepContext:
 
     index: int
     loss: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What a watch observes, for the probes it builds by name (``probes.OPTIONAL``).
+
+    Attributes:
+        model: the user's module (inside DDP).
+        gradients: the watch's ``GradientProbe`` (the trainable parameters, their names, arrivals).
+        ranks: a distributed run's ``distributed.Ranks``, or None.
+        shards: the same under FSDP (each rank holds a shard of every parameter), else None.
+    """
+
+    model: nn.Module
+    gradients: Any
+    ranks: Any = None
+    shards: Any = None
 
 
 class Probe:

@@ -161,6 +161,8 @@ def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
     for rank in step.ranks:  # distributed runs: each rank's own view, to see one drift from the others
         out.append((f"rank_loss/{rank.rank}", rank.loss))
         out.append((f"rank_grad_norm/{rank.rank}", rank.grad_norm))
+    for probe, values in step.probes.items():  # optional probes: <probe>/<key>
+        out.extend((f"{probe}/{key}", value) for key, value in values.items())
     return out
 
 
