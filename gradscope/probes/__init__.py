@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gradscope.probes import update_ratio
 from gradscope.probes.base import Probe, Watched
 
-OPTIONAL: dict[str, Callable[[Watched], Probe]] = {}
+OPTIONAL: dict[str, Callable[[Watched], Probe]] = {
+    "update_ratio": update_ratio.UpdateRatioProbe,
+}
 
 
 def optional(names: tuple[str, ...] | list[str], watched: Watched) -> list[Probe]:
