@@ -114,7 +114,8 @@ def _partner_note(report: Report, partners: list[Partner], check: Any) -> Anomal
     gated = [n for p in partners for n in p.gated]
     if not gated:
         return None
-    held = [n for n in gated if _held_back(report, n, check.ratio)]
+    medians: dict[int, float | None] = {}
+    held = [n for n in gated if _held_back(report, n, check.ratio, medians)]
     if not held:
         return None
     zeros = [p.name for p in partners]
@@ -134,15 +135,18 @@ def _partner_note(report: Report, partners: list[Partner], check: Any) -> Anomal
     )
 
 
-def _held_back(report: Report, name: str, ratio: float) -> bool:
+def _held_back(report: Report, name: str, ratio: float, medians: dict[int, float | None]) -> bool:
     for step in clean_steps(report):
         s = step.parameters.get(name)
         if s is None or s.grad_norm is None:
             continue
         if s.grad_norm == 0:
             return True
-        others = [t.grad_to_param for n, t in step.parameters.items() if n != name and t.grad_to_param]
-        if s.grad_to_param is not None and others and s.grad_to_param < ratio * median(others):
+        if step.step not in medians:  # once per step, not once per parameter
+            ratios = [t.grad_to_param for t in step.parameters.values() if t.grad_to_param]
+            medians[step.step] = median(ratios) if ratios else None
+        typical = medians[step.step]
+        if s.grad_to_param is not None and typical is not None and s.grad_to_param < ratio * typical:
             return True
     return False
 

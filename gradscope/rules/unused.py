@@ -113,7 +113,8 @@ def zero_gradient(report: Report, check: Any) -> list[Anomaly]:
         return []  # a layer of dead ReLUs explains it; dead_relu reports that
     params = in_forward_order(report)
     skip = explained(zero_partners(report))
-    zero = [p for p in params if p.trainable and p.name not in skip and _always_zero(p.name, steps)]
+    floors: dict[int, float | None] = {}
+    zero = [p for p in params if p.trainable and p.name not in skip and _always_zero(p.name, steps, floors)]
     if not zero:
         return []
     exact = all(s.parameters[p.name].grad_norm == 0 for p in zero for s in steps)
@@ -166,25 +167,27 @@ def _below(module: str, owner: str) -> bool:
     return module != owner and (not owner or module.startswith(owner + "."))
 
 
-def _always_zero(name: str, steps: list[StepRecord]) -> bool:
+def _always_zero(name: str, steps: list[StepRecord], floors: dict[int, float | None]) -> bool:
     for s in steps:
         stats = s.parameters.get(name)
         if stats is None or not stats.received:
             return False
         if s.underflow and s.underflow.get(name, 0.0) > 0:
             return False  # fp32 keeps it: gradient_underflow reports that
-        if stats.grad_norm != 0 and not _rounding(s, stats):
+        if stats.grad_norm != 0 and not _rounding(stats, floors, s):
             return False
     return True
 
 
-def _rounding(step: StepRecord, stats: Any) -> bool:
+def _rounding(stats: Any, floors: dict[int, float | None], step: StepRecord) -> bool:
     """A nonzero gradient below a gap of ``1 / ROUNDING`` in the step's |grad|/|weight| ratios: rounding,
     cut off from every other layer's (a smooth decay toward the input, which vanishing_gradient judges,
     has no such gap)."""
     if not stats.grad_to_param:
         return False
-    floor = _rounding_floor(step)
+    if step.step not in floors:
+        floors[step.step] = _rounding_floor(step)  # once per step, not once per parameter
+    floor = floors[step.step]
     return floor is not None and stats.grad_to_param < floor
 
 
