@@ -183,6 +183,7 @@ class Settings(_Strict):
     every: int = Field(default=1, gt=0)  # measure every N-th step only
     optimizer: OptimizerSpec | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    scaler: bool | None = None  # fp16's GradScaler (on unless false); also `precision: {dtype: fp16, scaler: false}`
     checkpointing: CheckpointSpec | None = None
     clip: ClipSpec | None = None
     checks: Checks = Checks()
@@ -195,6 +196,34 @@ class Settings(_Strict):
     def origin(self) -> Origin:
         """Where the config came from: relative targets resolve against ``origin.base_dir``."""
         return self._origin
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_table(cls, data: Any) -> Any:
+        """``precision: {dtype: fp16, scaler: false}`` is ``precision: fp16`` beside ``scaler: false``."""
+        if not isinstance(data, dict) or not isinstance(data.get("precision"), dict):
+            return data
+        table = data["precision"]
+        unknown = sorted(str(k) for k in set(table) - {"dtype", "scaler"})
+        if unknown:
+            raise ValueError(f"precision.{unknown[0]}: unknown key; expected one of: dtype, scaler, got {unknown[0]!r}")
+        if "scaler" in table and "scaler" in data:
+            raise ValueError("scaler: give it once, in `precision:` or beside it, got both")
+        out = {**data, "precision": table.get("dtype", "fp32")}
+        if "scaler" in table:
+            out["scaler"] = table["scaler"]
+        return out
+
+    @model_validator(mode="after")
+    def _scaler_with_fp16(self) -> Settings:
+        if self.scaler and self.precision != "fp16":
+            raise ValueError(f"scaler: a grad scaler goes with precision fp16, got precision {self.precision}")
+        return self
+
+    @property
+    def uses_scaler(self) -> bool:
+        """fp16 with a GradScaler (the default; ``scaler: false`` turns it off)."""
+        return self.precision == "fp16" and self.scaler is not False
 
     @field_validator("device")
     @classmethod

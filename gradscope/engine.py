@@ -46,6 +46,7 @@ class StepPlan:
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     histograms_every: int = 0  # gradient histograms every N steps (0: never)
     every: int = 1  # measure every N-th step only
+    scaler: bool = True  # fp16: scale the loss with a GradScaler (off: gradients as fp16 makes them)
 
 
 class Engine:
@@ -79,7 +80,8 @@ class Engine:
         # Replays run here: on one rank, without DDP's all-reduce; a compiled model's eager original.
         self.inner = unwrap(model, compiled=True)
         self.ranks = ranks
-        self.scaler = torch.amp.GradScaler(plan.device.type) if plan.precision == "fp16" else None
+        fp16_scaled = plan.precision == "fp16" and plan.scaler
+        self.scaler = torch.amp.GradScaler(plan.device.type) if fp16_scaled else None
         self.watch = Watch(
             model,
             optimizer,

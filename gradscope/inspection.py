@@ -106,6 +106,7 @@ class Inspection:
             gradcheck=settings.gradcheck,
             histograms_every=tensorboard.histograms_every if tensorboard.logdir else 0,
             every=settings.every,
+            scaler=settings.uses_scaler,
         )
         start = time.perf_counter()
         self.status = "running"
@@ -179,6 +180,11 @@ class Inspection:
 
     def _notes(self) -> tuple[str, ...]:
         notes = list(self.engine.watch.notes) if self.engine is not None else []
+        if self.settings.precision == "fp16" and not self.settings.uses_scaler:
+            notes.append(
+                "fp16 without a grad scaler (scaler: false): the loss is not scaled, so gradients below fp16's "
+                "smallest subnormal (6e-8) flush to zero; gradient_underflow says where"
+            )
         if self.ranks is not None and self.settings.precision != "fp32":
             notes.append("distributed run: the gradient underflow check (an fp32 replay of one rank) is off")
         if self.ranks is not None and self.ranks.sharded:

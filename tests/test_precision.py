@@ -1,7 +1,12 @@
 """fp16 with a grad scaler: calibration is not a fault, steps are numbered as run, one fault one finding."""
 
+import re
+
+import pytest
+
 import gradscope
 from gradscope.config import load_config
+from gradscope.errors import ConfigError
 from tests.conftest import CONFIGS
 from tests.test_auxiliary import lm
 
@@ -41,3 +46,32 @@ def test_t5_fp16_overflow_is_one_finding_not_also_a_scaler_skip():
     report = gradscope.inspect(lm("t5", args={"overflow": 1e5}, precision="fp16", steps=2))
     assert [a.kind for a in report.anomalies] == ["nonfinite_forward"]
     assert report.anomalies[0].evidence["steps_affected"] == [0, 1]
+
+
+UNDERFLOW = CONFIGS / "faults" / "fp16_underflow.yaml"
+SMALL = {
+    "target": "gradscope.faults:ScaledOutput",
+    "args": {"scale": 1e-5, "in_features": 32, "hidden": 32, "classes": 10},
+}
+
+
+def test_fp16_without_a_scaler_shows_the_underflow_the_scaler_prevents():
+    scaled = gradscope.inspect(load_config(UNDERFLOW, {"model": SMALL}))
+    assert not scaled.anomalies and scaled.steps[0].loss_scale == 65536.0
+    plain = gradscope.inspect(load_config(UNDERFLOW, {"model": SMALL, "precision": {"dtype": "fp16", "scaler": False}}))
+    (finding,) = plain.anomalies
+    assert finding.kind == "gradient_underflow" and finding.module == "out"
+    assert plain.steps[0].loss_scale is None and not plain.steps[0].skipped
+    assert any("without a grad scaler" in note for note in plain.run.notes)
+
+
+@pytest.mark.parametrize(
+    "precision,message",
+    [
+        ({"dtype": "bf16", "scaler": True}, "scaler: a grad scaler goes with precision fp16, got precision bf16"),
+        ({"dtype": "fp16", "scale": 2}, "precision.scale: unknown key; expected one of: dtype, scaler"),
+    ],
+)
+def test_bad_precision_table_is_a_config_error(precision, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(UNDERFLOW, {"precision": precision})
