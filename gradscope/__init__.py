@@ -19,6 +19,7 @@ or inside your own training loop::
 
 from gradscope.config import Settings, load_config
 from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError
+from gradscope.history import Retention
 from gradscope.inspection import Inspection, inspect
 from gradscope.report import Anomaly, Report
 from gradscope.version import __version__
@@ -32,6 +33,7 @@ __all__ = [
     "Inspection",
     "ModelError",
     "Report",
+    "Retention",
     "Settings",
     "Watch",
     "__version__",

@@ -200,6 +200,49 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class StepSeries:
+    """Every step's compact row, kept for the whole run (the full records only for some steps).
+
+    Columns of equal length; ``loss`` and ``clip_coefficient`` hold None where unknown.
+    ``clean``: no backward error, no skipped update, finite loss and gradients.
+    """
+
+    step: tuple[int, ...] = ()
+    loss: tuple[float | None, ...] = ()
+    grad_norm_total: tuple[float, ...] = ()
+    clip_coefficient: tuple[float | None, ...] = ()
+    loss_scale: tuple[float | None, ...] = ()
+    clean: tuple[bool, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """Running totals over every step of the run, for the rules that look across steps when only
+    some steps are kept in full."""
+
+    steps: int
+    clean_steps: int
+    finite_steps: int  # with a finite total gradient norm
+    received: tuple[str, ...]  # parameters that got a gradient in some step without a backward error
+    missing: tuple[str, ...]  # parameters that got no gradient (or lost entries to underflow) in some clean step
+    clipped_steps: int
+    skipped_steps: int  # updates the grad scaler skipped for an overflow (no NaN origin)
+    clipped: tuple[tuple[int, float, float], ...]  # the first clipped steps: (step, pre-clip norm, coefficient)
+    clip_coefficient_median: float | None
+    fully_dead: bool  # some clean step had a ReLU dead for every unit
+
+
+@dataclass(frozen=True)
+class Retained:
+    """Which steps the report holds in full, and the policy that chose them (``history.Retention``)."""
+
+    kept: tuple[int, ...]
+    policy: dict[str, int]
+    totals: RunTotals
+    series: StepSeries
+
+
+@dataclass(frozen=True)
 class Anomaly:
     """A finding: what is wrong, where, and the numbers that show it."""
 
@@ -253,6 +296,7 @@ class Report:
     ignored: tuple[Anomaly, ...] = ()  # findings the config's `checks.ignore` accepts
     gradchecks: tuple[GradcheckResult, ...] = ()  # with --gradcheck: each custom autograd.Function
     schema_version: int = SCHEMA_VERSION
+    retained: Retained | None = None  # a run that kept only some steps in full (None: every step is here)
 
     def at_or_above(self, severity: str) -> list[Anomaly]:
         """Anomalies whose severity is ``severity`` or worse (``never``: none)."""
@@ -281,11 +325,12 @@ class Report:
             "schema_version": self.schema_version,
             "run": _plain(dataclasses.asdict(self.run)),
             "parameters": {p.name: _plain(_without(p, "name")) for p in self.parameters},
-            "steps": [_step_dict(s) for s in self.steps],
+            "steps": [step_dict(s) for s in self.steps],
             "anomalies": [_plain(dataclasses.asdict(a)) for a in self.anomalies],
             "ignored": [_plain(dataclasses.asdict(a)) for a in self.ignored],
             "gradchecks": [_plain(dataclasses.asdict(g)) for g in self.gradchecks],
             "called_modules": list(self.called_modules) if self.called_modules is not None else None,
+            "retained": _plain(dataclasses.asdict(self.retained)) if self.retained is not None else None,
         }
 
     @classmethod
@@ -310,13 +355,15 @@ class Report:
         ignored = tuple(Anomaly(**a) for a in data.get("ignored", []))
         gradchecks = tuple(GradcheckResult(**g) for g in data.get("gradchecks", []))
         called = tuple(called) if called is not None else None
-        return cls(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"])
+        retained = _retained_from(data["retained"]) if data.get("retained") else None
+        return cls(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"], retained)
 
 
 _NESTED = ("parameters", "modules", "activations", "origin", "backward_error", "histograms", "ranks")
 
 
-def _step_dict(step: StepRecord) -> dict[str, Any]:
+def step_dict(step: StepRecord) -> dict[str, Any]:
+    """One step's JSON form, as in ``steps[i]`` of the report."""
     out = _plain(_without(step, *_NESTED))
     for name in ("parameters", "modules", "activations", "histograms"):
         out[name] = {key: _plain(dataclasses.asdict(s)) for key, s in getattr(step, name).items()}
@@ -353,6 +400,20 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
         ranks=ranks,
         **data,
     )
+
+
+def _retained_from(data: dict[str, Any]) -> Retained:
+    totals = data["totals"]
+    totals = RunTotals(
+        **{
+            **totals,
+            "received": tuple(totals["received"]),
+            "missing": tuple(totals["missing"]),
+            "clipped": tuple(tuple(c) for c in totals["clipped"]),
+        }
+    )
+    series = StepSeries(**{name: tuple(values) for name, values in data["series"].items()})
+    return Retained(tuple(data["kept"]), dict(data["policy"]), totals, series)
 
 
 def _without(obj: Any, *names: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from gradscope import distributed, rules
 from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
+from gradscope.history import History, Retention
 from gradscope.locating import OriginSearch, Replay
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
@@ -70,6 +71,8 @@ class Watch:
         every: int = 1,
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
+        retention: Retention | None = None,
+        jsonl: str | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -108,8 +111,8 @@ class Watch:
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
         self.precision = PrecisionSeen(inner)
-        self.steps: list[StepRecord] = []
-        self.outputs = Outputs(logdir=logdir, plot=plot)
+        self.history = History(retention, self._has_finding)
+        self.outputs = Outputs(logdir=logdir, plot=plot, jsonl=jsonl)
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
@@ -314,7 +317,7 @@ class Watch:
         return record
 
     def _append(self, record: StepRecord) -> StepRecord:
-        self.steps.append(record)
+        self.history.add(record)
         self.precision.settle()
         for probe in self.probes:
             probe.step_done(record)
@@ -324,6 +327,24 @@ class Watch:
             self.on_step(record)
         self._raise_if_found(record)
         return record
+
+    @property
+    def steps(self) -> tuple[StepRecord, ...]:
+        """The steps kept in full (see ``history.Retention``), in order."""
+        return self.history.steps()
+
+    def _has_finding(self, record: StepRecord) -> bool:
+        """The record shows a finding of its own, or spikes against the steps before it."""
+        single = Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
+        if rules.step_findings(single, self.checks):
+            return True
+        for kind, value in (("loss_spike", record.loss), ("gradient_spike", record.grad_norm_total)):
+            check = self.checks.rule(kind)
+            if value is not None and check.severity != "off":
+                window = self.history.recent(kind == "loss_spike", check.window)
+                if rules.spike_against(window, record.step, value, check) is not None:
+                    return True
+        return False
 
     def _raise_if_found(self, record: StepRecord) -> None:
         if self.raise_on is None:
@@ -339,13 +360,12 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        return self._report.get((len(self.steps), len(self.notes), self._precision()), self._judged)
+        return self._report.get((len(self.history), len(self.notes), self._precision()), self._judged)
 
     def _judged(self) -> Report:
-        steps = tuple(self.steps)
-        return judged(
-            Report(self._run_info(), tuple(self.gradients.infos), steps, called_modules=self.called), self.checks
-        )
+        infos = tuple(self.gradients.infos)
+        report = Report(self._run_info(), infos, self.history.steps(), called_modules=self.called)
+        return judged(replace(report, retained=self.history.retained()), self.checks)
 
     def _precision(self) -> str:
         return self.precision.name
@@ -355,11 +375,11 @@ class Watch:
         return run_info(
             self.model,
             self.gradients.infos,
-            len(self.steps),
+            len(self.history),
             self.ranks,
             device=str(param.device) if param is not None else "cpu",
             precision=self._precision(),
-            steps_requested=len(self.steps),
+            steps_requested=len(self.history),
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
             lr=_learning_rate(self.optimizer),
             notes=tuple(self.notes),
@@ -381,6 +401,8 @@ def watch(
     every: int = 1,
     on_step: Callable[[StepRecord], None] | None = None,
     probes: tuple[str, ...] | list[str] = (),
+    retention: Retention | dict[str, int] | None = None,
+    jsonl: str | None = None,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -402,12 +424,18 @@ def watch(
         on_step: called with each step's ``StepRecord`` as it is measured (to log it your own way).
         probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``;
             their values are in ``StepRecord.probes``.
+        retention: how many steps the report keeps in full (``gradscope.Retention`` or its fields as a
+            dict): the first steps, each step with a finding and the steps before it, a sparse sample;
+            every step's loss and norms, and the totals the rules need, are kept whatever it says.
+        jsonl: stream every measured step's full record there, one JSON object a line.
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
     """
     if isinstance(checks, dict):
         checks = Checks.model_validate(checks)
+    if isinstance(retention, dict):
+        retention = Retention(**retention)
     return Watch(
         model,
         optimizer,
@@ -422,6 +450,8 @@ def watch(
         plot=plot,
         every=every,
         probes=probes,
+        retention=retention,
+        jsonl=jsonl,
     )
 
 

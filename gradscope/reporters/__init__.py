@@ -39,6 +39,7 @@ class Outputs:
         baseline: a second JSON copy of the report (``--update-baseline``).
         progress: the steps of the run, for a progress line on stderr (None: no line).
         compared: the run was compared with a baseline (JUnit's ``baseline_drift`` ran).
+        jsonl: a JSON Lines file that gets every step as it is measured.
     """
 
     terminal: IO[str] | None = None
@@ -54,6 +55,7 @@ class Outputs:
     baseline: str | None = None
     progress: int | None = None
     compared: bool = False
+    jsonl: str | None = None
 
 
 class Reporters:
@@ -110,6 +112,10 @@ def _make(outputs: Outputs) -> list[Reporter]:
         from gradscope.reporters.json import JsonReporter
 
         made.append(JsonReporter(outputs.json))
+    if outputs.jsonl:
+        from gradscope.reporters.jsonl import JsonlReporter
+
+        made.append(JsonlReporter(outputs.jsonl))
     if outputs.junit:
         from gradscope.reporters.ci import JunitReporter
 

@@ -21,7 +21,7 @@ from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
-from gradscope.rules.spikes import gradient_spike, loss_spike, with_causes
+from gradscope.rules.spikes import gradient_spike, loss_spike, spike_against, with_causes
 from gradscope.rules.unused import expert_routing, unused_parameter, zero_gradient
 
 Rule = Callable[[Report, Any], list[Anomaly]]
@@ -47,6 +47,27 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss_spike", loss_spike),
     ("gradient_spike", gradient_spike),
 )
+
+
+# Kinds a single step shows by itself; the others look across steps (or need a window of them).
+STEP_KINDS = (
+    "nonfinite_forward",
+    "backward_error",
+    "vanishing_gradient",
+    "exploding_gradient",
+    "dead_relu",
+    "saturated_activation",
+    "gradient_underflow",
+    "stale_gradient",
+)
+
+__all__ = ["RULES", "STEP_KINDS", "diagnose", "spike_against", "step_findings"]
+
+
+def step_findings(report: Report, checks: Checks) -> list[Anomaly]:
+    """The findings of the rules that judge each step by itself (``STEP_KINDS``), severity ``off`` left out."""
+    found = [a for kind, rule in RULES if kind in STEP_KINDS for a in rule(report, checks.rule(kind))]
+    return [a for a in found if checks.rule(a.kind).severity != "off"]
 
 
 def diagnose(

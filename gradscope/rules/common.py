@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import math
 
-from gradscope.report import ParamInfo, Report, StepRecord
+from gradscope.report import ParamInfo, Report, RunTotals, StepRecord
 
 EMBEDDINGS = ("Embedding", "EmbeddingBag")
+
+
+def totals(report: Report) -> RunTotals | None:
+    """Running totals over every step, when the report keeps only some steps in full."""
+    return report.retained.totals if report.retained is not None else None
+
+
+def step_count(report: Report) -> int:
+    """Steps the run measured, kept in full or not."""
+    return report.retained.totals.steps if report.retained is not None else len(report.steps)
 
 
 def clean_steps(report: Report) -> list[StepRecord]:

@@ -6,55 +6,65 @@ import math
 from typing import Any
 
 from gradscope.report import Anomaly, Report, StepRecord
-from gradscope.rules.common import in_forward_order, median, nonfinite_step
+from gradscope.rules.common import in_forward_order, median, nonfinite_step, totals
 
 
 def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
     """Clipping fires in more than ``fraction`` of the steps."""
-    if all(s.clip_coefficient is None for s in report.steps):
-        return []
     # A step with no coefficient was not clipped (gradscope.watch records one only when clipping happened).
     steps = [s for s in report.steps if math.isfinite(s.grad_norm_total)]
     clipped = [s for s in steps if s.clip_coefficient is not None and s.clip_coefficient < 1.0]
-    if not clipped or len(clipped) / len(steps) <= check.fraction:
+    run = totals(report)
+    if run is not None:  # only some steps kept in full: the running totals count every step
+        count, finite, listed = run.clipped_steps, run.finite_steps, list(run.clipped)
+    else:
+        # Without a configured clip (gradscope.watch sees the user's), the pre-clip norm is the L2 total.
+        listed = [
+            (s.step, s.clip_norm if s.clip_norm is not None else s.grad_norm_total, s.clip_coefficient) for s in clipped
+        ]
+        count, finite = len(clipped), len(steps)
+    if not count or count / finite <= check.fraction:
         return []
-    share = _dominant(clipped[-1])
-    coefficient = median([s.clip_coefficient for s in clipped])  # type: ignore[misc]
+    share = _dominant(clipped[-1]) if clipped else []
+    if run is not None and run.clip_coefficient_median is not None:
+        coefficient = run.clip_coefficient_median
+    else:
+        coefficient = median([c for _, _, c in listed])  # type: ignore[misc]
     severity = "warning" if coefficient < check.coefficient else "info"
     top = ", ".join(f"{name} {frac:.0%}" for name, frac in share[:3])
     max_norm = (report.run.clip or {}).get("max_norm")
-    # Without a configured clip (gradscope.watch sees the user's), the pre-clip norm is the L2 total.
-    pre = [s.clip_norm if s.clip_norm is not None else s.grad_norm_total for s in clipped]
-    norms = _first(pre)
-    coefs = _first([s.clip_coefficient for s in clipped])
+    pre = [p for _, p, _ in listed]
+    coefs = [c for _, _, c in listed]
     return [
         Anomaly(
             kind="gradient_clipping",
             severity=severity,
             module=share[0][0].rpartition(".")[0] if share else None,
             parameter=share[0][0] if share else None,
-            step=clipped[0].step,
+            step=listed[0][0],
             message=(
-                f"clipping fires in {len(clipped)} of {len(steps)} steps{f' (max_norm {max_norm})' if max_norm else ''}: "
-                f"pre-clip norms {norms}, "
-                f"coefficients {coefs}. Largest shares of the squared norm: {top}. While clipping is on, max_norm, not "
-                f"the gradient, sets the update size; by a factor under {check.coefficient:g} it hides how large the "
-                f"gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
+                f"clipping fires in {count} of {finite} steps{f' (max_norm {max_norm})' if max_norm else ''}: "
+                f"pre-clip norms {_first(pre, total=count)}, "
+                f"coefficients {_first(coefs, total=count)}. Largest shares of the squared norm: {top}. While clipping "
+                f"is on, max_norm, not the gradient, sets the update size; by a factor under {check.coefficient:g} it "
+                f"hides how large the gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
             ),
             evidence={
-                "steps": [s.step for s in clipped],
+                "steps": [step for step, _, _ in listed],
                 "pre_clip_norms": pre,
-                "coefficients": [s.clip_coefficient for s in clipped],
+                "coefficients": coefs,
                 "dominant": dict(share[:5]),
+                "clipped_steps": count,
             },
         )
     ]
 
 
-def _first(values: list, shown: int = 5) -> str:
+def _first(values: list, shown: int = 5, total: int | None = None) -> str:
     """The first values, with how many more there are (``1.81, 1.79, ... (50 in all)``)."""
     text = ", ".join(f"{v:.3g}" for v in values[:shown])
-    return text + (f", ... ({len(values)} in all)" if len(values) > shown else "")
+    total = len(values) if total is None else total
+    return text + (f", ... ({total} in all)" if total > shown else "")
 
 
 def _dominant(step: StepRecord) -> list[tuple[str, float]]:

@@ -72,7 +72,7 @@ def gradient_spike(report: Report, check: Any) -> list[Anomaly]:
 
 def _findings(report: Report, check: Any, kind: str, value: Callable[[StepRecord], float | None]) -> list[Anomaly]:
     steps = [s for s in clean_steps(report) if value(s) is not None]
-    episodes = _episodes([(s.step, value(s)) for s in steps], check)  # type: ignore[misc]
+    episodes = _episodes(_series(report, kind, steps, value), check)
     by_step = {s.step: s for s in steps}
     found = [_anomaly(kind, episode, by_step, steps, check) for episode in episodes[:MAX_FINDINGS]]
     if len(episodes) > MAX_FINDINGS:
@@ -80,6 +80,17 @@ def _findings(report: Report, check: Any, kind: str, value: Callable[[StepRecord
         more = f" The run spiked {len(episodes)} times; the first {MAX_FINDINGS} are reported."
         found[-1] = replace(last, message=last.message + more, evidence={**last.evidence, "spikes": len(episodes)})
     return found
+
+
+def _series(
+    report: Report, kind: str, steps: list[StepRecord], value: Callable[[StepRecord], float | None]
+) -> list[tuple[int, float]]:
+    """(step, value) of every clean step: from the run's series when only some steps are kept in full."""
+    if report.retained is None:
+        return [(s.step, value(s)) for s in steps]  # type: ignore[misc]
+    series = report.retained.series
+    column = series.loss if kind == "loss_spike" else series.grad_norm_total
+    return [(step, v) for step, v, clean in zip(series.step, column, series.clean) if clean and v is not None]
 
 
 def _episodes(series: list[tuple[int, float]], check: Any) -> list[list[Spike]]:
@@ -102,7 +113,10 @@ def _anomaly(
 ) -> Anomaly:
     first = episode[0]
     peak = max(episode, key=lambda s: s.value)
-    layers = layer_jumps(by_step[first.step], [s for s in steps if s.step < first.step][-check.window :])
+    at = by_step.get(first.step)  # None: past the steps a long run keeps in full
+    # The steps kept in full within the window before it (a long run keeps the run-up to each finding).
+    before = [s for s in steps if first.step - check.window <= s.step < first.step]
+    layers = layer_jumps(at, before) if at is not None else []
     what = "loss" if kind == "loss_spike" else "total gradient norm"
     last = episode[-1].step
     lasted = f" It recurred until step {last} (peak {peak.value:.4g} at step {peak.step})." if len(episode) > 1 else ""
@@ -130,6 +144,7 @@ def _anomaly(
             "steps": [s.step for s in episode],
             "peak": peak.value,
             "layers": dict(layers[: 2 * TOP_LAYERS]),
+            "layer_history": [s.step for s in before],  # the steps each layer's median is taken over
         },
     )
 

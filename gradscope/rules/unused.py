@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from gradscope.report import Anomaly, ParamInfo, Report, StepRecord
-from gradscope.rules.common import by_module, clean_steps, fully_dead, in_forward_order
+from gradscope.rules.common import by_module, clean_steps, fully_dead, in_forward_order, step_count, totals
 from gradscope.rules.depth import explained, zero_partners
 
 # An expert of a mixture-of-experts layer: ``experts.3``, ``experts.expert_3`` (the group is the path before).
@@ -20,7 +20,12 @@ def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
     steps = [s for s in report.steps if s.backward_error is None]
     if not steps:
         return []
-    never = [p for p in report.parameters if p.trainable and not any(s.parameters[p.name].received for s in steps)]
+    run = totals(report)  # a long run: every step counts, not only those kept in full
+    if run is not None:
+        received = set(run.received)
+        never = [p for p in report.parameters if p.trainable and p.name not in received]
+    else:
+        never = [p for p in report.parameters if p.trainable and not any(s.parameters[p.name].received for s in steps)]
     idle = _idle_experts(report, never, steps)
     never = [p for p in never if p.name not in idle]
     called = set(report.called_modules or ())
@@ -39,7 +44,7 @@ def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
                 severity="warning",
                 module=module or None,
                 parameter=names[0],
-                message=f"{', '.join(names)} require a gradient but got none in {len(steps)} step(s): {cause}.",
+                message=f"{', '.join(names)} require a gradient but got none in {step_count(report)} step(s): {cause}.",
                 evidence={
                     "parameters": names,
                     "module_called": module in called if report.called_modules is not None else None,
@@ -108,11 +113,13 @@ def zero_gradient(report: Report, check: Any) -> list[Anomaly]:
     """Gradients that arrive but are zero, or rounding-level next to every other layer's, in every step:
     one finding, placed where the flow of gradient stops (an all-zero weight, a gate that closes a branch,
     or else the starved parameter nearest the loss). Zero-initialised partners' branches are design."""
-    steps = clean_steps(report)
-    if not steps or any(fully_dead(s) for s in steps):
+    steps, run = clean_steps(report), totals(report)
+    if not steps or any(fully_dead(s) for s in steps) or (run is not None and run.fully_dead):
         return []  # a layer of dead ReLUs explains it; dead_relu reports that
     params = in_forward_order(report)
     skip = explained(zero_partners(report))
+    if run is not None:  # a long run: judged on the kept steps, and on every step for a missing gradient
+        skip = skip | set(run.missing)
     floors: dict[int, float | None] = {}
     zero = [p for p in params if p.trainable and p.name not in skip and _always_zero(p.name, steps, floors)]
     if not zero:

@@ -1,0 +1,40 @@
+"""Every measured step as one JSON object a line, written as it is measured.
+
+The in-memory report of a long run keeps only some steps in full (``history.Retention``); this
+stream keeps all of them, in the form of the JSON report's ``steps[i]`` (strict JSON: non-finite
+floats are strings), so nothing measured is lost and a run that dies leaves its steps readable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO
+
+from gradscope.report import Report, StepRecord, step_dict
+
+
+class JsonlReporter:
+    """Appends each step to ``path`` as it is measured (the file is started afresh).
+
+    Args:
+        path: the file to write; its folder is created if needed.
+    """
+
+    def __init__(self, path: str) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] | None = target.open("w")
+
+    def on_step(self, step: StepRecord) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(step_dict(step), allow_nan=False) + "\n")
+            self._file.flush()  # a run that dies leaves every step before it readable
+
+    def write(self, report: Report) -> None:
+        return None  # every step was written as it came
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
