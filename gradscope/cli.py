@@ -96,6 +96,9 @@ def inspect(
     json_path: Annotated[
         str | None, typer.Option("--json", metavar="PATH", help="Write the JSON report here ('-' for stdout).")
     ] = None,
+    jsonl: Annotated[
+        str | None, typer.Option("--jsonl", metavar="PATH", help="Stream every step's record here, one JSON line each.")
+    ] = None,
     show_all: ShowAll = False,
     plot: Plot = None,
     fail_on: FailOnOption = FailOn.error,
@@ -156,7 +159,7 @@ def inspect(
     except Exception as exc:  # a bug of ours, not the user's
         raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
     try:
-        wanted = _outputs(json_path, junit, show_all, fail_on.value, inspection, plot)
+        wanted = dataclasses.replace(_outputs(json_path, junit, show_all, fail_on.value, inspection, plot), jsonl=jsonl)
         if update_baseline and baseline is not None:
             wanted = dataclasses.replace(wanted, baseline=str(baseline))
         reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)

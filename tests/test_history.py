@@ -135,3 +135,20 @@ def test_jsonl_streams_every_step_in_full(tmp_path):
 def test_bad_retention_settings_say_which():
     with pytest.raises(ValueError, match=r"retention.every must be an integer >= 1, got 0"):
         gradscope.watch(torch.nn.Linear(2, 2), retention={"every": 0})
+
+
+def test_inspect_streams_jsonl(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradscope.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "model: {target: gradscope.zoo:mlp, args: {in_features: 8, hidden: 8, depth: 2, classes: 4}}\n"
+        "data: {batch_size: 8, input: {shape: [8]}, labels: {classes: 4}}\nsteps: 3\n"
+    )
+    out, lines = tmp_path / "r.json", tmp_path / "s.jsonl"
+    result = CliRunner().invoke(app, ["inspect", str(cfg), "--json", str(out), "--jsonl", str(lines)])
+    assert result.exit_code == 0, result.output
+    streamed = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert streamed == json.loads(out.read_text())["steps"]
