@@ -139,6 +139,17 @@ class History:
         self.series.append(record)  # after the judge, whose window is the steps before this one
         self._count(record)
 
+    def first(self, loss: bool, count: int) -> list[float]:
+        """The loss (or total gradient norm) of the first ``count`` clean steps."""
+        column = self.series.loss if loss else self.series.norm
+        out: list[float] = []
+        for i in range(len(column)):
+            if len(out) == count:
+                break
+            if self.series.clean[i] and not math.isnan(column[i]):
+                out.append(column[i])
+        return out
+
     def recent(self, loss: bool, count: int) -> list[float]:
         """The loss (or total gradient norm) of the last ``count`` clean steps, oldest first."""
         column = self.series.loss if loss else self.series.norm

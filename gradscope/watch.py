@@ -342,7 +342,8 @@ class Watch:
             check = self.checks.rule(kind)
             if value is not None and check.severity != "off":
                 window = self.history.recent(kind == "loss_spike", check.window)
-                if rules.spike_against(window, record.step, value, check) is not None:
+                scale = rules.early_scale(self.history.first(kind == "loss_spike", check.window), check)
+                if rules.spike_against(window, record.step, value, check, scale) is not None:
                     return True
         return False
 

@@ -122,6 +122,9 @@ def test_quiet_before_min_steps_and_on_a_flat_plateau():
     # No spread at all: six MADs are zero, but 1.5x the median is no spike.
     assert spike_against([1.0] * 128, 128, 1.5, check) is None
     assert spike_against([1.0, 1.01] * 64, 128, 0.5, check) is None  # a drop is never a spike
+    # A memorised batch whose loss went from 1.4 to ~1e-4: a 10x wobble there is below 1% of the early scale.
+    assert spike_against([1e-4, 1.1e-4] * 64, 128, 1e-3, check, scale=1.4) is None
+    assert spike_against([1e-4, 1.1e-4] * 64, 128, 0.1, check, scale=1.4) is not None
 
 
 def test_spike_thresholds_are_checks():

@@ -21,7 +21,7 @@ from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
-from gradscope.rules.spikes import gradient_spike, loss_spike, spike_against, with_causes
+from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, with_causes
 from gradscope.rules.unused import expert_routing, unused_parameter, zero_gradient
 
 Rule = Callable[[Report, Any], list[Anomaly]]
@@ -61,7 +61,7 @@ STEP_KINDS = (
     "stale_gradient",
 )
 
-__all__ = ["RULES", "STEP_KINDS", "diagnose", "spike_against", "step_findings"]
+__all__ = ["RULES", "STEP_KINDS", "diagnose", "early_scale", "spike_against", "step_findings"]
 
 
 def step_findings(report: Report, checks: Checks) -> list[Anomaly]:

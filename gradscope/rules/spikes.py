@@ -24,6 +24,7 @@ from gradscope.rules.common import clean_steps
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
 TOP_LAYERS = 3  # layers named in a finding
 MAX_FINDINGS = 10  # spikes reported per kind; a run that spikes more is said to, in the last one
+FLOOR = 0.01  # a jump smaller than this share of the run's early scale is noise (a loss gone to ~0)
 SETTLE = 16  # a spike within this many steps of the last one is the same episode (its aftermath)
 NONFINITE = ("nonfinite_forward", "nonfinite_loss", "nonfinite_gradient")
 SPIKES = ("loss_spike", "gradient_spike")
@@ -48,15 +49,19 @@ class Spike:
         return self.value / self.median if self.median > 0 else math.inf
 
 
-def spike_against(window: Sequence[float], step: int, value: float, check: Any) -> Spike | None:
-    """``value`` against the ``window`` of values before it: a ``Spike`` when it stands out, else None."""
+def spike_against(window: Sequence[float], step: int, value: float, check: Any, scale: float = 0.0) -> Spike | None:
+    """``value`` against the ``window`` of values before it: a ``Spike`` when it stands out, else None.
+
+    ``scale``: the largest value of the run's first window; a jump below ``FLOOR`` of it is no spike
+    (a memorised batch whose loss has gone to 1e-4 wobbles by 10x without meaning anything).
+    """
     if len(window) < check.min_steps or not math.isfinite(value):
         return None
     median = _median(window)
     sigma = MAD_TO_SIGMA * _median([abs(v - median) for v in window])
     spike = Spike(step, value, median, sigma, len(window))
     above = value - median > check.threshold * sigma
-    large = median <= 0 or value >= check.factor * median
+    large = (median <= 0 or value >= check.factor * median) and value - median > FLOOR * scale
     return spike if above and large and value > median else None
 
 
@@ -96,9 +101,12 @@ def _series(
 def _episodes(series: list[tuple[int, float]], check: Any) -> list[list[Spike]]:
     """Spiking steps grouped into episodes; each step judged against the ``window`` steps before it."""
     episodes: list[list[Spike]] = []
+    scale = 0.0  # early_scale of the steps before this one, kept running
     for i, (step, value) in enumerate(series):
         window = [v for _, v in series[max(0, i - check.window) : i]]
-        spike = spike_against(window, step, value, check)
+        spike = spike_against(window, step, value, check, scale)
+        if i < check.window:
+            scale = max(scale, abs(value))
         if spike is None:
             continue
         if episodes and step - episodes[-1][-1].step <= SETTLE:
@@ -147,6 +155,11 @@ def _anomaly(
             "layer_history": [s.step for s in before],  # the steps each layer's median is taken over
         },
     )
+
+
+def early_scale(values: Sequence[float], check: Any) -> float:
+    """The largest of the run's first ``window`` clean values (Megatron's reference, its first 100)."""
+    return max((abs(v) for v in values[: check.window]), default=0.0)
 
 
 def layer_jumps(step: StepRecord, before: list[StepRecord]) -> list[tuple[str, float]]:
