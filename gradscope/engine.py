@@ -21,6 +21,7 @@ from torch import nn
 from gradscope import distributed, replay
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError
+from gradscope.history import Retention
 from gradscope.loading import Batch, LossFn, call_model
 from gradscope.locating import Replay
 from gradscope.optional import optional
@@ -60,6 +61,7 @@ class Engine:
         plan: device, precision, clipping, what to look at.
         on_step: called with each step's record as soon as it is measured.
         ranks: a distributed run (``model`` wrapped in DDP or sharded by FSDP).
+        retention: which steps the watch keeps in full (None: ``history.Retention``'s defaults).
 
     Attributes:
         watch: enter it around the steps (``with engine.watch:``); its hooks come off on exit.
@@ -75,6 +77,7 @@ class Engine:
         plan: StepPlan,
         on_step: Callable[[StepRecord], None] | None = None,
         ranks: distributed.Ranks | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.model, self.optimizer, self.loss_fn, self.plan = model, optimizer, loss_fn, plan
         # Replays run here: on one rank, without DDP's all-reduce; a compiled model's eager original.
@@ -94,6 +97,7 @@ class Engine:
             recorded_before_clipping=True,
             every=plan.every,
             ranks=ranks,
+            retention=retention,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()

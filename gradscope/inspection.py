@@ -16,6 +16,7 @@ from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
 from gradscope.errors import ConfigError, GradscopeError
+from gradscope.history import Retention
 from gradscope.probes.gradients import describe_parameters
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
 from gradscope.runs import ReportCache, judged, run_info
@@ -111,7 +112,9 @@ class Inspection:
         start = time.perf_counter()
         self.status = "running"
         try:
-            self.engine = Engine(self.trained, self.optimizer, self.loss_fn, plan, on_step, self.ranks)
+            # The config asks for its number of steps: the report keeps every one in full.
+            keep_all = Retention(first=settings.steps)
+            self.engine = Engine(self.trained, self.optimizer, self.loss_fn, plan, on_step, self.ranks, keep_all)
             with (
                 _located(settings),
                 checkpointing(self.model, _patterns(settings)) as self.checkpointed,
