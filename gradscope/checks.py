@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+import yaml
+from pydantic import Field, ValidationError, field_validator
 
 from gradscope.config_base import Strict as _Strict
+from gradscope.errors import ConfigError
 
 Severity = Literal["error", "warning", "info", "off"]
 
@@ -109,3 +111,42 @@ class Checks(_Strict):
     def rule(self, kind: str) -> Any:
         """The thresholds of one rule."""
         return getattr(self, kind)
+
+
+def parse_check_options(entries: list[str]) -> dict[str, dict[str, Any]]:
+    """``--check KIND.KEY=VALUE`` options as a ``checks:`` mapping, each value read as YAML and
+    validated on its own, so that an error names the option rather than a line of the file.
+
+    Raises:
+        ConfigError: a malformed option, an unknown kind or key, or a value the check refuses.
+    """
+    kinds = [name for name in Checks.model_fields if name != "ignore"]
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        key, sep, text = entry.partition("=")
+        kind, dot, name = key.partition(".")
+        option = f"--check {entry}"
+        if not (sep and dot and kind and name):
+            raise ConfigError([("--check", f"expected KIND.KEY=VALUE (e.g. dead_relu.fraction=0.3), got {entry!r}")])
+        if kind == "ignore":
+            raise ConfigError(
+                [(option, "--check sets thresholds; accept a finding with `checks: ignore:` in the config")]
+            )
+        if kind not in kinds:
+            raise ConfigError([(option, f"unknown check {kind!r}; expected one of: {', '.join(kinds)}")])
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError([(option, f"the value is not valid YAML: {problem}")]) from None
+        try:
+            Checks.model_validate({kind: {name: value}})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            message = err["msg"].removeprefix("Value error, ") + f", got {value!r}"
+            if err["type"] == "extra_forbidden":
+                fields = type(getattr(Checks(), kind)).model_fields
+                message = f"{kind} has no {name!r}; expected one of: {', '.join(fields)}"
+            raise ConfigError([(option, message)]) from None
+        out.setdefault(kind, {})[name] = value
+    return out

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from gradscope.checks import parse_check_options
 from gradscope.config import load_config
 from gradscope.errors import (
     EXIT_FINDINGS,
@@ -145,9 +146,9 @@ def inspect(
     every rank runs its slice of the batch and rank 0 writes the reports.
     """
     try:
-        overrides = _overrides(config, steps, device, gradcheck, check or [], logdir)
+        overrides = _overrides(steps, device, gradcheck, check or [], logdir)
         if strategy is not None:
-            overrides["distributed"] = {**_config_section(config, "distributed"), "strategy": strategy.value}
+            overrides["distributed"] = {"strategy": strategy.value}
         if update_baseline and baseline is None:
             raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
         if baseline is not None and not update_baseline and not baseline.exists():
@@ -269,35 +270,17 @@ def _outputs(
 
 
 def _overrides(
-    config: Path, steps: int | None, device: str | None, gradcheck: bool, checks: list[str], logdir: str | None
+    steps: int | None, device: str | None, gradcheck: bool, checks: list[str], logdir: str | None
 ) -> dict[str, Any]:
-    """Top-level config keys the command line replaces; ``--check`` and ``--logdir`` merge into their sections."""
+    """Config keys the command line sets; ``load_config`` merges mappings into the file's sections."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
     if gradcheck:
         out["gradcheck"] = True
     if logdir:
-        out["tensorboard"] = {**_config_section(config, "tensorboard"), "logdir": logdir}
+        out["tensorboard"] = {"logdir": logdir}
     if checks:
-        merged = _config_section(config, "checks")
-        for entry in checks:
-            key, sep, value = entry.partition("=")
-            kind, dot, name = key.partition(".")
-            if not (sep and dot and kind and name):
-                raise ConfigError(
-                    [("--check", f"expected KIND.KEY=VALUE (e.g. dead_relu.fraction=0.3), got {entry!r}")]
-                )
-            merged.setdefault(kind, {})[name] = yaml.safe_load(value)
-        out["checks"] = merged
+        out["checks"] = parse_check_options(checks)
     return out
-
-
-def _config_section(config: Path, key: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(config.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}  # load_config reports the problem with the file itself
-    section = raw.get(key) if isinstance(raw, dict) else None
-    return dict(section) if isinstance(section, dict) else {}
 
 
 def _fail(exc: BaseException, verbose: bool, code: int) -> int:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from gradscope import yamlfile
 from gradscope.checks import Checks
 from gradscope.config_base import Strict as _Strict
 from gradscope.errors import ConfigError
@@ -246,20 +246,33 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Se
     """Read and validate a YAML config.
 
     Args:
-        path: the YAML file; relative targets in it resolve against its folder.
-        overrides: top-level keys that replace the file's (e.g. from the CLI).
+        path: the YAML file (UTF-8, or UTF-16/32 with a byte-order mark); relative targets in it
+            resolve against its folder.
+        overrides: keys that replace the file's (e.g. from the CLI); a mapping merges into the
+            file's mapping of the same key, so ``{"checks": {"dead_relu": {"fraction": 0.3}}}``
+            keeps the file's other checks.
 
     Raises:
         ConfigError: the file is missing, not YAML, or not a valid config.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([("", f"cannot read config file: {exc.strerror or exc}")], str(path)) from None
-    raw = _parse_yaml(text, str(path))
-    raw.update(overrides or {})
-    return settings_from_dict(raw, Origin(path.resolve().parent, str(path), _line_map(text)))
+    raw, lines = yamlfile.parse(yamlfile.decode(data, str(path)), str(path))
+    return settings_from_dict(merge(raw, overrides or {}), Origin(path.resolve().parent, str(path), lines))
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def settings_from_dict(raw: dict[str, Any], origin: Origin | None = None) -> Settings:
@@ -272,19 +285,6 @@ def settings_from_dict(raw: dict[str, Any], origin: Origin | None = None) -> Set
         raise ConfigError(problems, origin.source, origin.lines) from None
     settings._origin = origin
     return settings
-
-
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([("", f"{where}not valid YAML: {problem}")], source) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([("", f"expected a mapping of keys (model:, data:, ...), got {type(raw).__name__}")], source)
-    return raw
 
 
 def key_path(loc: tuple[Any, ...]) -> str:
@@ -325,27 +325,3 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 def _is_model(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseModel)
-
-
-def _line_map(text: str) -> dict[str, int]:
-    """Key path -> 1-based line of that key in the YAML text."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    lines: dict[str, int] = {}
-    _walk(root, (), lines)
-    return lines
-
-
-def _walk(node: yaml.Node | None, loc: tuple[Any, ...], lines: dict[str, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*loc, key.value)
-            lines[key_path(child)] = key.start_mark.line + 1
-            _walk(value, child, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            child = (*loc, i)
-            lines[key_path(child)] = value.start_mark.line + 1
-            _walk(value, child, lines)

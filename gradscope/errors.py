@@ -62,7 +62,8 @@ class ConfigError(GradscopeError):
     def _where(self, path: str) -> str:
         """``file:line: `` for a key path; a missing key points at its nearest parent."""
         while path and path not in self.lines:
-            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if re.search(r"[.\[]", path) else ""
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+            path = parent if parent != path else ""
         line = f":{self.lines[path]}" if path else ""
         return f"{self.source}{line}: " if self.source else ""
 
