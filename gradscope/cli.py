@@ -6,9 +6,11 @@ error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from gradscope import outfiles
 from gradscope.checks import parse_check_options
-from gradscope.config import load_config
+from gradscope.config import Settings, load_config
 from gradscope.errors import (
     EXIT_FINDINGS,
     EXIT_INTERNAL,
@@ -30,9 +33,11 @@ from gradscope.errors import (
 )
 from gradscope.help import EXIT_CODES, Command
 from gradscope.inspection import Inspection
+from gradscope.interrupts import Interrupts
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
+from gradscope.reporters.plot import image_format
 from gradscope.reporters.terminal import print_verdict
 from gradscope.version import __version__
 
@@ -145,42 +150,52 @@ def inspect(
     Under torchrun (torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp)
     every rank runs its slice of the batch and rank 0 writes the reports.
     """
-    try:
-        overrides = _overrides(steps, device, gradcheck, check or [], logdir)
-        if strategy is not None:
-            overrides["distributed"] = {"strategy": strategy.value}
-        if update_baseline and baseline is None:
-            raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
-        if baseline is not None and not update_baseline and not baseline.exists():
-            raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
-        saved = load_report(baseline) if baseline is not None and not update_baseline else None
-        inspection = Inspection(load_config(config, overrides), saved)
-    except GradscopeError as exc:
-        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
-    except Exception as exc:  # a bug of ours, not the user's
-        raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-    try:
-        wanted = dataclasses.replace(_outputs(json_path, junit, show_all, fail_on.value, inspection, plot), jsonl=jsonl)
-        if update_baseline and baseline is not None:
-            wanted = dataclasses.replace(wanted, baseline=str(baseline))
-        reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
-    except GradscopeError as exc:
-        inspection.close()
-        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
-    except Exception as exc:
-        inspection.close()
-        raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-    code = _finish(inspection, reporters, fail_on.value, verbose)
-    if reporters:
-        outputs = [json_path, junit, plot, inspection.settings.tensorboard.logdir]
-        _conclude(inspection, code, fail_on.value, outputs + [str(baseline) if update_baseline else None], json_path)
-    if inspection.ranks is not None:
-        # Everything is written and the process group is gone; gloo's worker threads can still abort
-        # the interpreter's shutdown (SIGABRT as they release tensors), turning a finished run into a crash.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise typer.Exit(code)
+    with Interrupts() as interrupts:  # SIGINT and SIGTERM, restored when the command ends
+        try:
+            overrides = _overrides(steps, device, gradcheck, check or [], logdir)
+            if strategy is not None:
+                overrides["distributed"] = {"strategy": strategy.value}
+            if update_baseline and baseline is None:
+                raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
+            if baseline is not None and not update_baseline and not baseline.exists():
+                raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
+            saved = load_report(baseline) if baseline is not None and not update_baseline else None
+            settings = load_config(config, overrides)
+            _check_outputs(json_path, junit, plot, logdir, settings, baseline if update_baseline else None, config)
+            with _user_stdout(json_path):
+                inspection = Inspection(settings, saved)
+        except KeyboardInterrupt:
+            print(f"{_name()}: interrupted before the first step; nothing was measured", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except GradscopeError as exc:
+            raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
+        except Exception as exc:  # a bug of ours, not the user's
+            raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
+        try:
+            wanted = _outputs(json_path, junit, show_all, fail_on.value, inspection, plot)
+            wanted = dataclasses.replace(wanted, jsonl=jsonl)
+            if update_baseline and baseline is not None:
+                wanted = dataclasses.replace(wanted, baseline=str(baseline))
+            reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
+        except GradscopeError as exc:
+            inspection.close()
+            raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
+        except Exception as exc:
+            inspection.close()
+            raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
+        code = _finish(inspection, reporters, fail_on.value, verbose, interrupts, json_path)
+        if reporters:
+            outputs = [json_path, junit, plot, inspection.settings.tensorboard.logdir]
+            _conclude(
+                inspection, code, fail_on.value, outputs + [str(baseline) if update_baseline else None], json_path
+            )
+        if inspection.ranks is not None:
+            # Everything is written and the process group is gone; gloo's worker threads can still abort
+            # the interpreter's shutdown (SIGABRT as they release tensors), turning a finished run into a crash.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise typer.Exit(code)
 
 
 def _conclude(
@@ -193,13 +208,20 @@ def _conclude(
         return
     if not report.steps:
         return  # nothing was measured: the error on stderr is the whole story
-    print_verdict(sys.stderr if json_path == "-" else sys.stdout, report, code, fail_on, outputs)
+    print_verdict(sys.stderr if json_path == outfiles.STDOUT else sys.stdout, report, code, fail_on, outputs)
 
 
-def _finish(inspection: Inspection, reporters: Reporters, fail_on: str, verbose: bool) -> int:
+def _finish(
+    inspection: Inspection,
+    reporters: Reporters,
+    fail_on: str,
+    verbose: bool,
+    interrupts: Interrupts,
+    json_path: str | None,
+) -> int:
     """Run and report; the exit code, the same on every rank of a distributed run that completed."""
     try:
-        code = _run(inspection, reporters, verbose)
+        code = _run(inspection, reporters, verbose, interrupts, json_path)
         if code is not None:
             return code  # a rank that stops early does not wait for the others
         code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on) else EXIT_OK
@@ -219,20 +241,25 @@ def show(
     """Render a saved JSON report again, without rerunning the model."""
     try:
         report = load_report(report_path)
+        if plot is not None:
+            outfiles.check_file("--plot", plot, [report_path])
         reporters = build_reporters(Outputs(terminal=sys.stdout, show_all=show_all, plot=plot))
+        reporters.write(report)
     except GradscopeError as exc:
         raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
-    reporters.write(report)
     code = EXIT_FINDINGS if report.at_or_above(fail_on.value) else EXIT_OK
     print_verdict(sys.stdout, report, code, fail_on.value, [plot])
     raise typer.Exit(code)
 
 
-def _run(inspection: Inspection, reporters: Reporters, verbose: bool) -> int | None:
+def _run(
+    inspection: Inspection, reporters: Reporters, verbose: bool, interrupts: Interrupts, json_path: str | None
+) -> int | None:
     """Run, then write the report whatever happened; an exit code if the run did not complete."""
     code = None
     try:
-        inspection.run(on_step=reporters.on_step)
+        with _user_stdout(json_path):
+            inspection.run(on_step=reporters.on_step)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         print(f"{_name()}: interrupted; writing the steps measured so far", file=sys.stderr)
@@ -240,11 +267,43 @@ def _run(inspection: Inspection, reporters: Reporters, verbose: bool) -> int | N
         code = _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
         code = _fail(exc, verbose, EXIT_INTERNAL)
+    interrupts.hold()  # a second Ctrl-C or SIGTERM waits for the report to be written
     try:
         reporters.write(inspection.report())
+    except GradscopeError as exc:  # an output failed at the end (disk full, folder removed): the others are written
+        return _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
         return _fail(exc, verbose, EXIT_INTERNAL)
     return code
+
+
+def _user_stdout(json_path: str | None) -> Any:
+    """With the JSON on stdout, what the user's code prints goes to stderr, so stdout stays JSON."""
+    return contextlib.redirect_stdout(sys.stderr) if json_path == outfiles.STDOUT else contextlib.nullcontext()
+
+
+def _check_outputs(
+    json_path: str | None,
+    junit: str | None,
+    plot: str | None,
+    logdir: str | None,
+    settings: Settings,
+    baseline_out: Path | None,
+    config: Path,
+) -> None:
+    """Every output is checked before the run starts, so that no run ends in an unwritable path."""
+    files = {"--json": json_path, "--junit": junit, "--plot": plot}
+    files["--update-baseline"] = str(baseline_out) if baseline_out is not None else None
+    for option, path in files.items():
+        if path is not None:
+            outfiles.check_file(option, path, [config])
+    if plot is not None:
+        image_format(plot)
+    folder = settings.tensorboard.logdir
+    option = "--logdir" if logdir is not None else "tensorboard.logdir"
+    if folder is not None:
+        outfiles.check_folder(option, folder)
+    outfiles.check_distinct({**files, option: folder})
 
 
 def _outputs(
@@ -254,7 +313,7 @@ def _outputs(
     logdir = settings.tensorboard.logdir
     return Outputs(
         # With the JSON on stdout, the human-readable report moves to stderr.
-        terminal=sys.stderr if json_path == "-" else sys.stdout,
+        terminal=sys.stderr if outfiles.STDOUT in (json_path, junit, plot) else sys.stdout,
         show_all=show_all,
         plot=plot,
         json=json_path,
@@ -276,7 +335,7 @@ def _overrides(
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
     if gradcheck:
         out["gradcheck"] = True
-    if logdir:
+    if logdir is not None:
         out["tensorboard"] = {"logdir": logdir}
     if checks:
         out["checks"] = parse_check_options(checks)
@@ -307,4 +366,9 @@ def _name() -> str:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    finally:
+        # Everything is written; a Ctrl-C now would only interrupt the interpreter's shutdown
+        # (a second Ctrl-C there once aborted with "Fatal Python error ... finalizing").
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

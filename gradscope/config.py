@@ -128,13 +128,17 @@ class LossSpec(_Strict):
     def _one_kind(self) -> LossSpec:
         if (self.name is None) == (self.target is None):
             raise ValueError("give a loss name or `{target: file.py:fn}`")
+        if self.name is not None and self.args:
+            raise ValueError(
+                f"the built-in `{self.name}` loss takes no `args` (got {list(self.args)}): use a loss target"
+            )
         return self
 
 
 class OptimizerSpec(BaseModel):
     """``name`` plus the optimizer's own keyword arguments (checked against its signature)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     name: Literal["sgd", "adam", "adamw"]
     lr: float = Field(default=1e-3, gt=0)
 
@@ -149,7 +153,7 @@ class CheckpointSpec(_Strict):
 
 class ClipSpec(_Strict):
     max_norm: float = Field(gt=0)
-    norm_type: float = 2.0
+    norm_type: float = Field(default=2.0, allow_inf_nan=True)  # inf: the max-norm
 
     @field_validator("norm_type")
     @classmethod
@@ -174,7 +178,7 @@ class TensorBoardSpec(_Strict):
 class Settings(_Strict):
     """A whole gradscope config."""
 
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     device: str = "auto"
     model: TargetSpec
     data: DataSpec

@@ -131,7 +131,7 @@ class Engine:
                 output = call_model(model or self.model, batch, self.plan.pass_labels)
             except GradscopeError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if self.ranks is not None and distributed.peer_failed(exc):
                     raise distributed.RankFailure(self.ranks.rank, exc) from exc
                 raise ModelError("model", f"the forward pass on {batch.describe()}", exc) from exc
@@ -139,7 +139,7 @@ class Engine:
                 loss = self.loss_fn(output, batch.labels)
             except GradscopeError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise ModelError("loss", f"the loss on {_describe_output(output)} and {batch.describe()}", exc) from exc
         check_loss(loss)
         return loss
@@ -165,7 +165,7 @@ class Engine:
                 site = replay.backward_error_site(self.inner, replayed, state)
             message = str(exc).split(" Hint:")[0]  # PyTorch's hint suggests the anomaly mode used here already
             return BackwardFailure(f"{type(exc).__name__}: {message}", **site)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ModelError("model", "the backward pass", exc) from exc
         return None
 

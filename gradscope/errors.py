@@ -91,7 +91,11 @@ class ModelError(GradscopeError):
         self.key, self.what, self.cause = key, what, cause
         where = user_frame(cause)
         at = f" (at {where})" if where else ""
-        super().__init__(f"{config_at}{key}: {what} raised {type(cause).__name__}: {cause}{at}")
+        if isinstance(cause, SystemExit):
+            told = f"called sys.exit({cause.code!r}), so no step could run to its end"
+        else:
+            told = f"raised {type(cause).__name__}: {cause}"
+        super().__init__(f"{config_at}{key}: {what} {told}{at}")
 
     def located(self, source: str | None, lines: dict[str, int]) -> ModelError:
         line = lines.get(self.key) or lines.get(self.key.split(".")[0])

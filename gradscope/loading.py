@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +56,25 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(settings: Settings) -> nn.Module:
     """Call ``model.target`` with ``model.args`` under the config's seed."""
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # the schema bounds the seed to what torch takes
     model = targets.build(settings.model, settings.origin.base_dir, "model", "building the model")
     if not isinstance(model, nn.Module):
         raise ConfigError([("model.target", f"expected it to return a torch.nn.Module, got {type(model).__name__}")])
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ConfigError(
+            [
+                (
+                    "model.target",
+                    f"{meta[0]} (and {len(meta) - 1} more) is on the meta device, with no values to run: "
+                    "build the model on a real device, or to_empty() and initialise it in the factory",
+                )
+            ]
+            if len(meta) > 1
+            else [
+                ("model.target", f"{meta[0]} is on the meta device, with no values to run: build it on a real device")
+            ]
+        )
     return model
 
 
@@ -82,6 +99,7 @@ def synthetic_batch(spec: DataSpec, seed: int) -> Batch:
     """Inputs ~ N(0, 1) of ``input.shape`` (or random token ids) and labels as ``labels`` says."""
     gen = torch.Generator().manual_seed(seed)
     rows = spec.rows
+    _check_size(spec)
     assert spec.input is not None  # the schema requires input when there is no target
     if spec.input.tokens is not None:
         tokens = spec.input.tokens
@@ -89,6 +107,34 @@ def synthetic_batch(spec: DataSpec, seed: int) -> Batch:
     else:
         inputs = torch.randn((rows, *(spec.input.shape or [])), generator=gen)
     return Batch(inputs, _labels(spec, inputs, gen))
+
+
+def _check_size(spec: DataSpec) -> None:
+    """Refuse a synthetic batch larger than this machine's memory before torch tries to allocate it."""
+    assert spec.input is not None
+    per_row = math.prod(spec.input.shape) if spec.input.shape else spec.input.tokens.length  # type: ignore[union-attr]
+    if spec.labels is not None and spec.labels.shape is not None:
+        per_row += math.prod(spec.labels.shape)
+    needed = spec.rows * per_row * 8  # float32 inputs or int64 tokens, and a copy on the device
+    available = _memory_bytes()
+    if needed > available:
+        key = "data.batch_size" if spec.batch_size and spec.batch_size * 8 > per_row else "data.input"
+        raise ConfigError(
+            [
+                (
+                    key,
+                    f"a batch of {spec.rows} x {per_row} values needs ~{needed / 2**30:.3g} GiB; this machine has "
+                    f"{available / 2**30:.3g} GiB",
+                )
+            ]
+        )
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 40
 
 
 def _labels(spec: DataSpec, inputs: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
@@ -139,10 +185,53 @@ def build_optimizer(settings: Settings, params: list[nn.Parameter]) -> torch.opt
             raise ConfigError(
                 [(f"optimizer.{key}", f"{cls.__name__} takes no {key!r}; expected one of: {', '.join(allowed)}")]
             )
+    kwargs = {key: _optimizer_value(cls, key, value) for key, value in spec.kwargs.items()}
     try:
-        return cls(params, **spec.kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([("optimizer", f"{cls.__name__} rejected its arguments: {exc}")]) from None
+        return cls(params, **kwargs)
+    except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+        key = next((k for k in kwargs if _mentions(str(exc), k)), None)
+        raise ConfigError([(f"optimizer.{key}" if key else "optimizer", f"{cls.__name__} refused it: {exc}")]) from None
+
+
+# torch's messages name the keyword in words: "Invalid learning rate", "Invalid epsilon value", "beta".
+_SPELLED = {"lr": "learning rate", "eps": "epsilon", "betas": "beta", "weight_decay": "weight_decay"}
+
+
+def _mentions(message: str, key: str) -> bool:
+    return key in message or _SPELLED.get(key, key) in message.lower()
+
+
+def _optimizer_value(cls: type, key: str, value: Any) -> Any:
+    """``value`` as the optimizer's own default says it should be: a finite number, a flag, or a
+    tuple of numbers as long as the default (``betas``).
+
+    Raises:
+        ConfigError: a value of another type, or not finite (names ``optimizer.KEY``).
+    """
+    default = inspect.signature(cls).parameters[key].default
+    where = f"optimizer.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError([(where, f"expected true or false, got {value!r}")])
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool) or key == "lr":
+        return _finite(where, value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(
+                [(where, f"expected a list of {len(default)} numbers like {list(default)}, got {value!r}")]
+            )
+        return tuple(_finite(f"{where}[{i}]", v) for i, v in enumerate(value))
+    return value
+
+
+def _finite(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = " (YAML reads it as text: write it as a plain number)" if isinstance(value, str) else ""
+        raise ConfigError([(where, f"expected a number, got {value!r}{hint}")])
+    if not math.isfinite(value):
+        raise ConfigError([(where, f"expected a finite number, got {value!r}")])
+    return value
 
 
 def build_loss(settings: Settings) -> LossFn:

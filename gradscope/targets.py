@@ -12,10 +12,11 @@ its config object::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,27 @@ def build(spec: Any, base_dir: Path, key: str, what: str) -> Any:
 def call(fn: Callable[..., Any], kwargs: dict[str, Any], key: str, what: str, *args: Any) -> Any:
     """Call user code; whatever it raises becomes a ``ModelError`` naming ``key``."""
     try:
-        return fn(*args, **kwargs)
+        with user_argv(fn):
+            return fn(*args, **kwargs)
     except TypeError as exc:
         if _is_signature_error(exc, fn):
             raise ConfigError([(f"{key}.args", f"{_name(fn)} does not accept these arguments: {exc}")]) from None
         raise ModelError(key, what, exc) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() and argparse's exit are the user's code leaving
         raise ModelError(key, what, exc) from exc
+
+
+@contextlib.contextmanager
+def user_argv(code: Any) -> Iterator[None]:
+    """``sys.argv`` as a script of the user's own would see it (no gradscope options): argparse in
+    user code then names the user's file, not gradscope, and parses no gradscope option."""
+    saved = sys.argv
+    name = getattr(getattr(code, "__code__", None), "co_filename", None) or str(code)
+    sys.argv = [name]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _build_nested(value: Any, base_dir: Path, key: str) -> Any:
@@ -112,8 +127,9 @@ def _load_file(where: str, base_dir: Path, key: str) -> Any:
     # The file's folder goes on sys.path so the file can import its neighbours.
     sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as exc:
+        with user_argv(path):
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except (Exception, SystemExit) as exc:
         raise ModelError(key, f"importing {path}", exc) from exc
     finally:
         sys.path.remove(str(path.parent))

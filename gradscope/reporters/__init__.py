@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
 
 
@@ -58,6 +59,14 @@ class Outputs:
     jsonl: str | None = None
 
 
+class WriteFailures(GradscopeError):
+    """Several outputs failed; each is named."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(str(f) for f in failures))
+
+
 class Reporters:
     """The reporters of one run, called together, in the order they were built."""
 
@@ -72,10 +81,17 @@ class Reporters:
             reporter.on_step(step)
 
     def write(self, report: Report) -> None:
-        """Write the report with each reporter, closing each after it has written."""
+        """Write the report with each reporter, closing each after it has written; one that fails
+        does not stop the others (its error is raised once they are all done)."""
+        failures: list[Exception] = []
         for reporter in self.reporters:
-            reporter.write(report)
-            reporter.close()
+            try:
+                reporter.write(report)
+                reporter.close()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0] if len(failures) == 1 else WriteFailures(failures)
 
     def close(self) -> None:
         for reporter in self.reporters:
@@ -131,5 +147,5 @@ def _make(outputs: Outputs) -> list[Reporter]:
     if outputs.baseline:
         from gradscope.reporters.json import JsonReporter
 
-        made.append(JsonReporter(outputs.baseline))
+        made.append(JsonReporter(outputs.baseline, "--update-baseline"))
     return made

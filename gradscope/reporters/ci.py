@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree as ET
 
+from gradscope import outfiles
 from gradscope.config import Checks
 from gradscope.report import Anomaly, Report, StepRecord
 from gradscope.reporters.findings import Group, compress_names, group
@@ -123,9 +124,8 @@ class JunitReporter:
         if report.run.status != "completed":
             suite.set("errors", "1")
             ET.SubElement(suite, "system-err").text = f"run {report.run.status}: {report.run.error or ''}"
-        target = Path(self.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ET.ElementTree(suite).write(target, encoding="utf-8", xml_declaration=True)
+        xml = ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+        outfiles.write_bytes("--junit", self.path, xml)
 
     def close(self) -> None:
         return None

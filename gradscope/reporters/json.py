@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from gradscope import outfiles
 from gradscope.errors import GradscopeError
 from gradscope.report import SCHEMA_VERSION, Report, StepRecord
+from gradscope.report_check import ReportError, check_report
 
 
 class JsonReporter:
@@ -17,23 +18,15 @@ class JsonReporter:
         path: the file to write; its folder is created if needed.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, option: str = "--json") -> None:
+        self.path, self.option = path, option
 
     def on_step(self, step: StepRecord) -> None:
         return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
         text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
-        if self.path == "-":
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            return
-        target = Path(self.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)  # never leave a half-written report behind
+        outfiles.write_text(self.option, self.path, text)  # atomic: never a half-written report
 
     def close(self) -> None:
         return None
@@ -46,17 +39,23 @@ def load_report(path: str | Path) -> Report:
         GradscopeError: the file is missing, not JSON, or not a gradscope report of a known schema.
     """
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise GradscopeError(f"cannot read report {path}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise GradscopeError(f"{path} is not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise GradscopeError(f"{path} is not a gradscope report: not UTF-8 text (byte {exc.start})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise GradscopeError(f"{path} is not JSON (truncated?): {exc}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise GradscopeError(
             f"{path}: expected a gradscope report with schema_version {SCHEMA_VERSION}, got {version!r}"
         )
     try:
+        check_report(data)
+    except ReportError as exc:
+        raise GradscopeError(f"{path}: not a gradscope report: {exc}") from None
+    try:
         return Report.from_dict(data)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise GradscopeError(f"{path}: not a complete gradscope report ({type(exc).__name__}: {exc})") from None

@@ -7,9 +7,12 @@ picture is a clear error rather than a crash.
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 from typing import Any
 
+from gradscope import outfiles
 from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
 
@@ -243,6 +246,26 @@ def _activations(ax: Any, fractions: dict[str, float]) -> None:
     ax.set_title("activations, last step (orange: at least half dead or saturated)")
 
 
+def image_format(path: str) -> str:
+    """The picture's format, from the file's extension (png without one, or on stdout).
+
+    Raises:
+        GradscopeError: matplotlib cannot write that format.
+    """
+    suffix = "" if path == outfiles.STDOUT else Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise outfiles.OutputError(
+            "--plot", path, f"matplotlib cannot write .{suffix}; use one of: {', '.join(formats)}"
+        )
+    return suffix
+
+
 class PlotReporter:
     """Saves the gradient-flow picture as a PNG.
 
@@ -252,6 +275,7 @@ class PlotReporter:
 
     def __init__(self, path: str) -> None:
         require_matplotlib()
+        image_format(path)
         self.path = path
 
     def on_step(self, step: StepRecord) -> None:
@@ -262,8 +286,12 @@ class PlotReporter:
             return
         plt = require_matplotlib()
         fig = figure(report)
-        fig.savefig(self.path, dpi=110)
-        plt.close(fig)
+        buffer = io.BytesIO()
+        try:
+            fig.savefig(buffer, dpi=110, format=image_format(self.path))
+        finally:
+            plt.close(fig)
+        outfiles.write_bytes("--plot", self.path, buffer.getvalue())
 
     def close(self) -> None:
         return None
