@@ -13,14 +13,14 @@ computes the same report:
   step's one host transfer; where a NaN was made is searched on every rank at
   once and the first rank that found it is reported.
 
-Rank 0 writes the outputs. Exit codes agree across ranks.
+Rank 0 writes the outputs. Exit codes agree across ranks. Wrapping the model and slicing the batch
+are in ``parallel``; a rank that stopped because another failed is ``errors.RankFailure``.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradscope.errors import ConfigError, GradscopeError
+from gradscope.errors import ConfigError, peer_failed
 from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded
 
 _LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
@@ -141,33 +141,6 @@ class Ranks:
             dist.destroy_process_group()
 
 
-class RankFailure(GradscopeError):
-    """Another rank stopped (it reports its own error) while this one waited for it in a collective."""
-
-    def __init__(self, rank: int, exc: BaseException) -> None:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        super().__init__(
-            f"rank {rank} stopped: another rank failed or stopped answering (see its own error); "
-            f"the collective this rank waited in reported: {first[:300]}"
-        )
-
-
-# What gloo and NCCL say when a peer died, closed its connection or stopped answering.
-_PEER_MARKS = ("closed by peer", "reset by peer", "pair closure", "timed out", "timeout", "gloo", "nccl", "c10d")
-
-
-def peer_failed(exc: BaseException | None) -> bool:
-    """The error (or one it was raised from) is a collective that lost its peers or timed out."""
-    while exc is not None:
-        if isinstance(exc, dist.DistError):
-            return True
-        text = str(exc).lower()
-        if any(mark in text for mark in _PEER_MARKS):
-            return True
-        exc = exc.__cause__
-    return False
-
-
 def _own(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A contiguous copy for a collective to reduce in place: a view (a column of a table) would be
     reduced as the memory it starts at, and the caller's tensor overwritten."""
@@ -217,43 +190,3 @@ def joined(model: nn.Module) -> Ranks | None:
     param = next(model.parameters(), None)
     device = param.device if param is not None and dist.get_backend() == "nccl" else torch.device("cpu")
     return Ranks(dist.get_rank(), dist.get_world_size(), strategy, device)
-
-
-def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
-    """DDP around ``model``, or ``fully_shard`` on each block of its module lists and on the root."""
-    if ranks.strategy == "ddp":
-        ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        # gradscope repeats one step: a static graph lets DDP take parameters without a gradient (which
-        # gradscope reports) without stopping the run or traversing the graph every step.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(ranks.device.type, (ranks.world,))
-    for block in _blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def _blocks(module: nn.Module) -> Iterator[nn.Module]:
-    """The outermost ``ModuleList``/``Sequential`` elements that hold parameters: FSDP's usual units."""
-    for child in module.children():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)):
-            yield from (m for m in child if any(True for _ in m.parameters()))
-        else:
-            yield from _blocks(child)
-
-
-def shard(value: Any, rank: int, world: int, rows: int) -> Any:
-    """Rank ``rank``'s contiguous slice (of ``rows // world`` rows) of every tensor in a batch."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != rows:
-            return value
-        size = rows // world
-        return value[rank * size : (rank + 1) * size]
-    if isinstance(value, (tuple, list)):
-        return type(value)(shard(v, rank, world, rows) for v in value)
-    if isinstance(value, dict):
-        return {k: shard(v, rank, world, rows) for k, v in value.items()}
-    return value

@@ -20,7 +20,7 @@ from torch import nn
 
 from gradscope import distributed, replay
 from gradscope.config import ClipSpec
-from gradscope.errors import ConfigError, GradscopeError, ModelError
+from gradscope.errors import ConfigError, GradscopeError, ModelError, RankFailure, peer_failed
 from gradscope.history import Retention
 from gradscope.loading import Batch, LossFn, call_model
 from gradscope.locating import Replay
@@ -132,8 +132,8 @@ class Engine:
             except GradscopeError:
                 raise
             except (Exception, SystemExit) as exc:
-                if self.ranks is not None and distributed.peer_failed(exc):
-                    raise distributed.RankFailure(self.ranks.rank, exc) from exc
+                if self.ranks is not None and peer_failed(exc):
+                    raise RankFailure(self.ranks.rank, exc) from exc
                 raise ModelError("model", f"the forward pass on {batch.describe()}", exc) from exc
             try:
                 loss = self.loss_fn(output, batch.labels)
@@ -157,8 +157,8 @@ class Engine:
         try:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         except RuntimeError as exc:
-            if self.ranks is not None and distributed.peer_failed(exc):
-                raise distributed.RankFailure(self.ranks.rank, exc) from exc
+            if self.ranks is not None and peer_failed(exc):
+                raise RankFailure(self.ranks.rank, exc) from exc
             replayed = lambda: self.forward(batch, model=self.inner)  # noqa: E731
             site: dict[str, str | None] = {}
             with optional("the replay that names the failing backward node", self.watch.notes), self.watch.paused():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch.distributed as dist
+
 from gradscope.frames import user_frame
 
 EXIT_OK = 0
@@ -103,3 +105,30 @@ class ModelError(GradscopeError):
         located = ModelError(self.key, self.what, self.cause, config_at)
         located.__traceback__ = self.__traceback__
         return located
+
+
+class RankFailure(GradscopeError):
+    """Another rank stopped (it reports its own error) while this one waited for it in a collective."""
+
+    def __init__(self, rank: int, exc: BaseException) -> None:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        super().__init__(
+            f"rank {rank} stopped: another rank failed or stopped answering (see its own error); "
+            f"the collective this rank waited in reported: {first[:300]}"
+        )
+
+
+# What gloo and NCCL say when a peer died, closed its connection or stopped answering.
+_PEER_MARKS = ("closed by peer", "reset by peer", "pair closure", "timed out", "timeout", "gloo", "nccl", "c10d")
+
+
+def peer_failed(exc: BaseException | None) -> bool:
+    """The error (or one it was raised from) is a collective that lost its peers or timed out."""
+    while exc is not None:
+        if isinstance(exc, dist.DistError):
+            return True
+        text = str(exc).lower()
+        if any(mark in text for mark in _PEER_MARKS):
+            return True
+        exc = exc.__cause__
+    return False

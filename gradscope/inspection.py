@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradscope import distributed, loading
+from gradscope import distributed, loading, parallel
 from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
-from gradscope.errors import ConfigError, GradscopeError
+from gradscope.errors import ConfigError, GradscopeError, RankFailure, peer_failed
 from gradscope.history import Retention
 from gradscope.probes.gradients import describe_parameters
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
@@ -60,7 +60,7 @@ class Inspection:
     def _build(self) -> None:
         settings = self.settings
         self.model = loading.build_model(settings).to(self.device)  # the user's module
-        self.trained = distributed.wrap(self.model, self.ranks) if self.ranks is not None else self.model
+        self.trained = parallel.wrap(self.model, self.ranks) if self.ranks is not None else self.model
         self.batch = self._rank_batch(loading.build_batch(settings)).to(self.device)
         self.loss_fn = loading.build_loss(settings)
         trainable = [p for p in self.trained.parameters() if p.requires_grad]
@@ -78,7 +78,7 @@ class Inspection:
             )
         rank = self.ranks.rank
         return loading.Batch(
-            distributed.shard(batch.inputs, rank, world, rows), distributed.shard(batch.labels, rank, world, rows)
+            parallel.shard(batch.inputs, rank, world, rows), parallel.shard(batch.labels, rank, world, rows)
         )
 
     def close(self) -> None:
@@ -128,8 +128,8 @@ class Inspection:
             self.status = "interrupted"
             raise
         except BaseException as exc:
-            if self.ranks is not None and not isinstance(exc, GradscopeError) and distributed.peer_failed(exc):
-                exc = distributed.RankFailure(self.ranks.rank, exc)  # not a fault of this rank's model
+            if self.ranks is not None and not isinstance(exc, GradscopeError) and peer_failed(exc):
+                exc = RankFailure(self.ranks.rank, exc)  # not a fault of this rank's model
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise exc
         finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from gradscope.distributed import RankFailure
+from gradscope.errors import RankFailure
 
 
 @contextlib.contextmanager

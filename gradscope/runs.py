@@ -57,3 +57,10 @@ class ReportCache:
         if self._report is None or key != self._key:
             self._report, self._key = make(), key
         return self._report
+
+
+def learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The first parameter group's learning rate, when it is a plain number (not a scheduler's tensor)."""
+    groups = optimizer.param_groups if optimizer is not None else []
+    lr = groups[0].get("lr") if groups else None
+    return float(lr) if isinstance(lr, (int, float)) else None

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed, rules
+from gradscope import distributed
 from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.history import History, Retention
 from gradscope.locating import OriginSearch, Replay
+from gradscope.optimizer_hooks import StepHooks
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
 from gradscope.probes.base import Fetch, Probe, StepContext, Watched
@@ -40,7 +41,8 @@ from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
 from gradscope.report import SEVERITIES, BackwardFailure, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
-from gradscope.runs import ReportCache, judged, run_info
+from gradscope.runs import ReportCache, judged, learning_rate, run_info
+from gradscope.step_judge import StepJudge
 from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
@@ -58,7 +60,8 @@ class Watch:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scaler: torch.amp.GradScaler | None = None,
-        logdir: str | None = None,
+        *,
+        outputs: Outputs | None = None,
         raise_on: str | None = None,
         checks: Checks | None = None,
         activations: bool = True,
@@ -67,12 +70,10 @@ class Watch:
         clip: ClipSpec | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
         recorded_before_clipping: bool = False,
-        plot: str | None = None,
         every: int = 1,
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
         retention: Retention | None = None,
-        jsonl: str | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -104,19 +105,18 @@ class Watch:
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
         self.gradients = GradientProbe(unwrap(inner, compiled=True), extra_norm=extra, shards=self._shards)
         self.recorder = Recorder(self.gradients, clip, scaler)
-        self.trainable = self.recorder.trainable
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
-        self.probes = self._probes(histograms_every if logdir or on_step else 0, probes)
+        self.outputs = outputs or Outputs()
+        self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
         self.precision = PrecisionSeen(inner)
-        self.history = History(retention, self._has_finding)
-        self.outputs = Outputs(logdir=logdir, plot=plot, jsonl=jsonl)
+        self.judge = StepJudge(self.checks, self._single)
+        self.history = History(retention, lambda record: self.judge.has_finding(record, self.history))
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
-        self._recorded = False  # this step is recorded already (by step()); the optimizer hook skips it
-        self._upcoming: tuple[torch.Tensor | None, Replay | None] = (None, None)  # see upcoming()
+        self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
@@ -146,8 +146,7 @@ class Watch:
             if self._norms_at_backward_end:
                 self.gradients.on_backward_end = self._backward_end
             if self.optimizer is not None:
-                self._hook(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
-                self._hook(self.optimizer.register_step_post_hook(self._after_optimizer_step))
+                self.hooks.attach(self.optimizer, self._stack)
             if self.scaler is not None and self.optimizer is not None:
                 skips = record_scaler_skips(self.scaler, self.optimizer, lambda: self._updates, self._skipped)
                 self._stack.enter_context(skips)
@@ -170,9 +169,6 @@ class Watch:
         finally:
             if self.reporters:
                 self.reporters.write(self.report)
-
-    def _hook(self, handle: Any) -> None:
-        self._stack.callback(handle.remove)
 
     def _pause(self, paused: bool) -> None:
         for probe in self.probes:
@@ -203,10 +199,10 @@ class Watch:
             The step's record, or None on a step that ``every`` leaves out.
         """
         record = self._finish(loss=loss, **extra) if self._measured_now() else self._pass()
-        self._recorded = True
+        self.hooks.recorded = True
         if self.optimizer is None:
             self.gradients.mark_step()
-            self._recorded = False
+            self.hooks.recorded = False
         return record
 
     def record_failure(self, loss: float, failure: BackwardFailure) -> StepRecord:
@@ -216,48 +212,18 @@ class Watch:
     def upcoming(self, loss: torch.Tensor | None = None, replay: Replay | None = None) -> None:
         """Hand over the loss (and a replay) of the step the optimizer hook records next: for a
         driver whose trainer calls ``optimizer.step()`` itself (the Lightning and Hugging Face callbacks)."""
-        self._upcoming = (loss, replay)
+        self.hooks.upcoming(loss, replay)
 
-    def _before_optimizer_step(
-        self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if self._recorded:
-            return None
-        # ``args`` holds the optimizer itself first, then step's own arguments.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is not None:
-            # optimizer.step(closure) (Lightning, LBFGS): forward and backward run inside step, so the
-            # step is recorded once the closure has returned (its clipping done), before the update.
-            wrapped = self._after_closure(closure)
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": wrapped}
-            return (args[0], wrapped, *args[2:]), kwargs
-        self._record_now(None)
-        return None
-
-    def _after_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            result = closure()
-            if not self._recorded:  # LBFGS calls the closure again in its line search: the first is the step
-                self._recorded = True
-                self._record_now(result if isinstance(result, torch.Tensor) else None)
-            return result
-
-        return run
-
-    def _record_now(self, loss: torch.Tensor | None) -> None:
-        given, step_replay = self._upcoming
-        self._upcoming = (None, None)
-        loss = given if given is not None else loss
+    def _record_now(self, loss: torch.Tensor | None, replay: Replay | None) -> None:
         if self._measured_now():
-            self._finish(loss=loss, replay=step_replay)
+            self._finish(loss=loss, replay=replay)
         else:
             self._pass()
 
     def _skipped(self) -> None:
         """The grad scaler skipped the optimizer step, so no pre-hook recorded it (nor will a post-hook
         end it): record it, unless ``step()`` did already."""
-        if self._recorded:
+        if self.hooks.recorded:
             self._end_step()
             return
         self._finish(loss=None, skipped=True)
@@ -283,7 +249,7 @@ class Watch:
         self._end_step()
 
     def _end_step(self) -> None:
-        self._recorded = False
+        self.hooks.recorded = False
         self.gradients.mark_step()
 
     def _backward_end(self) -> None:
@@ -333,43 +299,25 @@ class Watch:
         """The steps kept in full (see ``history.Retention``), in order."""
         return self.history.steps()
 
-    def _has_finding(self, record: StepRecord) -> bool:
-        """The record shows a finding of its own, or spikes against the steps before it."""
-        single = Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
-        if rules.step_findings(single, self.checks):
-            return True
-        for kind, value in (("loss_spike", record.loss), ("gradient_spike", record.grad_norm_total)):
-            check = self.checks.rule(kind)
-            if value is not None and check.severity != "off":
-                window = self.history.recent(kind == "loss_spike", check.window)
-                scale = rules.early_scale(self.history.first(kind == "loss_spike", check.window), check)
-                if rules.spike_against(window, record.step, value, check, scale) is not None:
-                    return True
-        return False
+    def _single(self, record: StepRecord) -> Report:
+        return Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
 
     def _raise_if_found(self, record: StepRecord) -> None:
-        if self.raise_on is None:
-            return
-        single = Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
-        found, _ = rules.diagnose(single, self.checks)
-        worst = [a for a in found if SEVERITIES.index(a.severity) >= SEVERITIES.index(self.raise_on)]
-        if worst:
-            raise GradientAnomaly(worst[0])
+        worst = self.judge.worst(record, self.raise_on) if self.raise_on is not None else None
+        if worst is not None:
+            raise GradientAnomaly(worst)
 
     # --- the report -----------------------------------------------------------------------------
 
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        return self._report.get((len(self.history), len(self.notes), self._precision()), self._judged)
+        return self._report.get((len(self.history), len(self.notes), self.precision.name), self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
         report = Report(self._run_info(), infos, self.history.steps(), called_modules=self.called)
         return judged(replace(report, retained=self.history.retained()), self.checks)
-
-    def _precision(self) -> str:
-        return self.precision.name
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
@@ -379,10 +327,10 @@ class Watch:
             len(self.history),
             self.ranks,
             device=str(param.device) if param is not None else "cpu",
-            precision=self._precision(),
+            precision=self.precision.name,
             steps_requested=len(self.history),
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
-            lr=_learning_rate(self.optimizer),
+            lr=learning_rate(self.optimizer),
             notes=tuple(self.notes),
         )
 
@@ -404,6 +352,7 @@ def watch(
     probes: tuple[str, ...] | list[str] = (),
     retention: Retention | dict[str, int] | None = None,
     jsonl: str | None = None,
+    json: str | None = None,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
@@ -429,6 +378,7 @@ def watch(
             dict): the first steps, each step with a finding and the steps before it, a sparse sample;
             every step's loss and norms, and the totals the rules need, are kept whatever it says.
         jsonl: stream every measured step's full record there, one JSON object a line.
+        json: write the JSON report there when the block exits (``gradscope show`` reads it).
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
@@ -441,23 +391,14 @@ def watch(
         model,
         optimizer,
         scaler,
-        logdir,
-        raise_on,
-        checks,
-        activations,
-        locate,
-        histograms_every,
+        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json),
+        raise_on=raise_on,
+        checks=checks,
+        activations=activations,
+        locate=locate,
+        histograms_every=histograms_every,
         on_step=on_step,
-        plot=plot,
         every=every,
         probes=probes,
         retention=retention,
-        jsonl=jsonl,
     )
-
-
-def _learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
-    """The first parameter group's learning rate, when it is a plain number (not a scheduler's tensor)."""
-    groups = optimizer.param_groups if optimizer is not None else []
-    lr = groups[0].get("lr") if groups else None
-    return float(lr) if isinstance(lr, (int, float)) else None

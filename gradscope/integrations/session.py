@@ -13,6 +13,7 @@ from torch import nn
 
 from gradscope.config import Checks
 from gradscope.report import SEVERITIES, Report, StepRecord
+from gradscope.reporters import Outputs
 from gradscope.watch import Watch
 
 
@@ -65,7 +66,7 @@ class Session:
             model,
             optimizer,
             scaler,
-            logdir=o.logdir,
+            outputs=Outputs(logdir=o.logdir, json=o.json),
             raise_on=o.raise_on,
             checks=o.checks,
             activations=o.activations,
@@ -78,7 +79,8 @@ class Session:
         return scope
 
     def close(self) -> Report | None:
-        """Take every hook off, keep the report and write it; a second call does nothing."""
+        """Take every hook off and write the outputs (the watch's reporters), keeping the report; a
+        second call does nothing."""
         scope, self.scope = self.scope, None
         if scope is None:
             return self.report
@@ -86,8 +88,6 @@ class Session:
             scope.__exit__(None, None, None)
         finally:
             self.report = scope.report
-            if self.options.json:
-                self.report.save(self.options.json)
         return self.report
 
 

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import IO
 
-from gradscope.report import Report, StepRecord, step_dict
+from gradscope.report import Report, StepRecord
+from gradscope.report_json import step_dict
 
 
 class JsonlReporter:

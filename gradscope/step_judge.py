@@ -1,0 +1,37 @@
+"""The findings of one step as it is recorded: which steps a long run keeps in full, and the
+finding ``raise_on`` stops the loop at, before the optimizer updates the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gradscope import rules
+from gradscope.config import Checks
+from gradscope.history import History
+from gradscope.report import SEVERITIES, Anomaly, Report, StepRecord
+
+
+class StepJudge:
+    """Judges single steps by the rules (``checks``); ``single(record)`` is the report of that step alone."""
+
+    def __init__(self, checks: Checks, single: Callable[[StepRecord], Report]) -> None:
+        self.checks, self.single = checks, single
+
+    def has_finding(self, record: StepRecord, history: History) -> bool:
+        """The record shows a finding of its own, or spikes against the steps of ``history`` before it."""
+        if rules.step_findings(self.single(record), self.checks):
+            return True
+        for kind, value in (("loss_spike", record.loss), ("gradient_spike", record.grad_norm_total)):
+            check = self.checks.rule(kind)
+            if value is not None and check.severity != "off":
+                window = history.recent(kind == "loss_spike", check.window)
+                scale = rules.early_scale(history.first(kind == "loss_spike", check.window), check)
+                if rules.spike_against(window, record.step, value, check, scale) is not None:
+                    return True
+        return False
+
+    def worst(self, record: StepRecord, floor: str) -> Anomaly | None:
+        """The most severe finding of the step at ``floor`` severity or above, or None."""
+        found, _ = rules.diagnose(self.single(record), self.checks)
+        worst = [a for a in found if SEVERITIES.index(a.severity) >= SEVERITIES.index(floor)]
+        return worst[0] if worst else None
