@@ -65,6 +65,17 @@ class SpikeCheck(_Check):
     factor: float = Field(default=2.0, ge=1)  # and at least this many times the median
 
 
+class UpdateRatioCheck(_Check):
+    """Weight matrices whose |delta w| / |w| per step stays above ``high`` (see rules/updates.py)."""
+
+    high: float = Field(default=0.1, gt=0)  # 100x the ~1e-3 of a healthy learning rate
+    fraction: float = Field(default=0.5, gt=0, le=1)  # of the judged steps
+    # Steps with a ratio left out at the start: Adam's first updates are lr x sign(g) whatever the
+    # gradient, and learning-rate schedules warm up.
+    skip: int = Field(default=10, ge=0)
+    min_steps: int = Field(default=3, ge=1)  # judged steps (after `skip`) before a verdict
+
+
 class IgnoreEntry(_Strict):
     """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
 
@@ -97,6 +108,7 @@ class Checks(_Strict):
     rank_divergence: DriftCheck = DriftCheck()  # a rank's own gradient norm this far from the others'
     loss_spike: SpikeCheck = SpikeCheck()
     gradient_spike: SpikeCheck = SpikeCheck()
+    update_ratio: UpdateRatioCheck = UpdateRatioCheck()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

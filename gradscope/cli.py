@@ -7,7 +7,6 @@ error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import os
 import signal
@@ -105,6 +104,9 @@ def inspect(
     jsonl: Annotated[
         str | None, typer.Option("--jsonl", metavar="PATH", help="Stream every step's record here, one JSON line each.")
     ] = None,
+    csv: Annotated[
+        str | None, typer.Option("--csv", metavar="PATH", help="Write per-step per-parameter statistics as CSV.")
+    ] = None,
     show_all: ShowAll = False,
     plot: Plot = None,
     fail_on: FailOnOption = FailOn.error,
@@ -161,8 +163,12 @@ def inspect(
                 raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
             saved = load_report(baseline) if baseline is not None and not update_baseline else None
             settings = load_config(config, overrides)
-            _check_outputs(json_path, junit, plot, logdir, settings, baseline if update_baseline else None, config)
-            with _user_stdout(json_path):
+            written = baseline if update_baseline else None
+            files = {"--json": json_path, "--jsonl": jsonl, "--csv": csv, "--junit": junit, "--plot": plot}
+            files["--update-baseline"] = str(written) if written is not None else None
+            _check_outputs(files, logdir, settings, config)
+            piped = outfiles.STDOUT in files.values()  # a report goes to stdout: nothing else may
+            with _user_stdout(piped):
                 inspection = Inspection(settings, saved)
         except KeyboardInterrupt:
             print(f"{_name()}: interrupted before the first step; nothing was measured", file=sys.stderr)
@@ -172,10 +178,7 @@ def inspect(
         except Exception as exc:  # a bug of ours, not the user's
             raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
         try:
-            wanted = _outputs(json_path, junit, show_all, fail_on.value, inspection, plot)
-            wanted = dataclasses.replace(wanted, jsonl=jsonl)
-            if update_baseline and baseline is not None:
-                wanted = dataclasses.replace(wanted, baseline=str(baseline))
+            wanted = _outputs(files, show_all, fail_on.value, inspection)
             reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
         except GradscopeError as exc:
             inspection.close()
@@ -183,12 +186,10 @@ def inspect(
         except Exception as exc:
             inspection.close()
             raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-        code = _finish(inspection, reporters, fail_on.value, verbose, interrupts, json_path)
+        code = _finish(inspection, reporters, fail_on.value, verbose, interrupts, piped)
         if reporters:
-            outputs = [json_path, junit, plot, inspection.settings.tensorboard.logdir]
-            _conclude(
-                inspection, code, fail_on.value, outputs + [str(baseline) if update_baseline else None], json_path
-            )
+            outputs = [*files.values(), inspection.settings.tensorboard.logdir]
+            _conclude(inspection, code, fail_on.value, outputs, piped)
         if inspection.ranks is not None:
             # Everything is written and the process group is gone; gloo's worker threads can still abort
             # the interpreter's shutdown (SIGABRT as they release tensors), turning a finished run into a crash.
@@ -198,9 +199,7 @@ def inspect(
         raise typer.Exit(code)
 
 
-def _conclude(
-    inspection: Inspection, code: int, fail_on: str, outputs: list[str | None], json_path: str | None
-) -> None:
+def _conclude(inspection: Inspection, code: int, fail_on: str, outputs: list[str | None], piped: bool) -> None:
     """The files written and the one-line verdict, printed after everything else."""
     try:
         report = inspection.report()
@@ -208,7 +207,7 @@ def _conclude(
         return
     if not report.steps:
         return  # nothing was measured: the error on stderr is the whole story
-    print_verdict(sys.stderr if json_path == outfiles.STDOUT else sys.stdout, report, code, fail_on, outputs)
+    print_verdict(sys.stderr if piped else sys.stdout, report, code, fail_on, outputs)
 
 
 def _finish(
@@ -217,11 +216,11 @@ def _finish(
     fail_on: str,
     verbose: bool,
     interrupts: Interrupts,
-    json_path: str | None,
+    piped: bool,
 ) -> int:
     """Run and report; the exit code, the same on every rank of a distributed run that completed."""
     try:
-        code = _run(inspection, reporters, verbose, interrupts, json_path)
+        code = _run(inspection, reporters, verbose, interrupts, piped)
         if code is not None:
             return code  # a rank that stops early does not wait for the others
         code = EXIT_FINDINGS if inspection.report().at_or_above(fail_on) else EXIT_OK
@@ -253,12 +252,12 @@ def show(
 
 
 def _run(
-    inspection: Inspection, reporters: Reporters, verbose: bool, interrupts: Interrupts, json_path: str | None
+    inspection: Inspection, reporters: Reporters, verbose: bool, interrupts: Interrupts, piped: bool
 ) -> int | None:
     """Run, then write the report whatever happened; an exit code if the run did not complete."""
     code = None
     try:
-        with _user_stdout(json_path):
+        with _user_stdout(piped):
             inspection.run(on_step=reporters.on_step)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
@@ -277,28 +276,19 @@ def _run(
     return code
 
 
-def _user_stdout(json_path: str | None) -> Any:
-    """With the JSON on stdout, what the user's code prints goes to stderr, so stdout stays JSON."""
-    return contextlib.redirect_stdout(sys.stderr) if json_path == outfiles.STDOUT else contextlib.nullcontext()
+def _user_stdout(piped: bool) -> Any:
+    """With a report on stdout, what the user's code prints goes to stderr, so stdout stays the report."""
+    return contextlib.redirect_stdout(sys.stderr) if piped else contextlib.nullcontext()
 
 
-def _check_outputs(
-    json_path: str | None,
-    junit: str | None,
-    plot: str | None,
-    logdir: str | None,
-    settings: Settings,
-    baseline_out: Path | None,
-    config: Path,
-) -> None:
-    """Every output is checked before the run starts, so that no run ends in an unwritable path."""
-    files = {"--json": json_path, "--junit": junit, "--plot": plot}
-    files["--update-baseline"] = str(baseline_out) if baseline_out is not None else None
+def _check_outputs(files: dict[str, str | None], logdir: str | None, settings: Settings, config: Path) -> None:
+    """Every output (``files``: option -> path) is checked before the run starts, so that no run ends
+    in an unwritable path; none may overwrite the config."""
     for option, path in files.items():
         if path is not None:
             outfiles.check_file(option, path, [config])
-    if plot is not None:
-        image_format(plot)
+    if files["--plot"] is not None:
+        image_format(files["--plot"])
     folder = settings.tensorboard.logdir
     option = "--logdir" if logdir is not None else "tensorboard.logdir"
     if folder is not None:
@@ -306,18 +296,19 @@ def _check_outputs(
     outfiles.check_distinct({**files, option: folder})
 
 
-def _outputs(
-    json_path: str | None, junit: str | None, show_all: bool, fail_on: str, inspection: Inspection, plot: str | None
-) -> Outputs:
+def _outputs(files: dict[str, str | None], show_all: bool, fail_on: str, inspection: Inspection) -> Outputs:
     settings = inspection.settings
     logdir = settings.tensorboard.logdir
     return Outputs(
-        # With the JSON on stdout, the human-readable report moves to stderr.
-        terminal=sys.stderr if outfiles.STDOUT in (json_path, junit, plot) else sys.stdout,
+        # With a report on stdout, the human-readable one moves to stderr.
+        terminal=sys.stderr if outfiles.STDOUT in files.values() else sys.stdout,
         show_all=show_all,
-        plot=plot,
-        json=json_path,
-        junit=junit,
+        plot=files["--plot"],
+        json=files["--json"],
+        jsonl=files["--jsonl"],
+        csv=files["--csv"],
+        junit=files["--junit"],
+        baseline=files["--update-baseline"],
         fail_on=fail_on,
         logdir=logdir,
         config_text=yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False) if logdir else None,

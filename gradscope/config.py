@@ -10,9 +10,18 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gradscope import yamlfile
 from gradscope.checks import Checks
@@ -175,6 +184,14 @@ class TensorBoardSpec(_Strict):
     histograms_every: int = Field(default=10, ge=0)  # gradient histograms every N steps (0: none)
 
 
+def _known_probe(name: str) -> str:
+    from gradscope.probes import OPTIONAL  # the probes import torch: only when the key is given
+
+    if name not in OPTIONAL:
+        raise ValueError(f"unknown probe; expected one of: {', '.join(sorted(OPTIONAL))}, got {name!r}")
+    return name
+
+
 class Settings(_Strict):
     """A whole gradscope config."""
 
@@ -194,6 +211,7 @@ class Settings(_Strict):
     tensorboard: TensorBoardSpec = TensorBoardSpec()
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     distributed: DistributedSpec = DistributedSpec()
+    probes: list[Annotated[str, AfterValidator(_known_probe)]] = Field(default_factory=list)  # see probes.OPTIONAL
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 
     @property
@@ -228,6 +246,13 @@ class Settings(_Strict):
     def uses_scaler(self) -> bool:
         """fp16 with a GradScaler (the default; ``scaler: false`` turns it off)."""
         return self.precision == "fp16" and self.scaler is not False
+
+    @field_validator("probes")
+    @classmethod
+    def _each_probe_once(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"each probe once, got {names}")
+        return names
 
     @field_validator("device")
     @classmethod

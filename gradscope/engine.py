@@ -48,6 +48,7 @@ class StepPlan:
     histograms_every: int = 0  # gradient histograms every N steps (0: never)
     every: int = 1  # measure every N-th step only
     scaler: bool = True  # fp16: scale the loss with a GradScaler (off: gradients as fp16 makes them)
+    probes: tuple[str, ...] = ()  # optional probes by name (``gradscope.probes.OPTIONAL``)
 
 
 class Engine:
@@ -98,6 +99,7 @@ class Engine:
             every=plan.every,
             ranks=ranks,
             retention=retention,
+            probes=plan.probes,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()

@@ -108,6 +108,7 @@ class Inspection:
             histograms_every=tensorboard.histograms_every if tensorboard.logdir else 0,
             every=settings.every,
             scaler=settings.uses_scaler,
+            probes=tuple(settings.probes),
         )
         start = time.perf_counter()
         self.status = "running"

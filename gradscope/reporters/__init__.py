@@ -41,6 +41,7 @@ class Outputs:
         progress: the steps of the run, for a progress line on stderr (None: no line).
         compared: the run was compared with a baseline (JUnit's ``baseline_drift`` ran).
         jsonl: a JSON Lines file that gets every step as it is measured.
+        csv: a CSV table of every kept step's per-parameter statistics.
     """
 
     terminal: IO[str] | None = None
@@ -57,6 +58,7 @@ class Outputs:
     progress: int | None = None
     compared: bool = False
     jsonl: str | None = None
+    csv: str | None = None
 
 
 class WriteFailures(GradscopeError):
@@ -132,6 +134,10 @@ def _make(outputs: Outputs) -> list[Reporter]:
         from gradscope.reporters.jsonl import JsonlReporter
 
         made.append(JsonlReporter(outputs.jsonl))
+    if outputs.csv:
+        from gradscope.reporters.csv import CsvReporter
+
+        made.append(CsvReporter(outputs.csv))
     if outputs.junit:
         from gradscope.reporters.ci import JunitReporter
 

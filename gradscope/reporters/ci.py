@@ -145,6 +145,7 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "gradient_clipping": "no gradient clipping in this run",
         "dead_relu": "no ReLU ran in the measured forward passes",
         "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
+        "update_ratio": "the update_ratio probe was off (`probes: [update_ratio]`)",
     }
     ran = {
         "wrong_gradient": bool(report.gradchecks),
@@ -155,6 +156,7 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "gradient_clipping": any(s.clip_coefficient is not None for s in steps) or bool(run.clip),
         "dead_relu": "relu" in kinds,
         "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
+        "update_ratio": any("update_ratio" in s.probes for s in steps),
     }
     return {kind: why for kind, why in out.items() if not ran[kind]}
 

@@ -8,9 +8,11 @@ floats are strings), so nothing measured is lost and a run that dies leaves its 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import IO
 
+from gradscope import outfiles
 from gradscope.report import Report, StepRecord
 from gradscope.report_json import step_dict
 
@@ -19,13 +21,15 @@ class JsonlReporter:
     """Appends each step to ``path`` as it is measured (the file is started afresh).
 
     Args:
-        path: the file to write; its folder is created if needed.
+        path: the file to write (``-``: stdout); its folder is created if needed.
     """
 
     def __init__(self, path: str) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = target.open("w")
+        self._own = path != outfiles.STDOUT  # ``-``: stdout, left open
+        if self._own:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] | None = target.open("w") if self._own else sys.stdout
 
     def on_step(self, step: StepRecord) -> None:
         if self._file is not None:
@@ -36,6 +40,6 @@ class JsonlReporter:
         return None  # every step was written as it came
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._file is not None and self._own:
             self._file.close()
-            self._file = None
+        self._file = None

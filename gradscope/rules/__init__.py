@@ -23,6 +23,7 @@ from gradscope.rules.precision import gradient_clipping, gradient_underflow, los
 from gradscope.rules.ranks import rank_divergence
 from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, with_causes
 from gradscope.rules.unused import expert_routing, unused_parameter, zero_gradient
+from gradscope.rules.updates import update_ratio
 
 Rule = Callable[[Report, Any], list[Anomaly]]
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -46,6 +47,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("rank_divergence", rank_divergence),
     ("loss_spike", loss_spike),
     ("gradient_spike", gradient_spike),
+    ("update_ratio", update_ratio),
 )
 
 
