@@ -19,7 +19,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradscope.distributed import shard
+from gradscope.parallel import shard
 from gradscope.report import Anomaly, NonfiniteOrigin, RankStep, Report, RunInfo, StepRecord
 from gradscope.rules.ranks import rank_divergence
 
