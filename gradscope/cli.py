@@ -152,24 +152,14 @@ def inspect(
     Under torchrun (torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed ddp)
     every rank runs its slice of the batch and rank 0 writes the reports.
     """
+    written = str(baseline) if update_baseline and baseline is not None else None
+    files = {"--json": json_path, "--jsonl": jsonl, "--csv": csv, "--junit": junit, "--plot": plot}
+    files["--update-baseline"] = written
+    piped = outfiles.STDOUT in files.values()  # a report goes to stdout: nothing else may
     with Interrupts() as interrupts:  # SIGINT and SIGTERM, restored when the command ends
         try:
-            overrides = _overrides(steps, device, gradcheck, check or [], logdir)
-            if strategy is not None:
-                overrides["distributed"] = {"strategy": strategy.value}
-            if update_baseline and baseline is None:
-                raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
-            if baseline is not None and not update_baseline and not baseline.exists():
-                raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
-            saved = load_report(baseline) if baseline is not None and not update_baseline else None
-            settings = load_config(config, overrides)
-            written = baseline if update_baseline else None
-            files = {"--json": json_path, "--jsonl": jsonl, "--csv": csv, "--junit": junit, "--plot": plot}
-            files["--update-baseline"] = str(written) if written is not None else None
-            _check_outputs(files, logdir, settings, config)
-            piped = outfiles.STDOUT in files.values()  # a report goes to stdout: nothing else may
-            with _user_stdout(piped):
-                inspection = Inspection(settings, saved)
+            overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy)
+            inspection = _prepare(config, overrides, baseline, update_baseline, files, logdir, piped)
         except KeyboardInterrupt:
             print(f"{_name()}: interrupted before the first step; nothing was measured", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -177,15 +167,7 @@ def inspect(
             raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
         except Exception as exc:  # a bug of ours, not the user's
             raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
-        try:
-            wanted = _outputs(files, show_all, fail_on.value, inspection)
-            reporters = build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
-        except GradscopeError as exc:
-            inspection.close()
-            raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
-        except Exception as exc:
-            inspection.close()
-            raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
+        reporters = _reporters(inspection, files, show_all, fail_on.value, verbose)
         code = _finish(inspection, reporters, fail_on.value, verbose, interrupts, piped)
         if reporters:
             outputs = [*files.values(), inspection.settings.tensorboard.logdir]
@@ -197,6 +179,42 @@ def inspect(
             sys.stderr.flush()
             os._exit(code)
         raise typer.Exit(code)
+
+
+def _prepare(
+    config: Path,
+    overrides: dict[str, Any],
+    baseline: Path | None,
+    update_baseline: bool,
+    files: dict[str, str | None],
+    logdir: str | None,
+    piped: bool,
+) -> Inspection:
+    """The config read and checked with its outputs and baseline, then the model and batch built."""
+    if update_baseline and baseline is None:
+        raise ConfigError([("--update-baseline", "needs --baseline PATH to write to")])
+    if baseline is not None and not update_baseline and not baseline.exists():
+        raise ConfigError([("--baseline", f"{baseline} does not exist: write it first with --update-baseline")])
+    saved = load_report(baseline) if baseline is not None and not update_baseline else None
+    settings = load_config(config, overrides)
+    _check_outputs(files, logdir, settings, config)
+    with _user_stdout(piped):
+        return Inspection(settings, saved)
+
+
+def _reporters(
+    inspection: Inspection, files: dict[str, str | None], show_all: bool, fail_on: str, verbose: bool
+) -> Reporters:
+    """The run's reporters; one that cannot be made ends the command (exit 2, or 3 for a bug)."""
+    try:
+        wanted = _outputs(files, show_all, fail_on, inspection)
+        return build_reporters(wanted, inspection.ranks.rank if inspection.ranks is not None else None)
+    except GradscopeError as exc:
+        inspection.close()
+        raise typer.Exit(_fail(exc, verbose, EXIT_USAGE)) from None
+    except Exception as exc:
+        inspection.close()
+        raise typer.Exit(_fail(exc, verbose, EXIT_INTERNAL)) from None
 
 
 def _conclude(inspection: Inspection, code: int, fail_on: str, outputs: list[str | None], piped: bool) -> None:
@@ -320,10 +338,17 @@ def _outputs(files: dict[str, str | None], show_all: bool, fail_on: str, inspect
 
 
 def _overrides(
-    steps: int | None, device: str | None, gradcheck: bool, checks: list[str], logdir: str | None
+    steps: int | None,
+    device: str | None,
+    gradcheck: bool,
+    checks: list[str],
+    logdir: str | None,
+    strategy: Strategy | None,
 ) -> dict[str, Any]:
     """Config keys the command line sets; ``load_config`` merges mappings into the file's sections."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+    if strategy is not None:
+        out["distributed"] = {"strategy": strategy.value}
     if gradcheck:
         out["gradcheck"] = True
     if logdir is not None:

@@ -209,3 +209,45 @@ def test_bad_arguments_are_refused_when_the_callback_is_made():
         GradscopeCallback(raise_on="fatal")
     with pytest.raises(ValueError, match="every must be a positive"):
         GradscopeCallback(every=0)
+
+
+class Weights(L.Callback):
+    """Each step's weights as the optimizer is about to update them."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append({n: p.detach().double().clone() for n, p in pl_module.named_parameters()})
+
+
+def test_probe_values_reach_the_logger_and_the_json_report_is_written(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradscope.reporters.json import load_report
+
+    callback, weights = GradscopeCallback(probes=("update_ratio",), json=str(tmp_path / "r.json")), Weights()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[weights, callback],
+    )
+    trainer.fit(Regressor(), data())
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [
+        float(r["gradscope/update_ratio/head.weight"]) for r in rows if r.get("gradscope/update_ratio/head.weight")
+    ]
+    w = [step["head.weight"] for step in weights.steps]
+    by_hand = [(torch.linalg.vector_norm(b - a) / torch.linalg.vector_norm(a)).item() for a, b in zip(w, w[1:])]
+    assert len(by_hand) == 3 and logged == pytest.approx(by_hand, rel=1e-5)
+    saved = load_report(tmp_path / "r.json")
+    assert [s.grad_norm_total for s in saved.steps] == [s.grad_norm_total for s in callback.report.steps]
+    with pytest.raises(ValueError, match="update_ratio"):
+        GradscopeCallback(probes=("update_ratios",))

@@ -64,8 +64,10 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
         activations: dead/saturated unit statistics.
         locate: replay a step that shows a NaN/Inf to find where it was made.
         histograms_every: gradient histograms for TensorBoard every N steps (with ``logdir``).
+        probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
         log: send each measured step's numbers (``gradscope/grad_norm``, ``gradscope/grad_norm/<param>``,
-            ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``) to the module's logger.
+            ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``, each probe's
+            ``gradscope/<probe>/<param>``) to the module's logger.
 
     Attributes:
         report: the finished ``Report`` once training ended (None before).
@@ -82,6 +84,7 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
         activations: bool = True,
         locate: bool = True,
         histograms_every: int = 10,
+        probes: tuple[str, ...] | list[str] = (),
         log: bool = True,
     ) -> None:
         super().__init__()
@@ -94,6 +97,7 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
             activations=activations,
             locate=locate,
             histograms_every=histograms_every,
+            probes=tuple(probes),
         )
         self._session = Session(options)
         self._log = log

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradscope.config import Checks
+from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
 from gradscope.reporters import Outputs
 from gradscope.watch import Watch
@@ -30,6 +31,7 @@ class Options:
     activations: bool = True
     locate: bool = True
     histograms_every: int = 10
+    probes: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, checks: Checks | dict[str, Any] | None = None, **kwargs: Any) -> Options:
@@ -39,6 +41,9 @@ class Options:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        unknown = [name for name in kwargs.get("probes", ()) if name not in OPTIONAL]
+        if unknown:
+            raise ValueError(f"unknown probe {unknown[0]!r}: the optional probes are {', '.join(sorted(OPTIONAL))}")
         if isinstance(checks, dict):
             checks = Checks.model_validate(checks)
         return cls(checks=checks, **kwargs)
@@ -74,6 +79,7 @@ class Session:
             histograms_every=o.histograms_every if o.logdir else 0,
             on_step=on_step,
             every=o.every,
+            probes=o.probes,
         )
         self.scope = scope.__enter__()
         return scope
@@ -102,4 +108,6 @@ def numbers(record: StepRecord, prefix: str, per_parameter: bool) -> dict[str, f
     if per_parameter:
         for name, stats in record.parameters.items():
             out[f"{prefix}grad_norm/{name}"] = stats.grad_norm
+        for probe, values in record.probes.items():  # the optional probes', e.g. update_ratio/<param>
+            out.update({f"{prefix}{probe}/{key}": value for key, value in values.items()})
     return {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}

@@ -55,6 +55,7 @@ class GradscopeCallback(TrainerCallback):
         activations: dead/saturated unit statistics.
         locate: replay a step that shows a NaN/Inf to find where it was made.
         histograms_every: gradient histograms for TensorBoard every N steps (with ``logdir``).
+        probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
         log: add each logged step's numbers to the Trainer's logs (``gradscope/grad_norm``,
             ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``): ``log_history`` and the
             ``on_log`` of the callbacks after this one.
@@ -74,6 +75,7 @@ class GradscopeCallback(TrainerCallback):
         activations: bool = True,
         locate: bool = True,
         histograms_every: int = 10,
+        probes: tuple[str, ...] | list[str] = (),
         log: bool = True,
     ) -> None:
         options = Options.of(
@@ -85,6 +87,7 @@ class GradscopeCallback(TrainerCallback):
             activations=activations,
             locate=locate,
             histograms_every=histograms_every,
+            probes=tuple(probes),
         )
         self._session = Session(options)
         self._log = log
