@@ -56,6 +56,8 @@ class OriginSearch:
         self.notes = notes if notes is not None else []
         self.pause = pause or (lambda paused: None)
         self.located = False
+        self.overflow_located = False
+        self._applied = False  # the grad scaler applied a step: its scale is calibrated
 
     def find(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
         """The origin of the record's NaN/Inf, or None (none, found before, or not searchable)."""
@@ -74,6 +76,31 @@ class OriginSearch:
         origin = self._search(record, kind, loss_bad, step_replay)
         self.located = origin is not None  # one fault, one finding
         return origin
+
+    def find_overflow(self, record: StepRecord, step_replay: Replay | None) -> NonfiniteOrigin | None:
+        """Where the scaled gradients of a step the grad scaler skipped first overflowed, or None.
+
+        Searched once per run, at the first skip after the scaler has applied a step (or once its
+        scale fell below 1): the skips before are its calibration. It needs the whole step's replay
+        (the loss's true gradient sets what overflows), which ``gradscope inspect`` and the trainer
+        callbacks give; a plain ``gradscope.watch`` loop has only the model's forward.
+        """
+        if record.loss_scale is not None and not record.skipped:
+            self._applied = True
+        calibrated = self._applied or (record.loss_scale is not None and record.loss_scale < 1.0)
+        if not (record.skipped and calibrated and self.enabled) or self.overflow_located or step_replay is None:
+            return None
+        if self.ranks is not None or not finite(record.loss):
+            return None  # a distributed step's overflow is searched on no rank; a bad loss is a NaN's
+        self.overflow_located = True
+        self.pause(True)
+        try:
+            with optional("the replay that locates the scaled gradients' overflow", self.notes):
+                r = step_replay
+                return replay.overflow_origin(self.model, r.forward, r.state, record.loss_scale)  # type: ignore[arg-type]
+            return None
+        finally:
+            self.pause(False)
 
     def _search(
         self, record: StepRecord, kind: str, loss_bad: bool, step_replay: Replay | None

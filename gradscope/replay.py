@@ -165,6 +165,27 @@ def locate(
         return backward_origin(loss, trainable, tracker, flow.ops, kind, flow.loss_nodes)
 
 
+def overflow_origin(model: nn.Module, forward: Forward, state: RngState, scale: float) -> NonfiniteOrigin | None:
+    """Where the step's scaled gradients first overflowed: the grad scaler multiplies the loss by
+    ``scale`` before backward, and in fp16 a gradient above 65504 becomes Inf.
+
+    The step is replayed (its forward and loss, under its autocast) and backward runs from the loss
+    times ``scale``; the first autograd node whose incoming gradients are finite and whose outgoing
+    ones hold an Inf is the origin (phase ``backward``), named by op, module and source line.
+    """
+    model = eager_module(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if any(is_sharded(p) for p in trainable):
+        return None  # FSDP's gradients reach its gathered parameters, which a replay cannot follow
+    with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
+        flow = NonfiniteFlow(tracker)
+        with flow:
+            loss = forward()
+        if not loss.requires_grad or not torch.isfinite(loss).item():
+            return None
+        return backward_origin(loss * scale, trainable, tracker, flow.ops, "inf", flow.loss_nodes)
+
+
 def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str, samples: tuple[int, ...] = ()) -> NonfiniteOrigin:
     names = tuple(bad)
     count = sum(n if kind == "nan" else i for n, i in bad.values())

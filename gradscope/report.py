@@ -189,6 +189,7 @@ class StepRecord:
     skipped: bool = False  # fp16 only: the scaler skipped the optimizer step (non-finite gradients)
     activations: dict[str, ActivationStats] = field(default_factory=dict)
     origin: NonfiniteOrigin | None = None  # where this step's first NaN/Inf was made
+    overflow: NonfiniteOrigin | None = None  # fp16: where the scaled gradients of a skipped step overflowed
     backward_error: BackwardFailure | None = None  # PyTorch raised in backward
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
     histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps

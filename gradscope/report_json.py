@@ -70,7 +70,7 @@ def report_from(data: dict[str, Any]) -> Report:
     return Report(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"], retained)
 
 
-_NESTED = ("parameters", "modules", "activations", "origin", "backward_error", "histograms", "ranks")
+_NESTED = ("parameters", "modules", "activations", "origin", "overflow", "backward_error", "histograms", "ranks")
 
 
 def step_dict(step: StepRecord) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def step_dict(step: StepRecord) -> dict[str, Any]:
     out = _plain(_without(step, *_NESTED))
     for name in ("parameters", "modules", "activations", "histograms"):
         out[name] = {key: _plain(dataclasses.asdict(s)) for key, s in getattr(step, name).items()}
-    for name in ("origin", "backward_error"):
+    for name in ("origin", "overflow", "backward_error"):
         value = getattr(step, name)
         out[name] = _plain(dataclasses.asdict(value)) if value else None
     out["ranks"] = [_plain(dataclasses.asdict(r)) for r in step.ranks]
@@ -92,11 +92,7 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     histograms = {
         name: Histogram(**{**h, "buckets": tuple(h["buckets"])}) for name, h in data.pop("histograms", {}).items()
     }
-    origin = data.pop("origin")
-    if origin:
-        origin = NonfiniteOrigin(
-            **{**origin, "tensors": tuple(origin["tensors"]), "samples": tuple(origin.get("samples", ()))}
-        )
+    origin, overflow = _origin_from(data.pop("origin")), _origin_from(data.pop("overflow", None))
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
     data["stale"] = tuple(data.get("stale", ()))
@@ -106,11 +102,18 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
         modules=modules,
         activations=activations,
         origin=origin,
+        overflow=overflow,
         backward_error=failure,
         histograms=histograms,
         ranks=ranks,
         **data,
     )
+
+
+def _origin_from(data: dict[str, Any] | None) -> NonfiniteOrigin | None:
+    if not data:
+        return None
+    return NonfiniteOrigin(**{**data, "tensors": tuple(data["tensors"]), "samples": tuple(data.get("samples", ()))})
 
 
 def _retained_from(data: dict[str, Any]) -> Retained:
@@ -144,11 +147,15 @@ def _plain(value: Any) -> Any:
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+# Fields whose value is text even when it reads "nan" or "inf" (a NaN origin's ``kind``).
+_TEXT = frozenset({"kind"})
+
+
 def _unplain(value: Any) -> Any:
     if isinstance(value, str) and value in _NONFINITE:
         return _NONFINITE[value]
     if isinstance(value, dict):
-        return {k: _unplain(v) for k, v in value.items()}
+        return {k: v if k in _TEXT else _unplain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_unplain(v) for v in value]
     return value

@@ -264,7 +264,9 @@ class Watch:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             record = self._measure(StepContext(self._seen, loss), skipped)
-        record = replace(record, origin=self.search.find(record, replay), **extra)
+        origin = self.search.find(record, replay)
+        overflow = self.search.find_overflow(record, replay) if origin is None else None
+        record = replace(record, origin=origin, overflow=overflow, **extra)
         return self._append(record)
 
     def _measure(self, step: StepContext, skipped: bool) -> StepRecord:

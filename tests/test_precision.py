@@ -41,6 +41,52 @@ def test_skips_that_follow_a_nan_made_after_calibration_belong_to_its_finding():
     assert not [a for a in report.anomalies if a.kind == "loss_scale_overflow" and a.severity != "info"]
 
 
+def test_a_skip_after_calibration_names_where_the_scaled_gradient_overflowed(tmp_path):
+    """The step is replayed with its loss times the scaler's scale; the first backward node that made
+    an Inf from finite gradients is named, and its count is the one the gradient probe saw in .grad."""
+    report = gradscope.inspect(load_config(OVERFLOW))
+    located = [s for s in report.steps if s.overflow is not None]
+    (step,) = located  # searched once, and not during calibration
+    applied = min(s.step for s in report.steps if not s.skipped)
+    assert step.skipped and step.step > applied
+    overflow = step.overflow
+    assert (overflow.phase, overflow.kind, overflow.module, overflow.node) == (
+        "backward",
+        "inf",
+        "out",
+        "AddmmBackward0",
+    )
+    assert overflow.dtype == "float16" and "zoo.py" in overflow.source
+    infs = {name: s.inf_count for name, s in step.parameters.items() if s.inf_count}
+    assert set(infs) == {"out.weight"} and overflow.count == infs["out.weight"]
+    (finding,) = [a for a in report.anomalies if a.kind == "loss_scale_overflow"]
+    assert finding.module == "out" and "first overflowed in backward at AddmmBackward0 in out" in finding.message
+    assert finding.evidence["overflow"]["step"] == step.step
+    path = tmp_path / "r.json"
+    report.save(str(path))
+    from gradscope.reporters.json import load_report
+
+    assert load_report(path).steps[step.step].overflow == overflow
+
+
+def test_a_watched_loop_without_a_whole_step_replay_names_no_overflow():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # every step overflows
+    with gradscope.watch(model, opt, scaler=scaler) as scope:
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8) * 1e4).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert all(s.skipped and s.overflow is None for s in scope.report.steps)
+
+
 def test_t5_fp16_overflow_is_one_finding_not_also_a_scaler_skip():
     """The skipped steps of a NaN made in the forward belong to that finding (one fault, one finding)."""
     report = gradscope.inspect(lm("t5", args={"overflow": 1e5}, precision="fp16", steps=2))

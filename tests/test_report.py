@@ -55,3 +55,15 @@ def test_at_or_above():
     assert [a.kind for a in report.at_or_above("warning")] == ["b", "c"]
     assert [a.kind for a in report.at_or_above("info")] == ["a", "b", "c"]
     assert report.at_or_above("never") == []
+
+
+def test_an_inf_origin_reads_back_with_its_kind_as_text():
+    """An origin's ``kind`` is the text "inf" or "nan", not a number, also after the round trip."""
+    model = config("gradscope.faults:ScaledOutput", {"scale": 1e39, "in_features": 8, "hidden": 8, "classes": 4})
+    report = gradscope.inspect(
+        {**model, "loss": "mse", "data": {"batch_size": 4, "input": {"shape": [8]}, "labels": {"shape": [4]}}}
+    )
+    (origin,) = [s.origin for s in report.steps if s.origin is not None]
+    assert origin.kind == "inf"
+    again = Report.from_dict(json.loads(json.dumps(report.to_dict(), allow_nan=False)))
+    assert again.steps[0].origin == origin and again.to_dict() == report.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -137,24 +138,42 @@ def _persisting(
     )
     calibrated = f" after {len(calibrating)} calibration skips" if calibrating else ""
     listed = f"{', '.join(bad[:4])}{'...' if len(bad) > 4 else ''}"
+    located = next((s for s in after if s.overflow is not None), None)
+    evidence = {
+        "steps": [s.step for s in after],
+        "scales": [s.loss_scale for s in after],
+        "calibration_steps": [s.step for s in calibrating],
+        "parameters": bad,
+    }
+    if located is not None:
+        evidence["overflow"] = {"step": located.step, **dataclasses.asdict(located.overflow)}
+    module = bad[0].rpartition(".")[0] if bad else None
     return Anomaly(
         kind="loss_scale_overflow",
         severity=severity,
         parameter=bad[0] if bad else None,
-        module=bad[0].rpartition(".")[0] if bad else None,
+        module=located.overflow.module if located is not None and located.overflow.module else module,
         step=first.step,
         message=(
             f"{'no step was applied, the model does not train: ' if severity == 'error' else ''}"
             f"the grad scaler keeps skipping steps{calibrated}: {len(after)} of {len(steps)} ({scales}); {why}. "
-            f"Scaled fp16 gradients overflowed in {len(bad)} parameters ({listed}). Use bf16, or fix the "
-            f"layer whose gradients are that large."
+            f"Scaled fp16 gradients overflowed in {len(bad)} parameters ({listed})"
+            f"{_where_overflowed(located)}. Use bf16, or fix the layer whose gradients are that large."
         ),
-        evidence={
-            "steps": [s.step for s in after],
-            "scales": [s.loss_scale for s in after],
-            "calibration_steps": [s.step for s in calibrating],
-            "parameters": bad,
-        },
+        evidence=evidence,
+    )
+
+
+def _where_overflowed(step: StepRecord | None) -> str:
+    """Where the replayed backward of the scaled loss first made an Inf."""
+    if step is None or step.overflow is None:
+        return ""
+    o = step.overflow
+    at = f" in {o.module}" if o.module else ""
+    source = f" ({o.source})" if o.source else ""
+    return (
+        f"; at step {step.step} (scale {step.loss_scale:g}) the scaled gradient first overflowed in backward at "
+        f"{o.node or o.op}{at}, from the forward op {o.op}{source}: {o.count} of {o.numel} {o.dtype} values"
     )
 
 
