@@ -82,8 +82,8 @@ class OriginSearch:
 
         Searched once per run, at the first skip after the scaler has applied a step (or once its
         scale fell below 1): the skips before are its calibration. It needs the whole step's replay
-        (the loss's true gradient sets what overflows), which ``gradscope inspect`` and the trainer
-        callbacks give; a plain ``gradscope.watch`` loop has only the model's forward.
+        (the loss's true gradient sets what overflows), which ``gradscope inspect`` and the Lightning
+        callback give; a plain ``gradscope.watch`` loop has only the model's forward.
         """
         if record.loss_scale is not None and not record.skipped:
             self._applied = True
