@@ -6,7 +6,6 @@ error, 3 internal error, 130 interrupted. Results go to stdout, diagnostics to s
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import signal
@@ -33,6 +32,7 @@ from gradscope.errors import (
 from gradscope.help import EXIT_CODES, Command
 from gradscope.inspection import Inspection
 from gradscope.interrupts import Interrupts
+from gradscope.piping import user_stdout
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
@@ -198,7 +198,7 @@ def _prepare(
     saved = load_report(baseline) if baseline is not None and not update_baseline else None
     settings = load_config(config, overrides)
     _check_outputs(files, logdir, settings, config)
-    with _user_stdout(piped):
+    with user_stdout(piped):
         return Inspection(settings, saved)
 
 
@@ -275,7 +275,7 @@ def _run(
     """Run, then write the report whatever happened; an exit code if the run did not complete."""
     code = None
     try:
-        with _user_stdout(piped):
+        with user_stdout(piped):
             inspection.run(on_step=reporters.on_step)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
@@ -292,11 +292,6 @@ def _run(
     except Exception as exc:
         return _fail(exc, verbose, EXIT_INTERNAL)
     return code
-
-
-def _user_stdout(piped: bool) -> Any:
-    """With a report on stdout, what the user's code prints goes to stderr, so stdout stays the report."""
-    return contextlib.redirect_stdout(sys.stderr) if piped else contextlib.nullcontext()
 
 
 def _check_outputs(files: dict[str, str | None], logdir: str | None, settings: Settings, config: Path) -> None:

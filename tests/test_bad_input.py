@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradscope.cli import app
+from tests.conftest import ROOT
 
 runner = CliRunner()
 TESTS = Path(__file__).parent
@@ -110,6 +111,34 @@ def test_json_on_stdout_stays_json_when_the_model_prints(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["run"]["status"] == "completed"
     assert "hello from forward" in result.stderr
+
+
+def test_json_on_stdout_stays_json_when_c_code_writes_to_file_descriptor_1(tmp_path):
+    """A C library's printf bypasses sys.stdout: the descriptor itself points at stderr during the run."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "printing.py"
+    model.write_text(
+        "import os, torch\nclass P(torch.nn.Linear):\n    def forward(self, x):\n"
+        "        os.write(1, b'written to fd 1\\n')\n        return super().forward(x)\n"
+    )
+    path = config(
+        tmp_path,
+        TINY.replace("gradscope.zoo:mlp", "printing.py:P").replace(
+            "in_features: 4, hidden: 4, depth: 2, classes: 2", "in_features: 4, out_features: 2"
+        ),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gradscope", "inspect", str(path), "--json", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["run"]["status"] == "completed"
+    assert "written to fd 1" in done.stderr
 
 
 @pytest.mark.parametrize(
