@@ -1,5 +1,6 @@
 """The findings of one step as it is recorded: which steps a long run keeps in full, and the
-finding ``raise_on`` stops the loop at, before the optimizer updates the weights."""
+finding ``raise_on`` stops the loop at, before the optimizer updates the weights (a loss or
+gradient spike included, judged against the steps before it as OLMo-core's and Megatron's checks do)."""
 
 from __future__ import annotations
 
@@ -19,19 +20,25 @@ class StepJudge:
 
     def has_finding(self, record: StepRecord, history: History) -> bool:
         """The record shows a finding of its own, or spikes against the steps of ``history`` before it."""
-        if rules.step_findings(self.single(record), self.checks):
-            return True
+        return bool(rules.step_findings(self.single(record), self.checks) or self.spikes(record, history))
+
+    def spikes(self, record: StepRecord, history: History) -> list[Anomaly]:
+        """The record's loss and gradient-norm spikes against the steps of ``history`` before it."""
+        found = []
         for kind, value in (("loss_spike", record.loss), ("gradient_spike", record.grad_norm_total)):
             check = self.checks.rule(kind)
-            if value is not None and check.severity != "off":
-                window = history.recent(kind == "loss_spike", check.window)
-                scale = rules.early_scale(history.first(kind == "loss_spike", check.window), check)
-                if rules.spike_against(window, record.step, value, check, scale) is not None:
-                    return True
-        return False
+            if value is None or check.severity == "off":
+                continue
+            window = history.recent(kind == "loss_spike", check.window)
+            scale = rules.early_scale(history.first(kind == "loss_spike", check.window), check)
+            spike = rules.spike_against(window, record.step, value, check, scale)
+            if spike is not None:
+                found.append(rules.spike_finding(kind, spike, record, list(history.steps()), check))
+        return found
 
-    def worst(self, record: StepRecord, floor: str) -> Anomaly | None:
-        """The most severe finding of the step at ``floor`` severity or above, or None."""
+    def worst(self, record: StepRecord, floor: str, spikes: list[Anomaly]) -> Anomaly | None:
+        """The most severe finding of the step (``spikes``: its spikes) at ``floor`` severity or above, or None."""
         found, _ = rules.diagnose(self.single(record), self.checks)
+        found, _ = rules.settle([*found, *spikes], self.checks)
         worst = [a for a in found if SEVERITIES.index(a.severity) >= SEVERITIES.index(floor)]
         return worst[0] if worst else None

@@ -39,7 +39,7 @@ from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
-from gradscope.report import SEVERITIES, BackwardFailure, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.runs import ReportCache, judged, learning_rate, run_info
 from gradscope.step_judge import StepJudge
@@ -285,6 +285,8 @@ class Watch:
         return record
 
     def _append(self, record: StepRecord) -> StepRecord:
+        # raise_on judges a spike against the steps before this one: before it joins them.
+        spikes = self.judge.spikes(record, self.history) if self.raise_on is not None else []
         self.history.add(record)
         self.precision.settle()
         for probe in self.probes:
@@ -293,7 +295,7 @@ class Watch:
         self.reporters.on_step(record)
         if self.on_step is not None:
             self.on_step(record)
-        self._raise_if_found(record)
+        self._raise_if_found(record, spikes)
         return record
 
     @property
@@ -304,8 +306,8 @@ class Watch:
     def _single(self, record: StepRecord) -> Report:
         return Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
 
-    def _raise_if_found(self, record: StepRecord) -> None:
-        worst = self.judge.worst(record, self.raise_on) if self.raise_on is not None else None
+    def _raise_if_found(self, record: StepRecord, spikes: list[Anomaly]) -> None:
+        worst = self.judge.worst(record, self.raise_on, spikes) if self.raise_on is not None else None
         if worst is not None:
             raise GradientAnomaly(worst)
 

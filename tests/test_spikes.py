@@ -16,7 +16,7 @@ from tests.conftest import norm64
 STEPS, AT = 260, 200
 
 
-def train(inject: str | None = None, seed: int = 0, nan_at: int | None = None):
+def train(inject: str | None = None, seed: int = 0, nan_at: int | None = None, raise_on: str | None = None):
     """A 4-layer MLP learning a linear teacher: AdamW, 30 warm-up steps, cosine decay, a fresh batch
     each step (the loss drops from ~1.4 to ~0.1 in the first hundred steps). Returns the report and,
     per step, each module's gradient norm taken independently from ``.grad``."""
@@ -28,7 +28,7 @@ def train(inject: str | None = None, seed: int = 0, nan_at: int | None = None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     norms = []
-    with gradscope.watch(model, optimizer=opt, activations=False) as scope:
+    with gradscope.watch(model, optimizer=opt, activations=False, raise_on=raise_on) as scope:
         for step in range(STEPS):
             x = torch.randn(32, 16, generator=gen)
             y = teacher(x).argmax(-1)
@@ -131,3 +131,19 @@ def test_spike_thresholds_are_checks():
     report, _ = train("batch")
     quiet = gradscope.rules.diagnose(report, gradscope.config.Checks.model_validate({"loss_spike": {"factor": 50}}))
     assert "loss_spike" not in {a.kind for a in quiet[0]} and "gradient_spike" in {a.kind for a in quiet[0]}
+
+
+def test_raise_on_stops_at_a_spike_before_its_update():
+    """A spike is judged against the steps before it as it is recorded, so raise_on stops the loop
+    there, as OLMo-core's and Megatron's spike checks do, before the optimizer applies the step."""
+    with pytest.raises(gradscope.GradientAnomaly) as raised:
+        train("batch", raise_on="warning")
+    anomaly = raised.value.anomaly
+    assert anomaly.kind in ("loss_spike", "gradient_spike") and anomaly.step == AT
+    assert anomaly.evidence["value"] > anomaly.evidence["median"] * SpikeCheck().factor
+
+
+def test_raise_on_lets_a_run_without_spikes_finish():
+    report, _ = train(raise_on="warning")
+    assert len(report.steps) == STEPS or report.retained is not None
+    assert not [a for a in report.anomalies if a.kind.endswith("_spike")]

@@ -21,7 +21,7 @@ from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
-from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, with_causes
+from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, spike_finding, with_causes
 from gradscope.rules.unused import expert_routing, unused_parameter, zero_gradient
 from gradscope.rules.updates import update_ratio
 
@@ -63,7 +63,16 @@ STEP_KINDS = (
     "stale_gradient",
 )
 
-__all__ = ["RULES", "STEP_KINDS", "diagnose", "early_scale", "spike_against", "step_findings"]
+__all__ = [
+    "RULES",
+    "STEP_KINDS",
+    "diagnose",
+    "early_scale",
+    "settle",
+    "spike_against",
+    "spike_finding",
+    "step_findings",
+]
 
 
 def step_findings(report: Report, checks: Checks) -> list[Anomaly]:
@@ -92,6 +101,12 @@ def diagnose(
         for anomaly in rule(report, checks.rule(kind)):
             found.append(anomaly)
     found.extend(drift)
+    return settle(found, checks)
+
+
+def settle(found: list[Anomaly], checks: Checks) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
+    """Findings with the config's severities (``off`` dropped), causes linked, most severe first,
+    and apart from them those its ``ignore`` accepts."""
     found = [_with_severity(a, checks) for a in found if checks.rule(a.kind).severity != "off"]
     found = with_causes(found)
     kept = [a for a in found if not _ignored(a, checks)]

@@ -157,6 +157,11 @@ def _anomaly(
     )
 
 
+def spike_finding(kind: str, spike: Spike, record: StepRecord, before: list[StepRecord], check: Any) -> Anomaly:
+    """The finding of one spiking step as it is recorded (``before``: the steps kept before it)."""
+    return _anomaly(kind, [spike], {record.step: record}, [*before, record], check)
+
+
 def early_scale(values: Sequence[float], check: Any) -> float:
     """The largest of the run's first ``window`` clean values (Megatron's reference, its first 100)."""
     return max((abs(v) for v in values[: check.window]), default=0.0)
