@@ -33,6 +33,7 @@ class PrecisionSeen:
         self.model = model
         self.autocast: torch.dtype | None = None
         self._handles: list[Any] = []
+        self._settled: str | None = None  # the name once the first step has run
 
     def __enter__(self) -> PrecisionSeen:
         owners = [m for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None]
@@ -43,10 +44,13 @@ class PrecisionSeen:
         self.settle()
 
     def settle(self) -> None:
-        """Stop looking (the first step has run): its hooks come off."""
+        """Stop looking (the first step has run): its hooks come off, and the name is kept."""
+        if self._settled is not None:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._settled = self._seen()
 
     def _look(self, module: nn.Module, args: Any) -> None:
         if self.autocast is not None or not torch.is_grad_enabled() or replay.REPLAYING:
@@ -57,7 +61,11 @@ class PrecisionSeen:
 
     @property
     def name(self) -> str:
-        """``bf16``/``fp16`` under autocast, else the trainable parameters' dtype (``fp32``, ``bf16``...)."""
+        """``bf16``/``fp16`` under autocast, else the trainable parameters' dtype (``fp32``, ``bf16``...),
+        as the first step ran (read each time until then)."""
+        return self._settled if self._settled is not None else self._seen()
+
+    def _seen(self) -> str:
         if self.autocast is not None:
             return AUTOCAST_NAMES.get(self.autocast, str(self.autocast))
         dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from gradscope import tables
 from gradscope.report import Retained, RunTotals, StepRecord, StepSeries
 
 
@@ -202,7 +203,7 @@ class History:
         t.steps += 1
         t.skipped += bool(record.skipped and record.origin is None)
         if record.backward_error is None:
-            t.received.update(n for n, s in record.parameters.items() if s.received)
+            t.received.update(tables.received(record.parameters))
         if math.isfinite(record.grad_norm_total):
             t.finite += 1
             coefficient = record.clip_coefficient
@@ -217,10 +218,9 @@ class History:
             t.fully_dead = t.fully_dead or any(
                 a.kind == "relu" and a.fraction == 1.0 for a in record.activations.values()
             )
-            for name, s in record.parameters.items():
-                underflow = bool(record.underflow and record.underflow.get(name, 0.0) > 0)
-                if not s.received or underflow:
-                    t.missing.add(name)
+            got = set(tables.received(record.parameters))
+            t.missing.update(name for name in record.parameters if name not in got)
+            t.missing.update(name for name, lost in (record.underflow or {}).items() if lost > 0)
 
 
 def _flagged(record: StepRecord) -> bool:

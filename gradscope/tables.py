@@ -155,6 +155,29 @@ def aggregate(members: list[int], stats: list[ParamStats], layout: Layout) -> Mo
     )
 
 
+def received(params: Mapping[str, ParamStats]) -> list[str]:
+    """The names of the parameters that got a gradient (a ParamTable reads its rows, makes no objects)."""
+    if isinstance(params, ParamTable):
+        names = params._layout.names
+        return [names[i] for i in params._row]
+    return [name for name, s in params.items() if s.received]
+
+
+def grad_to_param(params: Mapping[str, ParamStats], names: list[str]) -> list[tuple[str, float]]:
+    """|grad| / |weight| of each named parameter whose gradient and weight are both non-zero."""
+    if not isinstance(params, ParamTable):
+        stats = [(name, params.get(name)) for name in names]
+        return [(n, s.grad_norm / s.param_norm) for n, s in stats if s is not None and s.grad_norm and s.param_norm]
+    out, values, rows, position = [], params._values, params._row, params._layout.position
+    for name in names:
+        r = rows.get(position.get(name, -1))
+        if r is not None:
+            norm, param_norm = values[r * _WIDTH], values[r * _WIDTH + 3]
+            if norm and param_norm:
+                out.append((name, norm / param_norm))
+    return out
+
+
 def nonfinite(params: Mapping[str, ParamStats]) -> list[ParamStats]:
     """The parameters' statistics whose gradient holds a NaN or Inf (a ParamTable knows them without a scan)."""
     if isinstance(params, ParamTable):

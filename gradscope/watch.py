@@ -120,6 +120,8 @@ class Watch:
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
+        self._infos = tuple(self.gradients.infos)
+        self._step_run: tuple[tuple[Any, ...], RunInfo] | None = None  # see _single
 
     def _probes(self, histograms_every: int, named: tuple[str, ...] | list[str]) -> list[Probe]:
         """The probes besides the gradient probe, in the order they measure (the same on every rank):
@@ -304,7 +306,11 @@ class Watch:
         return self.history.steps()
 
     def _single(self, record: StepRecord) -> Report:
-        return Report(self._run_info(), tuple(self.gradients.infos), (record,), called_modules=self.called)
+        """The report of one step alone, for the rules that judge a step by itself."""
+        key = (len(self.notes), self.precision.name, learning_rate(self.optimizer))
+        if self._step_run is None or self._step_run[0] != key:
+            self._step_run = (key, self._run_info())  # built once per change, not at every step
+        return Report(self._step_run[1], self._infos, (record,), called_modules=self.called)
 
     def _raise_if_found(self, record: StepRecord, spikes: list[Anomaly]) -> None:
         worst = self.judge.worst(record, self.raise_on, spikes) if self.raise_on is not None else None

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from gradscope import tables
 from gradscope.report import ParamInfo, Report, RunTotals, StepRecord
 
 EMBEDDINGS = ("Embedding", "EmbeddingBag")
+T = TypeVar("T")
 
 
 def totals(report: Report) -> RunTotals | None:
@@ -19,6 +25,23 @@ def step_count(report: Report) -> int:
     return report.retained.totals.steps if report.retained is not None else len(report.steps)
 
 
+def per_report(fn: Callable[[Report], T]) -> Callable[[Report], T]:
+    """``fn(report)`` computed once for the report the rules are judging (the last one it saw, held
+    weakly): the rules of one judgement share it. Callers treat the result as read-only."""
+    last: list[Any] = [None, None]
+
+    @functools.wraps(fn)
+    def cached(report: Report) -> T:
+        if last[0] is not None and last[0]() is report:
+            return last[1]
+        result = fn(report)
+        last[0], last[1] = weakref.ref(report), result
+        return result
+
+    return cached
+
+
+@per_report
 def clean_steps(report: Report) -> list[StepRecord]:
     return [s for s in report.steps if s.backward_error is None and not nonfinite_step(s) and not s.skipped]
 
@@ -26,7 +49,7 @@ def clean_steps(report: Report) -> list[StepRecord]:
 def nonfinite_step(step: StepRecord) -> bool:
     if step.backward_error is not None:
         return False
-    grads_bad = any(s.nan_count or s.inf_count for s in step.parameters.values())
+    grads_bad = bool(tables.nonfinite(step.parameters))  # a ParamTable knows them without a scan
     if step.skipped and step.origin is None and not loss_is_bad(step):
         return False  # a grad-scaler overflow: loss_scale_overflow reports it (a NaN loss is a NaN's spread)
     return loss_is_bad(step) or grads_bad

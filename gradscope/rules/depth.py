@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from gradscope.report import ParamInfo, Report
-from gradscope.rules.common import clean_steps, median
+from gradscope.rules.common import clean_steps, median, per_report
 
 # A parameter whose root-mean-square value is below this counts as zero-initialised
 # (ConvNeXt's layer scale starts at 1e-6; no trained or randomly initialised weight is that small).
@@ -37,6 +37,7 @@ class Partner:
     gated: tuple[str, ...]
 
 
+@per_report
 def zero_partners(report: Report) -> list[Partner]:
     """The zero-initialised partners of the model, judged on the first clean step."""
     steps = clean_steps(report)

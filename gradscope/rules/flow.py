@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gradscope import tables
 from gradscope.report import Anomaly, ParamInfo, Report, StepRecord
-from gradscope.rules.common import clean_steps, median, weights_in_order
+from gradscope.rules.common import clean_steps, median, per_report, weights_in_order
 from gradscope.rules.depth import Partner, by_block, explained, zero_partners
 
 # Optimizers whose update does not scale with the gradient (per-element normalised steps):
@@ -23,12 +24,7 @@ Blocks = list[tuple[str, float, list[str]]]
 
 
 def _relative(step: StepRecord, weights: list[ParamInfo]) -> list[tuple[str, float]]:
-    out = []
-    for p in weights:
-        s = step.parameters.get(p.name)
-        if s is not None and s.grad_norm and s.param_norm:
-            out.append((p.name, s.grad_norm / s.param_norm))
-    return out
+    return tables.grad_to_param(step.parameters, [p.name for p in weights])
 
 
 def _ends(values: list[float]) -> tuple[float, float]:
@@ -36,6 +32,7 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return median(values[:k]), median(values[-k:])
 
 
+@per_report
 def _judged(report: Report) -> tuple[list[ParamInfo], dict[str, str], list[Partner]]:
     """The weights the flow rules compare (not those zero-initialised partners explain), their
     modules, and the partners."""
