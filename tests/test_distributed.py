@@ -236,12 +236,13 @@ def test_a_rank_that_fails_does_not_hang_the_others(strategy: str, tmp_path: Pat
     config.write_text(
         f"model: {{target: {MODELS}:RaisesOnPoison}}\n"
         f"data: {{target: {MODELS}:batch, args: {{rows: 8, poison: 6}}}}\n"
-        "steps: 2\ndistributed: {timeout_s: 60}\n"
+        "steps: 2\ndistributed: {timeout_s: 300}\n"
     )
     out = tmp_path / "report.json"
     start = time.monotonic()
     results = launch(["inspect", str(config), "--distributed", strategy, "--json", str(out)])
-    assert time.monotonic() - start < 60  # torn down by the failing rank, not by the timeout
+    # Torn down by the failing rank, not by the timeout (the margin is for start-up on a loaded machine).
+    assert time.monotonic() - start < 150
     (code0, _, err0), (code1, _, err1) = results
     assert code1 == 2 and "gradscope[rank 1]: error:" in err1 and "a poisoned row reached the model" in err1
     assert code0 == 2 and "another rank failed" in err0 and "Traceback" not in err0
