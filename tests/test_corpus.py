@@ -105,6 +105,7 @@ def _llama_reentrant():
     return model
 
 
+STEPS = 80  # of the watched loops
 LOOPS = {
     # (build, autocast dtype, a GradScaler as the recipe uses one, learning rate)
     "gpt2_lora_fp16_scaler": (_gpt2_lora, torch.float16, True, 2e-4),
@@ -114,14 +115,17 @@ LOOPS = {
 
 @pytest.mark.parametrize("name", list(LOOPS))
 def test_watched_training_loop_is_clean(name):
-    """The loop a fine-tuning script writes, a fresh batch each step, under gradscope.watch."""
+    """The loop a fine-tuning script writes, a fresh batch each step and a warm-up, under gradscope.watch,
+    long enough for the steps to be judged one by one (past the first 16 kept in full), the spike
+    rules to have their window and the update-ratio rule its steps after the warm-up."""
     build, dtype, scaled, lr = LOOPS[name]
     torch.manual_seed(0)
     model = build()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     scaler = torch.amp.GradScaler("cpu") if scaled else None
-    with gradscope.watch(model, optimizer=opt, scaler=scaler) as scope:
-        for step in range(4):
+    with gradscope.watch(model, optimizer=opt, scaler=scaler, probes=("update_ratio",)) as scope:
+        for step in range(STEPS):
             ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
             with torch.autocast("cpu", dtype=dtype):
@@ -136,6 +140,7 @@ def test_watched_training_loop_is_clean(name):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 scaler.step(opt)
                 scaler.update()
+            warmup.step()
     report = scope.report
-    assert len(report.steps) == 4
+    assert report.retained is not None and report.retained.totals.steps == STEPS
     assert report.at_or_above("warning") == [], [(a.kind, a.message) for a in report.anomalies]
