@@ -297,9 +297,7 @@ def _run(
 def _check_outputs(files: dict[str, str | None], logdir: str | None, settings: Settings, config: Path) -> None:
     """Every output (``files``: option -> path) is checked before the run starts, so that no run ends
     in an unwritable path; none may overwrite the config."""
-    for option, path in files.items():
-        if path is not None:
-            outfiles.check_file(option, path, [config])
+    outfiles.check_files(files, [config])
     if files["--plot"] is not None:
         image_format(files["--plot"])
     folder = settings.tensorboard.logdir

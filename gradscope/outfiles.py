@@ -53,6 +53,14 @@ def check_file(option: str, path: str, protected: list[Path] = ()) -> None:  # t
         _probe_folder(option, path, real.parent)
 
 
+def check_files(named: dict[str, str | None], protected: list[Path] = ()) -> None:  # type: ignore[assignment]
+    """``check_file`` for each option -> path given (None: not asked for), and no two the same."""
+    for option, path in named.items():
+        if path is not None:
+            check_file(option, path, protected)
+    check_distinct(named)
+
+
 def check_folder(option: str, path: str) -> None:
     """Refuse, before the run, a folder that could not be made or written into.
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed
+from gradscope import distributed, outfiles
 from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
@@ -159,7 +159,9 @@ class Watch:
             for probe in self.probes:
                 self._stack.callback(probe.detach)
                 probe.attach()
-            self.reporters = build_reporters(self.outputs, self.ranks.rank if self.ranks is not None else None)
+            o = self.outputs  # checked now, not at the end of a long run
+            outfiles.check_files({"json=": o.json, "jsonl=": o.jsonl, "plot=": o.plot})
+            self.reporters = build_reporters(o, self.ranks.rank if self.ranks is not None else None)
         except BaseException:
             self._stack.close()
             raise

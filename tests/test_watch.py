@@ -384,3 +384,20 @@ def test_an_activation_module_first_called_after_the_first_step_is_still_measure
     assert [(a.module, a.kind) for a in first.activations.values()] == [("first", "relu")]
     (later,) = second.activations.values()
     assert (later.module, later.kind) == ("later", "tanh") and "test_watch.py" in (later.source or "")
+
+
+def test_an_output_that_cannot_be_written_is_refused_on_entry_with_the_hooks_off(tmp_path):
+    """Not at the end of a long run: the block does not start, and the model keeps no hook."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    for outputs, message in (
+        ({"json": str(folder)}, "json=: cannot write"),
+        ({"json": str(tmp_path / "r.json"), "jsonl": str(tmp_path / "r.json")}, "json= writes there too"),
+    ):
+        with pytest.raises(gradscope.GradscopeError, match=message):
+            with gradscope.watch(model, opt, **outputs):
+                raise AssertionError("the block must not run")
+        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+        assert not opt._optimizer_step_pre_hooks and not torch.nn.modules.module._global_forward_pre_hooks
