@@ -8,13 +8,14 @@ clipping multiplied the gradients by; the record reports the true gradients and 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from gradscope import stats
 from gradscope.config import ClipSpec
-from gradscope.probes.base import Fetch
+from gradscope.probes.base import Fetch, Probe, StepContext
 from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, GradientProbe, Readings
 from gradscope.report import StepRecord
 from gradscope.tables import Layout
@@ -43,6 +44,30 @@ class Recorder:
         fetch.add(PRE, pre[1] if pre is not None else torch.zeros(0))
         if self.scaler is not None:
             fetch.add(SCALE, scale_tensor(self.scaler))
+
+    def measure(
+        self, step: StepContext, probes: list[Probe], pre: tuple[list[int], torch.Tensor] | None, skipped: bool
+    ) -> StepRecord:
+        """The step's statistics on the device, fetched with every probe's tensors in one transfer.
+
+        Args:
+            step: the step being measured.
+            probes: the probes besides the gradient probe; each adds its tensors and record fields.
+            pre: the norms taken at the end of backward (None: none taken, the gradients are measured
+                as they were then).
+            skipped: the grad scaler skipped this step's update.
+        """
+        fetch = Fetch()
+        self.collect(fetch, step.loss, pre)
+        for probe in probes:
+            fetch.add(probe.name, *probe.collect(step))
+        readings = self.gradients.fetch(self.gradients.measure(), fetch.tensors)
+        values = fetch.split(readings.scalars)
+        pre_index = pre[0] if pre is not None else None
+        record = self.record(step.index, readings, values, pre_index, step.loss is not None, skipped)
+        for probe in probes:
+            record = replace(record, **probe.contribute(values[probe.name], record))
+        return record
 
     def record(
         self,

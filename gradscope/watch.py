@@ -34,7 +34,7 @@ from gradscope.locating import OriginSearch, Replay
 from gradscope.optimizer_hooks import StepHooks
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
-from gradscope.probes.base import Fetch, Probe, StepContext, Watched
+from gradscope.probes.base import Probe, StepContext, Watched
 from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
@@ -46,6 +46,11 @@ from gradscope.step_judge import StepJudge
 from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
+
+COMPILED_NOTE = (
+    "torch.compile'd model: activation statistics are off (global module hooks and a TorchFunctionMode "
+    "would force graph breaks); a step with a NaN/Inf is replayed through the eager original"
+)
 
 
 class Watch:
@@ -93,14 +98,9 @@ class Watch:
         # A driver that calls step() before clipping (the CLI) needs no norms at the end of backward.
         self._norms_at_backward_end = not recorded_before_clipping
         self.notes: list[str] = []
-        compiled = is_compiled(inner)
-        if compiled and activations:
+        if is_compiled(inner) and activations:
             activations = False
-            self.notes.append(
-                "torch.compile'd model: activation statistics are off (global module hooks and a "
-                "TorchFunctionMode would force graph breaks); a step with a NaN/Inf is replayed through "
-                "the eager original"
-            )
+            self.notes.append(COMPILED_NOTE)
         extra = clip.norm_type if clip is not None and clip.norm_type not in (2.0, math.inf) else None
         # A compiled model shares its parameters with the module it wraps: report them by their own names.
         self.gradients = GradientProbe(unwrap(inner, compiled=True), extra_norm=extra, shards=self._shards)
@@ -267,26 +267,11 @@ class Watch:
     ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
-            record = self._measure(StepContext(self._seen, loss), skipped)
+            record = self.recorder.measure(StepContext(self._seen, loss), self.probes, self._pre, skipped)
         origin = self.search.find(record, replay)
         overflow = self.search.find_overflow(record, replay) if origin is None else None
         record = replace(record, origin=origin, overflow=overflow, **extra)
         return self._append(record)
-
-    def _measure(self, step: StepContext, skipped: bool) -> StepRecord:
-        """Statistics on the device, fetched with everything else of the step in one transfer."""
-        fetch = Fetch()
-        self.recorder.collect(fetch, step.loss, self._pre)
-        for probe in self.probes:
-            fetch.add(probe.name, *probe.collect(step))
-        readings = self.gradients.fetch(self.gradients.measure(), fetch.tensors)
-        values = fetch.split(readings.scalars)
-        # Norms from the end of backward (None: none taken, the gradients are measured as they were then).
-        pre_index = self._pre[0] if self._pre is not None else None
-        record = self.recorder.record(step.index, readings, values, pre_index, step.loss is not None, skipped)
-        for probe in self.probes:
-            record = replace(record, **probe.contribute(values[probe.name], record))
-        return record
 
     def _append(self, record: StepRecord) -> StepRecord:
         # raise_on judges a spike against the steps before this one: before it joins them.
