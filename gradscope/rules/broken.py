@@ -79,8 +79,9 @@ def _origin_message(o: Any, value: str) -> str:
     if o.op is None and o.phase == "loss":
         # gradscope.watch replays only the model: an origin outside it has no op to name.
         return (
-            f"{value} first appears after the model: its outputs are finite, but the loss computed from them "
-            f"(between the model's forward and backward) is {value}."
+            f"{value} first appears after the model: its outputs are finite and its backward makes no {value} from "
+            f"a finite gradient, so the loss computed from them (between the model's forward and backward) made it, "
+            f"in its value or in its gradient."
         )
     span = ""
     if o.input_min is not None:
@@ -122,6 +123,12 @@ def _fix(o: Any) -> str:
         return "Fix the data (or filter non-finite samples) before it reaches the model."
     if o.phase == "parameter":
         return "Check the initialisation or the update that wrote it (learning rate, a NaN gradient earlier)."
+    if o.phase == "loss" and o.op is None:  # gradscope.watch sees the model, not the loss code
+        return (
+            "Look in the loss code for log or sqrt of values <= 0, a division by 0, or exp overflowing; a NaN only in "
+            "the gradient comes from the loss's backward (sqrt or pow at 0, the norm of a zero vector). "
+            "`gradscope inspect` with the same loss names its op and line."
+        )
     if o.dtype == "float16" and o.kind == "inf":
         return "float16 overflows above 65504: run in bf16, or keep this op in fp32 (autocast(enabled=False))."
     if any(k in op for k in ("log", "sqrt", "pow", "rsqrt")):
