@@ -38,7 +38,6 @@ class StepJudge:
 
     def worst(self, record: StepRecord, floor: str, spikes: list[Anomaly]) -> Anomaly | None:
         """The most severe finding of the step (``spikes``: its spikes) at ``floor`` severity or above, or None."""
-        found, _ = rules.diagnose(self.single(record), self.checks)
-        found, _ = rules.settle([*found, *spikes], self.checks)
+        found, _ = rules.settle([*rules.findings(self.single(record), self.checks), *spikes], self.checks)
         worst = [a for a in found if SEVERITIES.index(a.severity) >= SEVERITIES.index(floor)]
         return worst[0] if worst else None

@@ -68,6 +68,7 @@ __all__ = [
     "STEP_KINDS",
     "diagnose",
     "early_scale",
+    "findings",
     "settle",
     "spike_against",
     "spike_finding",
@@ -95,13 +96,15 @@ def diagnose(
         ``(anomalies, ignored)``.
     """
     checks = checks or Checks()
-    found: list[Anomaly] = []
-    drift = baseline_drift(report, baseline, checks.baseline_drift) if baseline is not None else []
-    for kind, rule in RULES:
-        for anomaly in rule(report, checks.rule(kind)):
-            found.append(anomaly)
-    found.extend(drift)
-    return settle(found, checks)
+    return settle(findings(report, checks, baseline), checks)
+
+
+def findings(report: Report, checks: Checks, baseline: Report | None = None) -> list[Anomaly]:
+    """Every rule's findings as the rules make them (before ``settle``)."""
+    found = [anomaly for kind, rule in RULES for anomaly in rule(report, checks.rule(kind))]
+    if baseline is not None:
+        found.extend(baseline_drift(report, baseline, checks.baseline_drift))
+    return found
 
 
 def settle(found: list[Anomaly], checks: Checks) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
