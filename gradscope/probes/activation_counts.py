@@ -40,7 +40,6 @@ class ActivationCounts(Probe):
         self.model, self.ranks = model, ranks
         self.tracker = ModuleTracker(model)
         self.mode = ActivationProbe(self.tracker)
-        self.mode.per_unit = ranks is not None
         self.called: tuple[str, ...] | None = None
         self._mode_stack = contextlib.ExitStack()  # the mode and global module hooks of the first step
 

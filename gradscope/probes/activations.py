@@ -3,9 +3,10 @@
 A ``TorchFunctionMode`` sees every ReLU, sigmoid and tanh however it is
 called (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``, ``clamp(min=0)``,
 ``clamp_min(0)``, ``nn.ReLU6``/``F.relu6``), and reduces each output on the
-device to counts (a ReLU's dead units and its firing values, for the density
-that tells a sparse code from a dead one); the counts join the step's one host
-transfer. A mode costs a Python call per op of the forward, so after the first
+device in one pass: a ReLU to its firing values per unit, a sigmoid or tanh to its
+saturated values. The dead units and the firing density (which tells a sparse code
+from a dead one) come from the ReLUs' per-unit readings at measure time, in a few
+kernels for all sites together, and join the step's one host transfer. A mode costs a Python call per op of the forward, so after the first
 step, when every activation it saw was an activation module (``nn.ReLU``,
 ``nn.Sigmoid``, ...), forward hooks on those modules alone take over
 (``ActivationProbe.module_sites``): same sites, same keys, a call per activation.
@@ -85,15 +86,15 @@ class ActivationProbe(TorchFunctionMode):
         super().__init__()
         self.tracker = tracker
         self.paused = False  # while gradscope replays a step of its own
-        self.per_unit = False  # keep each ReLU's dead-unit flags (to combine them across ranks)
         self.sites: list[_Site] = []
-        self.counts: list[torch.Tensor] = []
-        self.fires: list[torch.Tensor] = []  # per site: values > 0 (ReLUs; 0 for the others)
-        self.flags: list[torch.Tensor | None] = []
+        # Per site: a ReLU's per-unit maxima, (units,), and its values above 0 (see ``_fired``);
+        # a sigmoid's or tanh's saturated values, 0-d. Counted up once per step in ``values``.
+        self.readings: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = []
         self.hooked: dict[int, tuple[str, str]] = {}  # hook mode: id(module) -> (name, kind)
         self._sources: dict[tuple[str, int], str | None] = {}
         self.calls: Counter[str] = Counter()  # hook mode: calls of each hooked module this step
         self.shapes: list[tuple[int, int]] = []  # (units, samples)
+        self._layouts: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}  # see ``_layout``
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -106,7 +107,7 @@ class ActivationProbe(TorchFunctionMode):
 
     def reset(self) -> None:
         """Start a new step's statistics."""
-        self.sites, self.counts, self.shapes, self.flags, self.fires = [], [], [], [], []
+        self.sites, self.readings, self.shapes = [], [], []
         self.calls.clear()
 
     def module_sites(self, model: nn.Module) -> dict[nn.Module, str] | None:
@@ -139,12 +140,6 @@ class ActivationProbe(TorchFunctionMode):
         # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.
         unit_dim = 1 if out.ndim >= 4 else out.ndim - 1
         samples = tuple(d for d in range(out.ndim) if d != unit_dim)
-        if kind == "relu":
-            flagged = out.amax(dim=samples) <= 0
-        elif kind == "sigmoid":
-            flagged = (out < SIGMOID_BOUND) | (out > 1 - SIGMOID_BOUND)
-        else:
-            flagged = out.abs() > TANH_BOUND
         where = where or ("", 0)
         if source is None or source is _UNKNOWN:
             site = user_site()
@@ -153,35 +148,43 @@ class ActivationProbe(TorchFunctionMode):
         units = out.shape[unit_dim]
         # Dead ReLUs are counted per unit; saturation per value, since every saturated value
         # cuts its own gradient: fractions are of ``units`` and of all values respectively.
-        self.counts.append(flagged.sum())
-        self.fires.append((out > 0).sum() if kind == "relu" else flagged.new_zeros((), dtype=torch.int64))
-        self.flags.append(flagged if self.per_unit and kind == "relu" else None)
+        if kind == "relu":
+            self.readings.append((out.amax(dim=samples), _fired(out)))
+        elif kind == "sigmoid":
+            self.readings.append(((out < SIGMOID_BOUND) | (out > 1 - SIGMOID_BOUND)).sum())
+        else:
+            self.readings.append((out.abs() > TANH_BOUND).sum())
         self.shapes.append((units if kind == "relu" else out.numel(), out.numel() // max(units, 1)))
 
     def values(self, ranks: Any = None) -> list[torch.Tensor]:
-        """What the step fetches: each site's count (over every rank's slice of the batch when
-        ``ranks`` is given), then each site's firing values."""
-        if ranks is None:
-            return [*self.counts, *self.fires]
-        fires = ranks.reduce_sum(torch.stack(self.fires).double()).unbind() if self.fires else []
-        return [*(c.double() for c in self.counts_of_all_ranks(ranks)), *fires]
+        """What the step fetches: each site's count (dead units or saturated values; over every
+        rank's slice of the batch when ``ranks`` is given), then each site's firing values (0 for
+        a sigmoid or tanh), as two (sites,) float64 tensors."""
+        if not self.sites:
+            return []
+        relu = [i for i, site in enumerate(self.sites) if site.kind == "relu"]
+        rest = [i for i, site in enumerate(self.sites) if site.kind != "relu"]
+        pairs: list[Any] = [self.readings[i] for i in relu]
+        some = (pairs[0][0] if relu else self.readings[rest[0]]).new_zeros(0, dtype=torch.float64)
+        order, lengths = self._layout(relu, rest, [p[0].numel() for p in pairs], some.device)
+        dead, fires = (
+            _relu_counts([p[0] for p in pairs], [p[1] for p in pairs], lengths, ranks) if relu else (some, some)
+        )
+        saturated = torch.stack([self.readings[i] for i in rest]).double() if rest else some
+        if ranks is not None and rest:
+            saturated = ranks.reduce_sum(saturated)  # saturated values add up over the ranks
+        counts = torch.cat([dead, saturated]).index_select(0, order)
+        fires = torch.cat([fires, saturated.new_zeros(len(rest))]).index_select(0, order)
+        return [counts, fires]
 
-    def counts_of_all_ranks(self, ranks: Any) -> list[torch.Tensor]:
-        """The counts over every rank's slice of the batch (``per_unit`` must be on): a unit is
-        dead when it is dead on every rank; saturated values add up."""
-        counts = list(self.counts)
-        dead = [i for i, f in enumerate(self.flags) if f is not None]
-        if dead:
-            flags = ranks.reduce_dead_units(torch.cat([self.flags[i].reshape(-1) for i in dead]))
-            sizes = [self.flags[i].numel() for i in dead]  # type: ignore[union-attr]
-            for i, part in zip(dead, flags.split(sizes)):
-                counts[i] = part.sum().double()
-        rest = [i for i, f in enumerate(self.flags) if f is None]
-        if rest:
-            summed = ranks.reduce_sum(torch.stack([counts[i].double() for i in rest]))
-            for i, value in zip(rest, summed.unbind()):
-                counts[i] = value
-        return counts
+    def _layout(self, relu: list[int], rest: list[int], units: list[int], device: torch.device) -> Any:
+        """The index that puts (ReLU sites, other sites) back in site order, and the ReLU sites' unit
+        counts, on ``device``; kept while the sites stay the same, so a step copies nothing to it."""
+        key = (tuple(relu), tuple(units), device)
+        if key not in self._layouts:
+            order = torch.tensor([*relu, *rest], device=device).argsort()
+            self._layouts = {key: (order, torch.tensor(units, device=device))}
+        return self._layouts[key]
 
     def results(self, values: list[float], world: int = 1) -> dict[str, ActivationStats]:
         """Key each site by module, call and source line, given the fetched ``values`` (over
@@ -200,6 +203,31 @@ class ActivationProbe(TorchFunctionMode):
             stats = ActivationStats(site.kind, module, site.source, units, samples, count / total, density)
             out[_unique(key, out)] = stats
         return out
+
+
+def _fired(out: torch.Tensor) -> torch.Tensor:
+    """How many of a ReLU's values are above 0, a 0-d float: ``sign`` and a sum are one pass, a
+    third the time of ``(out > 0).sum()``. ``sign`` is 0 for NaN, as ``NaN > 0`` is false; it is -1
+    only where a clamp's upper bound is below 0, whose values are then all that bound (none
+    fires: ``_relu_counts`` clamps the count at 0). Counts are exact in float32 below 2**24."""
+    dtype = torch.float32 if out.dtype != torch.float64 and out.numel() < 2**24 else torch.float64
+    return out.sign().sum(dtype=dtype)
+
+
+def _relu_counts(
+    maxima: list[torch.Tensor], fired: list[torch.Tensor], lengths: torch.Tensor, ranks: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each ReLU site's dead units and firing values, (relu sites,) float64 each, from its per-unit
+    maxima (``lengths`` of them each) and its count of values above 0, in a few kernels for every
+    site together. A unit is
+    dead when its max is <= 0 (a NaN max is not); with ``ranks``, when it is dead on every rank,
+    and firing values add up."""
+    dead = (torch.cat(maxima) <= 0).double()
+    if ranks is not None:
+        dead = ranks.reduce_dead_units(dead).double()
+    counts = torch.segment_reduce(dead, "sum", lengths=lengths, initial=0.0)
+    fires = torch.stack(fired).double().clamp_min(0.0)
+    return counts, fires if ranks is None else ranks.reduce_sum(fires)
 
 
 def _clamp_at_zero(func: Any, args: Any, kwargs: Any) -> str | None:
