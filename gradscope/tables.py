@@ -88,6 +88,11 @@ class ParamTable(Mapping[str, ParamStats]):
         ratio = norm / param_norm if param_norm else None
         return ParamStats(norm, max_abs, zero_fraction, nans, infs, param_norm, ratio)
 
+    def received_names(self) -> list[str]:
+        """The names of the parameters that got a gradient, without making their statistics."""
+        names = self._layout.names
+        return [names[i] for i in self._row]
+
     def nonfinite(self) -> list[ParamStats]:
         """The statistics of the parameters whose gradient holds a NaN or Inf (no scan of the others)."""
         return [self._at(i) for i in self._nonfinite]
@@ -158,8 +163,7 @@ def aggregate(members: list[int], stats: list[ParamStats], layout: Layout) -> Mo
 def received(params: Mapping[str, ParamStats]) -> list[str]:
     """The names of the parameters that got a gradient (a ParamTable reads its rows, makes no objects)."""
     if isinstance(params, ParamTable):
-        names = params._layout.names
-        return [names[i] for i in params._row]
+        return params.received_names()
     return [name for name, s in params.items() if s.received]
 
 
