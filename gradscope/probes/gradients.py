@@ -232,12 +232,13 @@ def summarize(
     dtype = torch.float32 if home.type == "mps" else torch.float64
     order: list[int] = []
     tables = []
-    for members in groups.values():
-        gs = [_values(grads[i]) for i in members]
-        ps = [_real(params[i].detach()) for i in members]
-        columns = _cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else _device_columns(gs, ps, extra_norm)
-        tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
-        order.extend(members)
+    with torch.no_grad():  # rather than a detach per parameter (a thousand calls on a deep model)
+        for members in groups.values():
+            gs = [_values(grads[i]) for i in members]
+            ps = [_real(params[i]) for i in members]
+            columns = _cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else _device_columns(gs, ps, extra_norm)
+            tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
+            order.extend(members)
     return order, torch.cat(tables)
 
 
