@@ -15,8 +15,8 @@ step, when every activation it saw was an activation module (``nn.ReLU``,
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,7 @@ TANH_BOUND = 0.99
 _UNKNOWN = object()  # a hooked call whose source line the first step did not see
 
 
-@dataclass(frozen=True)
-class _Site:
+class _Site(NamedTuple):  # a tuple: made at every activation call of every step
     kind: str
     module: str
     call: int
@@ -137,24 +136,22 @@ class ActivationProbe(TorchFunctionMode):
             self._record(kind, out.detach(), where, self._sources.get(where, _UNKNOWN))
 
     def _record(self, kind: str, out: torch.Tensor, where: tuple[str, int] | None, source: Any = None) -> None:
-        # Units are features: channels of (N, C, H, W[, D]) maps, else the last dimension.
-        unit_dim = 1 if out.ndim >= 4 else out.ndim - 1
-        samples = tuple(d for d in range(out.ndim) if d != unit_dim)
+        unit_dim, samples = _unit_dims(out.ndim)
         where = where or ("", 0)
         if source is None or source is _UNKNOWN:
             site = user_site()
             source = f"{site[0]}:{site[1]}" if site else None
         self.sites.append(_Site(kind, where[0], where[1], source))
-        units = out.shape[unit_dim]
+        units, numel = out.shape[unit_dim], out.numel()
         # Dead ReLUs are counted per unit; saturation per value, since every saturated value
         # cuts its own gradient: fractions are of ``units`` and of all values respectively.
         if kind == "relu":
-            self.readings.append((out.amax(dim=samples), _fired(out)))
+            self.readings.append((out.amax(dim=samples), _fired(out, numel)))
         elif kind == "sigmoid":
             self.readings.append(((out < SIGMOID_BOUND) | (out > 1 - SIGMOID_BOUND)).sum())
         else:
             self.readings.append((out.abs() > TANH_BOUND).sum())
-        self.shapes.append((units if kind == "relu" else out.numel(), out.numel() // max(units, 1)))
+        self.shapes.append((units if kind == "relu" else numel, numel // max(units, 1)))
 
     def values(self, ranks: Any = None) -> list[torch.Tensor]:
         """What the step fetches: each site's count (dead units or saturated values; over every
@@ -205,13 +202,23 @@ class ActivationProbe(TorchFunctionMode):
         return out
 
 
-def _fired(out: torch.Tensor) -> torch.Tensor:
+@cache
+def _unit_dims(ndim: int) -> tuple[int, tuple[int, ...]]:
+    """The unit dimension of an ``ndim``-d output and its sample dimensions: units are features,
+    channels of (N, C, H, W[, D]) maps, else the last dimension."""
+    unit_dim = 1 if ndim >= 4 else ndim - 1
+    return unit_dim, tuple(d for d in range(ndim) if d != unit_dim)
+
+
+def _fired(out: torch.Tensor, numel: int) -> torch.Tensor:
     """How many of a ReLU's values are above 0, a 0-d float: ``sign`` and a sum are one pass, a
     third the time of ``(out > 0).sum()``. ``sign`` is 0 for NaN, as ``NaN > 0`` is false; it is -1
     only where a clamp's upper bound is below 0, whose values are then all that bound (none
-    fires: ``_relu_counts`` clamps the count at 0). Counts are exact in float32 below 2**24."""
-    dtype = torch.float32 if out.dtype != torch.float64 and out.numel() < 2**24 else torch.float64
-    return out.sign().sum(dtype=dtype)
+    fires: ``_relu_counts`` clamps the count at 0). A sum of ones is exact in float32 below 2**24."""
+    signs = out.sign()
+    if out.dtype == torch.float64 or (out.dtype == torch.float32 and numel < 2**24):
+        return signs.sum()  # no dtype argument: it costs a microsecond per call on a small output
+    return signs.sum(dtype=torch.float32 if numel < 2**24 else torch.float64)
 
 
 def _relu_counts(
