@@ -1,5 +1,6 @@
 """TensorBoard output, read back with tensorboard's EventAccumulator and checked against the JSON report."""
 
+import io
 import json
 
 import pytest
@@ -124,3 +125,22 @@ def test_one_event_per_step_holds_its_scalars_and_histograms():
     histogram = summary.value[-1].histo
     assert (histogram.num, list(histogram.bucket)) == (4, [1, 0, 3])
     assert list(histogram.bucket_limit) == pytest.approx([-1 / 3, 1 / 3, 1.0])
+
+
+def test_gradient_flow_picture_is_a_png_of_the_stated_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    model = zoo.MLP(in_features=4, hidden=8, depth=2, classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, optimizer, logdir=str(tmp_path)):
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 2, 0])).backward()
+            optimizer.step()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    (event,) = acc.Images("gradient_flow")
+    assert event.step == 1 and event.encoded_image_string.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(event.encoded_image_string)) as picture:
+        assert picture.size == (event.width, event.height) and event.width > 100
