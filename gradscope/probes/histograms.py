@@ -127,15 +127,15 @@ def _sums(chunk: _Chunk, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     scale = BINS / (hi - lo).clamp_min(BINS * torch.finfo(chunk.dtype).tiny)
     # Each piece has BINS + 1 slots: slot 0 counts its NaN and Inf entries (which the arithmetic keeps
     # non-finite, so no isfinite pass is needed), slots 1..BINS its buckets.
-    slot = ((values - chunk.each(lo, entries)) * chunk.each(scale, entries)).floor_()
-    slot = slot.nan_to_num_(-1.0, -1.0, -1.0).clamp_(-1, BINS - 1).add_(1).long()
+    slot = torch.sub(values, chunk.each(lo, entries)).mul_(chunk.each(scale, entries)).floor_()  # one temporary
+    slot = slot.nan_to_num_(-1.0, -1.0, -1.0).clamp_(-1, BINS - 1).add_(1).int()  # int32: half the bytes of int64
     if chunk.count > 1:
         slot += chunk.each(torch.arange(0, chunk.count * (BINS + 1), BINS + 1, device=chunk.device), entries)
     counts = torch.bincount(slot, minlength=chunk.count * (BINS + 1)).reshape(chunk.count, BINS + 1)
     counts = counts.to(lo.dtype)
     finite = values.nan_to_num(0.0, 0.0, 0.0)
     total = chunk.reduce(finite, "sum", 0.0).to(lo.dtype)
-    squares = chunk.reduce(finite * finite, "sum", 0.0).to(lo.dtype)
+    squares = chunk.reduce(finite.mul_(finite), "sum", 0.0).to(lo.dtype)  # in place: ``finite`` is a copy
     count = counts[:, 1:].sum(dim=1)
     stats = torch.stack([count, total, squares, counts[:, 0]], dim=1)
     return torch.cat([stats, counts[:, 1:]], dim=1)
