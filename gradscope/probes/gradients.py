@@ -266,11 +266,14 @@ def _cpu_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: flo
     width = 4 if extra_norm is None else 5
     out = torch.empty((len(gs), width), dtype=torch.float64)
     shapes: dict[torch.Size, list[int]] = defaultdict(list)
+    large = []
     for i, g in enumerate(gs):
         if g.numel() < _CPU_LARGE:
             shapes[g.shape].append(i)
         else:
-            out[i] = _row_stats(g.reshape(1, -1), ps[i].reshape(1, -1), extra_norm)[0]
+            large.append(i)
+    if large:
+        out[large] = _large_stats([gs[i] for i in large], [ps[i] for i in large], extra_norm)
     for members in shapes.values():
         g = torch.stack([gs[i] for i in members]).reshape(len(members), -1)  # (tensors, entries)
         p = torch.stack([ps[i] for i in members]).reshape(len(members), -1)
@@ -289,6 +292,26 @@ def _row_stats(g: torch.Tensor, p: torch.Tensor, extra_norm: float | None) -> to
     ]
     if extra_norm is not None:
         columns.append(torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=norm_dtype(g)))
+    return torch.stack([c.double() for c in columns], dim=1)
+
+
+def _large_stats(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> torch.Tensor:
+    """``_row_stats`` of large tensors of one dtype, one row each: the same reductions tensor by
+    tensor, their 0-d results stacked once per column rather than combined per tensor (a dozen
+    small kernels each)."""
+    dtype = norm_dtype(gs[0])
+    rows = [g.reshape(1, -1) for g in gs]
+    norms = [torch.linalg.vector_norm(g, dim=1, dtype=dtype) for g in rows]
+    bounds = [torch.aminmax(g) for g in gs]  # reads each once, without an |g| copy
+    low, high = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
+    columns = [
+        torch.cat(norms),
+        torch.maximum(low.abs(), high.abs()).to(dtype),
+        torch.stack([torch.count_nonzero(g) for g in gs]),
+        torch.cat([torch.linalg.vector_norm(p.reshape(1, -1), dim=1, dtype=dtype) for p in ps]),
+    ]
+    if extra_norm is not None:
+        columns.append(torch.cat([torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=dtype) for g in rows]))
     return torch.stack([c.double() for c in columns], dim=1)
 
 
