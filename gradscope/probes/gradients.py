@@ -2,9 +2,9 @@
 
 Hooks only record arrival (``Tensor.register_post_accumulate_grad_hook``, one
 per trainable parameter, shared parameters once). The statistics are computed
-after backward in a few batched ``torch._foreach_norm`` calls per (device,
-dtype) group and copied to the host in one transfer: no ``.item()`` per
-parameter, one host sync per step.
+after backward in a few batched reductions per (device, dtype) group
+(``gradscope.probes.reductions``) and copied to the host in one transfer: no
+``.item()`` per parameter, one host sync per step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from gradscope.probes.reductions import cpu_columns, device_columns, l2_norms, real_values
 from gradscope.report import ParamInfo
 
 # Columns of the per-parameter readings, in order (EXTRA_NORM only when asked for).
@@ -235,139 +236,11 @@ def summarize(
     with torch.no_grad():  # rather than a detach per parameter (a thousand calls on a deep model)
         for members in groups.values():
             gs = [_values(grads[i]) for i in members]
-            ps = [_real(params[i]) for i in members]
-            columns = _cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else _device_columns(gs, ps, extra_norm)
+            ps = [real_values(params[i]) for i in members]
+            columns = cpu_columns(gs, ps, extra_norm) if home.type == "cpu" else device_columns(gs, ps, extra_norm)
             tables.append(torch.stack([c.to(dtype) for c in columns], dim=1).to(home, non_blocking=True))
             order.extend(members)
     return order, torch.cat(tables)
-
-
-def _device_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> list[torch.Tensor]:
-    """On GPUs the foreach reductions are fused multi-tensor kernels: a few launches for any count."""
-    columns = [
-        _norms(gs, 2.0),
-        _norms(gs, math.inf),
-        # Counts go in float64: float32 counts stop being exact past 2**24 entries.
-        torch.stack(torch._foreach_norm(gs, 0.0, dtype=torch.float64)),
-        _norms(ps, 2.0),
-    ]
-    if extra_norm is not None:
-        columns.append(_norms(gs, extra_norm))
-    return columns
-
-
-# On the CPU, a foreach reduction is a loop of per-tensor kernels (~2 us each), and the inf- and
-# 0-"norms" are slow per element. Small tensors of one shape are stacked and reduced together
-# (a deep model has hundreds of them and a handful of shapes); large ones are reduced one by one.
-_CPU_LARGE = 1 << 14
-
-
-def _cpu_columns(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> list[torch.Tensor]:
-    width = 4 if extra_norm is None else 5
-    out = torch.empty((len(gs), width), dtype=torch.float64)
-    shapes: dict[torch.Size, list[int]] = defaultdict(list)
-    large = []
-    for i, g in enumerate(gs):
-        if g.numel() < _CPU_LARGE:
-            shapes[g.shape].append(i)
-        else:
-            large.append(i)
-    if large:
-        out[large] = _large_stats([gs[i] for i in large], [ps[i] for i in large], extra_norm)
-    for members in shapes.values():
-        g = torch.stack([gs[i] for i in members]).reshape(len(members), -1)  # (tensors, entries)
-        p = torch.stack([ps[i] for i in members]).reshape(len(members), -1)
-        out[members] = _row_stats(g, p, extra_norm)
-    return list(out.unbind(1))
-
-
-def _row_stats(g: torch.Tensor, p: torch.Tensor, extra_norm: float | None) -> torch.Tensor:
-    """Per row of ``g`` (tensors, entries): L2 norm, max |g|, non-zero count, ``p``'s L2 norm."""
-    columns = [
-        torch.linalg.vector_norm(g, dim=1, dtype=norm_dtype(g)),
-        _row_max_abs(g),
-        # count_nonzero over a dim is several times slower than over a whole tensor.
-        torch.count_nonzero(g).double().reshape(1) if g.shape[0] == 1 else (g != 0).sum(dim=1).double(),
-        torch.linalg.vector_norm(p, dim=1, dtype=norm_dtype(p)),
-    ]
-    if extra_norm is not None:
-        columns.append(torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=norm_dtype(g)))
-    return torch.stack([c.double() for c in columns], dim=1)
-
-
-def _large_stats(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: float | None) -> torch.Tensor:
-    """``_row_stats`` of large tensors of one dtype, one row each: the same reductions tensor by
-    tensor, their 0-d results stacked once per column rather than combined per tensor (a dozen
-    small kernels each)."""
-    dtype = norm_dtype(gs[0])
-    rows = [g.reshape(1, -1) for g in gs]
-    norms = [torch.linalg.vector_norm(g, dim=1, dtype=dtype) for g in rows]
-    bounds = [torch.aminmax(g) for g in gs]  # reads each once, without an |g| copy
-    low, high = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
-    columns = [
-        torch.cat(norms),
-        torch.maximum(low.abs(), high.abs()).to(dtype),
-        torch.stack([torch.count_nonzero(g) for g in gs]),
-        torch.cat([torch.linalg.vector_norm(p.reshape(1, -1), dim=1, dtype=dtype) for p in ps]),
-    ]
-    if extra_norm is not None:
-        columns.append(torch.cat([torch.linalg.vector_norm(g, ord=extra_norm, dim=1, dtype=dtype) for g in rows]))
-    return torch.stack([c.double() for c in columns], dim=1)
-
-
-def _row_max_abs(g: torch.Tensor) -> torch.Tensor:
-    if not g.shape[1]:
-        return g.new_zeros(g.shape[0], dtype=torch.float32)
-    if g.shape[0] == 1:  # one large tensor: aminmax reads it once without an |g| copy
-        low, high = torch.aminmax(g)
-        return torch.maximum(low.abs(), high.abs()).to(norm_dtype(g)).reshape(1)
-    return g.abs().amax(dim=1).to(norm_dtype(g))
-
-
-def l2_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor (no sync), each in ``norm_dtype`` (float32 or float64); on the CPU,
-    same-shape small tensors of one dtype are stacked."""
-    if not tensors or tensors[0].device.type != "cpu":
-        return _norms(tensors, 2.0) if tensors else torch.zeros(0)
-    out = torch.empty(len(tensors), dtype=max((norm_dtype(t) for t in tensors), key=_width))
-    shapes: dict[tuple[torch.Size, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        if t.numel() < _CPU_LARGE:
-            shapes[(t.shape, t.dtype)].append(i)
-        else:
-            out[i] = torch.linalg.vector_norm(t, dtype=norm_dtype(t)).to(out.dtype)
-    for members in shapes.values():
-        stacked = torch.stack([tensors[i] for i in members]).reshape(len(members), -1)
-        out[members] = torch.linalg.vector_norm(stacked, dim=1, dtype=norm_dtype(stacked)).to(out.dtype)
-    return out
-
-
-def _norms(tensors: list[torch.Tensor], ord: float) -> torch.Tensor:
-    """Each tensor's ``ord``-norm, one foreach call per dtype (float64 tensors keep float64)."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        return torch.stack(torch._foreach_norm(tensors, ord, dtype=norm_dtype(tensors[0])))
-    out = torch.empty(len(tensors), dtype=max((norm_dtype(t) for t in tensors), key=_width), device=tensors[0].device)
-    for dtype in dtypes:
-        members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        out[members] = _norms([tensors[i] for i in members], ord).to(out.dtype)
-    return out
-
-
-def norm_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype a norm of ``tensor`` is taken in: float32, or float64 for a float64 tensor
-    (narrowing it is an error in torch, and would lose what a float64 model keeps)."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _width(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
-
-
-def _real(tensor: torch.Tensor) -> torch.Tensor:
-    """A complex tensor's moduli: the same L2 and p-norms, max |z| and non-zero count as the
-    complex entries (torch's norms reject a real dtype for complex input)."""
-    return tensor.abs() if tensor.is_complex() else tensor
 
 
 def _needs_float64(row: list[float]) -> bool:
@@ -395,7 +268,7 @@ def _exact_row(grad: torch.Tensor) -> torch.Tensor:
 def _values(grad: torch.Tensor) -> torch.Tensor:
     # A sparse gradient's statistics are those of its stored values; a sharded one's, of its local shard.
     grad = to_local(grad)
-    return _real(grad.coalesce().values() if grad.is_sparse else grad)
+    return real_values(grad.coalesce().values() if grad.is_sparse else grad)
 
 
 def to_local(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradscope import stats
 from gradscope.probes.base import Probe, StepContext
-from gradscope.probes.gradients import l2_norms
+from gradscope.probes.reductions import l2_norms
 from gradscope.report import RankStep, StepRecord
 
 # A DDP model takes one comm hook for its lifetime: the hook gradscope registered on each model,

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from gradscope.probes.base import Probe, StepContext, Watched
-from gradscope.probes.gradients import l2_norms, to_local
+from gradscope.probes.gradients import to_local
+from gradscope.probes.reductions import l2_norms
 from gradscope.report import StepRecord
 
 
