@@ -38,22 +38,27 @@ def plain(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> I
     yield Hooks()
 
 
+# Past the steps a watch keeps in full, each step is judged as it is recorded (which steps to keep):
+# the steady state of a long run. Keeping only the first step times that state from the second step.
+LONG_RUN = {"first": 1}
+
+
 @contextlib.contextmanager
 def stats(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
-    with gradscope.watch(model, optimizer, activations=False):
+    with gradscope.watch(model, optimizer, activations=False, retention=LONG_RUN):
         yield Hooks()
 
 
 @contextlib.contextmanager
 def everything(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
-    with gradscope.watch(model, optimizer):
+    with gradscope.watch(model, optimizer, retention=LONG_RUN):
         yield Hooks()
 
 
 @contextlib.contextmanager
 def tensorboard(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
     """Everything on, plus a TensorBoard run with every gradient's histogram at every step."""
-    with gradscope.watch(model, optimizer, logdir=str(folder / "tb"), histograms_every=1):
+    with gradscope.watch(model, optimizer, logdir=str(folder / "tb"), histograms_every=1, retention=LONG_RUN):
         yield Hooks()
 
 
