@@ -55,17 +55,20 @@ class Reference(L.Callback):
         self.steps.append({n: norm64(p.grad) for n, p in pl_module.named_parameters()})
 
 
-def fit(module: L.LightningModule, *callbacks: L.Callback, epochs: int = 1, **trainer_args) -> L.Trainer:
-    trainer = L.Trainer(
+def trainer_for(*callbacks: L.Callback, epochs: int = 1, namespace=L, **trainer_args) -> L.Trainer:
+    """A CPU trainer with nothing else on (no logger, checkpoints, progress bar or summary unless given)."""
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return namespace.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
-        **trainer_args,
+        **{**quiet, **trainer_args},
     )
+
+
+def fit(module: L.LightningModule, *callbacks: L.Callback, epochs: int = 1, **trainer_args) -> L.Trainer:
+    trainer = trainer_for(*callbacks, epochs=epochs, **trainer_args)
     trainer.fit(module, data())
     return trainer
 
@@ -116,15 +119,7 @@ def test_raise_on_stops_fit_before_the_bad_update_and_takes_the_hooks_off(tmp_pa
     module = Regressor(nan=True)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     callback = GradscopeCallback(raise_on="error", json=str(tmp_path / "grads.json"))
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = trainer_for(callback)
     with pytest.raises(GradientAnomaly) as raised:
         trainer.fit(module, data())
     assert raised.value.anomaly.kind.startswith("nonfinite")
@@ -135,15 +130,7 @@ def test_raise_on_stops_fit_before_the_bad_update_and_takes_the_hooks_off(tmp_pa
 
 def test_hooks_come_off_when_training_step_raises():
     module, callback = Regressor(fail_at=2), GradscopeCallback()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = trainer_for(callback)
     with pytest.raises(RuntimeError, match="data loader broke"):
         trainer.fit(module, data())
     assert len(callback.report.steps) == 2
@@ -154,16 +141,7 @@ def test_numbers_reach_the_modules_logger(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     callback = GradscopeCallback()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path, name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = trainer_for(callback, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
     trainer.fit(Regressor(), data())
     import csv
 
@@ -190,15 +168,7 @@ def test_the_pytorch_lightning_namespace_works_too():
 
     callback = GradscopeCallback()
     module = Module()
-    trainer = PL.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = trainer_for(callback, namespace=PL)
     trainer.fit(module, data())
     assert len(callback.report.steps) == 4 and callback.report.steps[0].loss is not None
     assert no_hooks(module, trainer.optimizers[0])
@@ -229,16 +199,7 @@ def test_probe_values_reach_the_logger_and_the_json_report_is_written(tmp_path):
     from gradscope.reporters.json import load_report
 
     callback, weights = GradscopeCallback(probes=("update_ratio",), json=str(tmp_path / "r.json")), Weights()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path, name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[weights, callback],
-    )
+    trainer = trainer_for(weights, callback, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
     trainer.fit(Regressor(), data())
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     logged = [

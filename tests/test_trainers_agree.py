@@ -5,11 +5,12 @@ import lightning.pytorch as L
 import pytest
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
 
 import gradscope
 from gradscope.integrations.lightning import GradscopeCallback as LightningCallback
 from gradscope.integrations.transformers import GradscopeCallback as HFCallback
+from tests.test_lightning import trainer_for
+from tests.test_transformers import trainer
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 STEPS, BATCH = 4, 4
@@ -57,40 +58,17 @@ def lightning() -> gradscope.Report:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     callback = LightningCallback()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data()), batch_size=BATCH)
-    trainer.fit(Module(), loader)
+    trainer_for(callback).fit(Module(), loader)
     return callback.report
 
 
 def hf_trainer(tmp_path) -> gradscope.Report:
     x, y = data()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        train_sampling_strategy="sequential",
-        disable_tqdm=True,
-    )
     callback = HFCallback()
     rows = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
-    Trainer(model=Net(), args=args, train_dataset=rows, callbacks=[callback]).train()
+    overrides = dict(per_device_train_batch_size=BATCH, max_steps=STEPS, lr_scheduler_type="constant", max_grad_norm=0)
+    trainer(tmp_path, Net(), callback, dataset=rows, **overrides).train()
     return callback.report
 
 

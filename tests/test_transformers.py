@@ -46,7 +46,9 @@ class Reference(TrainerCallback):
         self.steps.append({n: norm64(p.grad) for n, p in model.named_parameters() if p.grad is not None})
 
 
-def trainer(tmp_path, model: nn.Module, *callbacks: TrainerCallback, **overrides) -> Trainer:
+def trainer(tmp_path, model: nn.Module, *callbacks: TrainerCallback, dataset=None, **overrides) -> Trainer:
+    """The HF Trainer on the CPU, SGD, 4 steps of 4 rows, nothing saved or reported (``overrides``:
+    other ``TrainingArguments``; ``dataset``: rows in place of the token batches)."""
     settings = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
@@ -61,7 +63,8 @@ def trainer(tmp_path, model: nn.Module, *callbacks: TrainerCallback, **overrides
         disable_tqdm=True,
     )
     args = TrainingArguments(**{**settings, **overrides})
-    return Trainer(model=model, args=args, train_dataset=tokens(), callbacks=list(callbacks))
+    rows = dataset if dataset is not None else tokens()
+    return Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
 
 
 def no_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:

@@ -10,7 +10,7 @@ import torch
 import gradscope
 import gradscope.config
 from gradscope.report import Report
-from tests.test_syncs import SYNCING
+from tests.test_syncs import count_syncs
 
 
 def train(model, steps, **watch_args):
@@ -43,15 +43,7 @@ def test_update_ratio_is_each_weights_change_over_its_norm():
 
 
 def test_update_ratio_joins_the_steps_one_host_transfer(monkeypatch):
-    calls = []
-    for name in SYNCING:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_syncs(monkeypatch)
     model = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(10)], torch.nn.Linear(6, 3))
     train(model, 3, activations=False)
     assert calls == ["tolist"] * 3
