@@ -17,13 +17,17 @@ class StepJudge:
 
     def __init__(self, checks: Checks, single: Callable[[StepRecord], Report]) -> None:
         self.checks, self.single = checks, single
+        self._last: tuple[StepRecord, list[Anomaly]] | None = None  # the last record's spikes
 
     def has_finding(self, record: StepRecord, history: History) -> bool:
         """The record shows a finding of its own, or spikes against the steps of ``history`` before it."""
         return bool(rules.step_findings(self.single(record), self.checks) or self.spikes(record, history))
 
     def spikes(self, record: StepRecord, history: History) -> list[Anomaly]:
-        """The record's loss and gradient-norm spikes against the steps of ``history`` before it."""
+        """The record's loss and gradient-norm spikes against the steps of ``history`` before it (judged
+        once per record: ``raise_on`` and the choice of steps to keep both ask)."""
+        if self._last is not None and self._last[0] is record:
+            return self._last[1]
         found = []
         for kind, value in (("loss_spike", record.loss), ("gradient_spike", record.grad_norm_total)):
             check = self.checks.rule(kind)
@@ -34,6 +38,7 @@ class StepJudge:
             spike = rules.spike_against(window, record.step, value, check, scale)
             if spike is not None:
                 found.append(rules.spike_finding(kind, spike, record, list(history.steps()), check))
+        self._last = (record, found)
         return found
 
     def worst(self, record: StepRecord, floor: str, spikes: list[Anomaly]) -> Anomaly | None:

@@ -10,6 +10,7 @@ infinite at its first update and shrinks as 1/steps after, which says nothing ab
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -70,4 +71,4 @@ def _ratios(report: Report) -> dict[str, list[tuple[int, float]]]:
         for name, ratio in step.probes.get(PROBE, {}).items():
             if name in matrices:
                 series.setdefault(name, []).append((step.step, ratio))
-    return {name: values for name, values in series.items() if all(r != float("inf") for _, r in values)}
+    return {name: values for name, values in series.items() if all(r != math.inf for _, r in values)}
