@@ -93,14 +93,11 @@ class OriginSearch:
         if self.ranks is not None or not finite(record.loss):
             return None  # a distributed step's overflow is searched on no rank; a bad loss is a NaN's
         self.overflow_located = True
-        self.pause(True)
-        try:
-            with optional("the replay that locates the scaled gradients' overflow", self.notes):
-                r = step_replay
-                return replay.overflow_origin(self.model, r.forward, r.state, record.loss_scale)  # type: ignore[arg-type]
-            return None
-        finally:
-            self.pause(False)
+        r, scale = step_replay, record.loss_scale
+        return self._paused(
+            "the replay that locates the scaled gradients' overflow",
+            lambda: replay.overflow_origin(self.model, r.forward, r.state, scale),  # type: ignore[arg-type]
+        )
 
     def _search(
         self, record: StepRecord, kind: str, loss_bad: bool, step_replay: Replay | None
@@ -118,13 +115,20 @@ class OriginSearch:
         return replace(origin, rank=rank) if origin is not None else None
 
     def _replay(self, kind: str, loss_bad: bool, step_replay: Replay | None, lockstep: bool) -> NonfiniteOrigin | None:
+        def search() -> NonfiniteOrigin | None:
+            if step_replay is not None:
+                r = step_replay
+                return replay.locate(self.model, r.inputs, r.forward, r.state, kind, lockstep)
+            return self.capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
+
+        return self._paused("the replay that locates the first NaN/Inf", search)
+
+    def _paused(self, what: str, search: Callable[[], NonfiniteOrigin | None]) -> NonfiniteOrigin | None:
+        """``search()`` with the probes paused; None, with a note, when the model does not allow it."""
         self.pause(True)
         try:
-            with optional("the replay that locates the first NaN/Inf", self.notes):
-                if step_replay is not None:
-                    r = step_replay
-                    return replay.locate(self.model, r.inputs, r.forward, r.state, kind, lockstep)
-                return self.capture.locate(kind, loss_bad, lockstep)  # type: ignore[union-attr]
+            with optional(what, self.notes):
+                return search()
             return None
         finally:
             self.pause(False)

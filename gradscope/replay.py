@@ -151,10 +151,7 @@ def locate(
     if already is not None and not lockstep:
         return already
     trainable = [p for p in params.values() if p.requires_grad]
-    with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
-        flow = NonfiniteFlow(tracker, batch)
-        with flow:
-            loss = forward()
+    with _traced(model, state, forward, batch) as (loss, tracker, flow):
         if already is not None:
             return already
         found = flow.origin_of(loss)
@@ -177,13 +174,23 @@ def overflow_origin(model: nn.Module, forward: Forward, state: RngState, scale: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if any(is_sharded(p) for p in trainable):
         return None  # FSDP's gradients reach its gathered parameters, which a replay cannot follow
-    with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
-        flow = NonfiniteFlow(tracker)
-        with flow:
-            loss = forward()
+    with _traced(model, state, forward) as (loss, tracker, flow):
         if not loss.requires_grad or not torch.isfinite(loss).item():
             return None
         return backward_origin(loss * scale, trainable, tracker, flow.ops, "inf", flow.loss_nodes)
+
+
+@contextlib.contextmanager
+def _traced(
+    model: nn.Module, state: RngState, forward: Forward, batch: int | None = None
+) -> Iterator[tuple[torch.Tensor, ModuleTracker, NonfiniteFlow]]:
+    """The step's forward replayed op by op: its loss, the modules that made each node, and the ops
+    (a backward replayed inside the block can name them)."""
+    with replaying(model, state), ModuleTracker(model, claim_nodes=True) as tracker:
+        flow = NonfiniteFlow(tracker, batch)
+        with flow:
+            loss = forward()
+        yield loss, tracker, flow
 
 
 def _already(bad: dict[str, tuple[int, int]], phase: str, kind: str, samples: tuple[int, ...] = ()) -> NonfiniteOrigin:
