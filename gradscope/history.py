@@ -202,8 +202,9 @@ class History:
         t = self._totals
         t.steps += 1
         t.skipped += bool(record.skipped and record.origin is None)
+        got = tables.received(record.parameters)
         if record.backward_error is None:
-            t.received.update(tables.received(record.parameters))
+            t.received.update(got)
         if math.isfinite(record.grad_norm_total):
             t.finite += 1
             coefficient = record.clip_coefficient
@@ -218,9 +219,10 @@ class History:
             t.fully_dead = t.fully_dead or any(
                 a.kind == "relu" and a.fraction == 1.0 for a in record.activations.values()
             )
-            got = set(tables.received(record.parameters))
-            t.missing.update(name for name in record.parameters if name not in got)
-            t.missing.update(name for name, lost in (record.underflow or {}).items() if lost > 0)
+            arrived = set(got)
+            t.missing.update(name for name in record.parameters if name not in arrived)
+            lost = record.underflow or {}
+            t.missing.update(name for name, fraction in lost.items() if fraction > 0 and name in record.parameters)
 
 
 def _flagged(record: StepRecord) -> bool:
