@@ -295,6 +295,8 @@ class RunInfo:
     duration_s: float | None = None
     notes: tuple[str, ...] = ()  # what could not be observed, and why
     distributed: dict[str, Any] | None = None  # strategy, world_size, backend
+    # A failed run: the parameters that held NaN/Inf when it raised (an earlier step's update wrote them).
+    nonfinite_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

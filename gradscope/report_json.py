@@ -54,6 +54,7 @@ def report_from(data: dict[str, Any]) -> Report:
             **run_data,
             "checkpointed_modules": tuple(run_data["checkpointed_modules"]),
             "notes": tuple(run_data.get("notes", ())),
+            "nonfinite_parameters": tuple(run_data.get("nonfinite_parameters", ())),
         }
     )
     params = tuple(

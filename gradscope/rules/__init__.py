@@ -18,6 +18,7 @@ from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
 from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
+from gradscope.rules.consequences import raised_after
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
@@ -104,7 +105,7 @@ def findings(report: Report, checks: Checks, baseline: Report | None = None) -> 
     found = [anomaly for kind, rule in RULES for anomaly in rule(report, checks.rule(kind))]
     if baseline is not None:
         found.extend(baseline_drift(report, baseline, checks.baseline_drift))
-    return found
+    return raised_after(report, found)
 
 
 def settle(found: list[Anomaly], checks: Checks) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
