@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 SCHEMA_VERSION = 1
-SEVERITIES = ("info", "warning", "error")
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+KEYED_BY = "json_keyed_by"  # field metadata: in JSON, an object from this field of each element to its others
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class Anomaly:
     """A finding: what is wrong, where, and the numbers that show it."""
 
     kind: str
-    severity: str
+    severity: Severity
     message: str
     module: str | None = None
     parameter: str | None = None
@@ -289,7 +291,7 @@ class Report:
     """What one gradscope run measured and found."""
 
     run: RunInfo
-    parameters: tuple[ParamInfo, ...]
+    parameters: tuple[ParamInfo, ...] = field(metadata={KEYED_BY: "name"})
     steps: tuple[StepRecord, ...]
     anomalies: tuple[Anomaly, ...] = ()
     called_modules: tuple[str, ...] | None = None  # modules that ran in the first forward (None: not tracked)
