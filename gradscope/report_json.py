@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gradscope.report import KEYED_BY, Report, StepRecord
+from gradscope.report import KEYED_BY, WRITTEN_AS, Report, StepRecord
 from gradscope.report_check import read_report
 
 
@@ -43,8 +43,8 @@ def _encode(value: Any) -> Any:
         return value if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
-        for name, keyed in _fields(type(value)):
-            item = getattr(value, name)
+        for name, keyed, written_as in _fields(type(value)):
+            item = getattr(value, written_as)() if written_as else getattr(value, name)
             out[name] = _keyed(item, keyed) if keyed else _encode(item)
         return out
     if isinstance(value, Mapping):
@@ -64,5 +64,5 @@ def _keyed(elements: tuple[Any, ...], key: str) -> dict[str, Any]:
 
 
 @functools.cache
-def _fields(cls: type) -> tuple[tuple[str, str | None], ...]:
-    return tuple((f.name, f.metadata.get(KEYED_BY)) for f in dataclasses.fields(cls))
+def _fields(cls: type) -> tuple[tuple[str, str | None, str | None], ...]:
+    return tuple((f.name, f.metadata.get(KEYED_BY), f.metadata.get(WRITTEN_AS)) for f in dataclasses.fields(cls))
