@@ -28,6 +28,7 @@ from gradscope.report import (
     StepRecord,
     StepSeries,
 )
+from gradscope.report_memory import memory_from
 
 
 def report_dict(report: Report) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def report_dict(report: Report) -> dict[str, Any]:
         "gradchecks": [_plain(dataclasses.asdict(g)) for g in report.gradchecks],
         "called_modules": list(report.called_modules) if report.called_modules is not None else None,
         "retained": _plain(dataclasses.asdict(report.retained)) if report.retained is not None else None,
+        "memory": _plain(dataclasses.asdict(report.memory)) if report.memory is not None else None,
     }
 
 
@@ -67,7 +69,8 @@ def report_from(data: dict[str, Any]) -> Report:
     gradchecks = tuple(GradcheckResult(**g) for g in data.get("gradchecks", []))
     called = tuple(called) if called is not None else None
     retained = _retained_from(data["retained"]) if data.get("retained") else None
-    return Report(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"], retained)
+    memory = memory_from(data["memory"]) if data.get("memory") else None
+    return Report(run, params, steps, anomalies, called, ignored, gradchecks, data["schema_version"], retained, memory)
 
 
 _NESTED = ("parameters", "modules", "activations", "origin", "overflow", "backward_error", "histograms", "ranks")

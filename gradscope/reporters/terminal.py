@@ -19,6 +19,7 @@ from rich.text import Text
 from gradscope.report import Anomaly, ParamInfo, ParamStats, Report, StepRecord
 from gradscope.reporters.findings import group
 from gradscope.reporters.layout import Column, fit
+from gradscope.reporters.memory import memory_section
 from gradscope.reporters.verdict import verdict, written
 
 HEAD_ROWS = 15  # with a long table, the rows nearest the input ...
@@ -62,6 +63,8 @@ class TerminalReporter:
         if report.anomalies or report.run.status == "completed":
             self.console.print(_findings(report.anomalies))
         self.console.print(_layer_table(report, _table_step(report), self.show_all, self.console.width))
+        if report.memory is not None:
+            self.console.print(memory_section(report.memory), no_wrap=True, overflow="ignore")
         if report.run.status != "completed":
             self.console.print(_status_line(report))
 
