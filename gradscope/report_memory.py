@@ -155,25 +155,6 @@ class MemoryReport:
         return self.state_bytes + self.saved_bytes
 
 
-def memory_from(data: dict[str, Any]) -> MemoryReport:
-    """Read back the JSON form of a ``MemoryReport`` (``dataclasses.asdict``'s)."""
-    cuda, plan = data.get("cuda"), data.get("plan")
-    return MemoryReport(
-        **{
-            **data,
-            "modules": {name: ModuleMemory(**m) for name, m in data["modules"].items()},
-            "checkpointing": tuple(CheckpointAdvice(**a) for a in data.get("checkpointing", ())),
-            "plan": _plan_from(plan) if plan else None,
-            "cuda": CudaMemory(**cuda) if cuda else None,
-            "notes": tuple(data.get("notes", ())),
-        }
-    )
-
-
-def _plan_from(plan: dict[str, Any]) -> CheckpointPlan:
-    return CheckpointPlan(**{**plan, "modules": tuple(plan["modules"]), "patterns": tuple(plan.get("patterns", ()))})
-
-
 _UNITS = {
     "B": 1,
     "KB": 10**3,
