@@ -80,7 +80,7 @@ class MemoryGrowthCheck(_Check):
     """A module whose saved-for-backward bytes grew from the baseline's (see rules/memory.py)."""
 
     factor: float = Field(default=1.1, gt=1)  # now / baseline above this
-    min_bytes: int = Field(default=1 << 20, ge=0)  # growth smaller than this is left alone
+    min_bytes: int = Field(default=1 << 16, ge=0)  # growth smaller than this (64 KiB) is left alone
 
 
 class IgnoreEntry(_Strict):

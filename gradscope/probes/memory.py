@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradscope.probes import memory_facts as facts
 from gradscope.probes.base import Probe, Watched
-from gradscope.probes.memory_ledger import Ledger
+from gradscope.probes.memory_ledger import Ledger, in_backward
 from gradscope.report import StepRecord
 from gradscope.report_memory import CudaMemory, MemoryReport
 from gradscope.rules.checkpoint_advice import advise
@@ -67,6 +67,7 @@ class MemoryProbe(Probe):
         self.done = False
         self._armed, self._paused = True, False
         self._window: contextlib.ExitStack | None = None
+        self._owner: nn.Module | None = None  # the module whose call opened the window
         self._hooks = contextlib.ExitStack()
         self._cuda: dict[str, int] = {}
         self._state: dict[str, Any] = {}
@@ -80,14 +81,11 @@ class MemoryProbe(Probe):
             return
         self.keep(self._hooks)
         self.keep(contextlib.closing(self))  # a window left open by an error closes with the watch
-        root = self.model
-        self._hooks.callback(root.register_forward_pre_hook(self._root_enter, with_kwargs=True).remove)
         for module in self.model.modules():
             pre = module.register_forward_pre_hook(self._enter, with_kwargs=True)
             post = module.register_forward_hook(self._leave, with_kwargs=True, always_call=True)
             self._hooks.callback(pre.remove)
             self._hooks.callback(post.remove)
-        self._hooks.callback(root.register_forward_hook(self._root_leave, with_kwargs=True, always_call=True).remove)
 
     def begin_step(self, measured: bool) -> None:
         self._armed = measured and not self.done
@@ -101,7 +99,7 @@ class MemoryProbe(Probe):
         is measured."""
         opened = self._open(reset_peak=True)
         if opened and inputs is not None:
-            self.batch_bytes = sum(facts.by_dtype(tensors_in(inputs)).values())
+            self.batch_bytes = _bytes(inputs)
         try:
             yield
         finally:
@@ -111,15 +109,19 @@ class MemoryProbe(Probe):
     # --- the window ----------------------------------------------------------------------------
 
     def _open(self, reset_peak: bool = False) -> bool:
-        if not self._armed or self._paused or self._window is not None or self.done:
+        ledger = self.ledger if self.ledger is not None and not self.done else None
+        if not self._armed or self._paused or self._window is not None or self.done or in_backward():
             return False
-        ledger = Ledger(self.model, self.candidates)
+        if ledger is not None and ledger.backward_started:
+            return False  # the step's backward began: a later forward (the next micro-batch) is not this one
+        ledger = ledger or Ledger(self.model, self.candidates)
         window = contextlib.ExitStack()
         try:
             if self.options.flops and self.candidates:
                 ledger.counter = window.enter_context(FlopCounterMode(display=False))
             window.enter_context(torch.autograd.graph.saved_tensors_hooks(ledger.pack, ledger.unpack))
-            self._cuda = self._cuda_start(reset_peak)
+            if not self._cuda:
+                self._cuda = self._cuda_start(reset_peak)
         except BaseException:
             window.close()
             raise
@@ -139,7 +141,6 @@ class MemoryProbe(Probe):
                     self._cuda["after"] = torch.cuda.memory_allocated(self._cuda["device"])
         finally:
             window.close()
-            self._armed = False  # one forward per step
 
     def _cuda_start(self, reset_peak: bool) -> dict[str, int]:
         param = next(self.model.parameters(), None)
@@ -152,29 +153,28 @@ class MemoryProbe(Probe):
 
     # --- module hooks --------------------------------------------------------------------------
 
-    def _root_enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self._window is None and self._open():
-            self._state["root_opened"] = self._state["by_root"] = True
-        if self.ledger is not None and self.ledger.active and self.batch_bytes is None:
-            self._state["inputs"] = sum(facts.by_dtype(tensors_in((args, kwargs))).values())
-
-    def _root_leave(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if self._state.pop("root_opened", False):
-            self.close()
-
     def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._window is None and self._open():  # the outermost call of a module of the model
+            self._owner = module
+            self._state["by_modules"] = True
+            if self.batch_bytes is None:
+                self._state["inputs"] = self._state.get("inputs", 0) + _bytes(args, kwargs)
         if self.ledger is not None:
             self.ledger.enter(module, args, kwargs)
 
     def _leave(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.ledger is not None:
             self.ledger.leave(module, args, kwargs, output)
+        if self._owner is module:
+            self._owner = None
+            self.close()
 
     # --- the step ------------------------------------------------------------------------------
 
     def contribute(self, values: list[float], record: StepRecord) -> dict[str, Any]:
-        if self.done or self.ledger is None or self._window is not None:
+        if self.done or self.ledger is None:
             return {}
+        self.close()
         self.done, self.step = True, record.step
         self._state["gradients"] = facts.gradient_bytes(self.model)
         if self._cuda:
@@ -193,8 +193,8 @@ class MemoryProbe(Probe):
         saved = sum(e.nbytes for e in ledger.saved.values())
         outside = sum(e.nbytes for e in ledger.saved.values() if "<outside>" in e.savers)
         notes = list(self.notes)
-        if self._state.get("by_root"):
-            notes.append("measured over the model's call: a loss computed outside the model is not in the ledger")
+        if self._state.get("by_modules"):
+            notes.append("measured over the model's calls before the backward: a loss computed outside them is not in it")
         memory = MemoryReport(
             step=self.step,
             saved_bytes=saved,
@@ -219,3 +219,7 @@ class MemoryProbe(Probe):
         grown = c["after"] - c["before"]
         error = (saved - grown) / grown if grown > 0 else None
         return CudaMemory(c["before"], c["after"], c.get("peak", 0), round(error, 4) if error is not None else None)
+
+
+def _bytes(*values: Any) -> int:
+    return sum(facts.by_dtype(tensors_in(list(values))).values())

@@ -85,6 +85,7 @@ class Ledger:
         self.inputs: dict[str, dict[Key, int]] = {}  # candidates' tensor inputs (what checkpointing keeps)
         self.inputs_bytes = 0
         self.active = False
+        self.backward_started = False  # a saved tensor was unpacked: no later forward joins the ledger
         self.started = 0.0
         self.duration = 0.0
         self.total_flops: int | None = None
@@ -96,8 +97,8 @@ class Ledger:
             self._record(tensor, self.stack[-1] if self.stack else None)
         return tensor.detach(), tensor._version
 
-    @staticmethod
-    def unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    def unpack(self, packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+        self.backward_started = True
         alias, version = packed
         if alias._version != version:  # autograd checks this itself only for tensors saved without hooks
             raise RuntimeError(
@@ -193,7 +194,7 @@ class Ledger:
 
     def close(self) -> None:
         if self.active:
-            self.duration = time.perf_counter() - self.started
+            self.duration += time.perf_counter() - self.started
             self.total_flops = self.counter.get_total_flops() if self.counter is not None else None
         self.active = False
         self.stack.clear()
