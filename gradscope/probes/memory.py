@@ -194,7 +194,9 @@ class MemoryProbe(Probe):
         outside = sum(e.nbytes for e in ledger.saved.values() if "<outside>" in e.savers)
         notes = list(self.notes)
         if self._state.get("by_modules"):
-            notes.append("measured over the model's calls before the backward: a loss computed outside them is not in it")
+            notes.append(
+                "measured over the model's calls before the backward: a loss computed outside them is not in it"
+            )
         memory = MemoryReport(
             step=self.step,
             saved_bytes=saved,
