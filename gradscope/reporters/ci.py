@@ -150,6 +150,8 @@ def not_run(report: Report, baseline: bool, checks: Checks | None = None) -> dic
         "dead_relu": "no ReLU ran in the measured forward passes",
         "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
         "update_ratio": "the update_ratio probe was off (`probes: [update_ratio]`)",
+        "memory_budget": "no memory budget (`memory: {budget: 6GiB}` or --memory-budget)",
+        "memory_growth": "no --baseline report with a memory ledger to compare with",
     }
     for kind in ("loss_spike", "gradient_spike"):  # a step is judged against at least min_steps before it
         need = checks.rule(kind).min_steps
@@ -164,6 +166,8 @@ def not_run(report: Report, baseline: bool, checks: Checks | None = None) -> dic
         "dead_relu": "relu" in kinds,
         "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
         "update_ratio": any("update_ratio" in s.probes for s in steps),
+        "memory_budget": report.memory is not None and report.memory.plan is not None,
+        "memory_growth": baseline and report.memory is not None,
         "loss_spike": clean > checks.loss_spike.min_steps,
         "gradient_spike": clean > checks.gradient_spike.min_steps,
     }
