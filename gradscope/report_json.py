@@ -16,6 +16,7 @@ from gradscope.report import (
     BackwardFailure,
     GradcheckResult,
     Histogram,
+    LoopFacts,
     ModuleStats,
     NonfiniteOrigin,
     ParamInfo,
@@ -54,6 +55,7 @@ def report_from(data: dict[str, Any]) -> Report:
             **run_data,
             "checkpointed_modules": tuple(run_data["checkpointed_modules"]),
             "notes": tuple(run_data.get("notes", ())),
+            "loop": _loop_from(run_data.get("loop")),
         }
     )
     params = tuple(
@@ -96,6 +98,7 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     failure = data.pop("backward_error")
     failure = BackwardFailure(**failure) if failure else None
     data["stale"] = tuple(data.get("stale", ()))
+    data["cleared"] = tuple(data.get("cleared", ()))
     ranks = tuple(RankStep(**{**r, "nonfinite": tuple(r["nonfinite"])}) for r in data.pop("ranks", ()))
     return StepRecord(
         parameters=params,
@@ -114,6 +117,13 @@ def _origin_from(data: dict[str, Any] | None) -> NonfiniteOrigin | None:
     if not data:
         return None
     return NonfiniteOrigin(**{**data, "tensors": tuple(data["tensors"]), "samples": tuple(data.get("samples", ()))})
+
+
+def _loop_from(data: dict[str, Any] | None) -> LoopFacts | None:
+    if not data:
+        return None
+    names = ("outside", "sampled", "eval_affected")
+    return LoopFacts(**{k: tuple(v) if k in names else v for k, v in data.items()})
 
 
 def _retained_from(data: dict[str, Any]) -> Retained:

@@ -18,10 +18,21 @@ class StepJudge:
     def __init__(self, checks: Checks, single: Callable[[StepRecord], Report]) -> None:
         self.checks, self.single = checks, single
         self._last: tuple[StepRecord, list[Anomaly]] | None = None  # the last record's spikes
+        self._own: tuple[StepRecord, list[Anomaly]] | None = None  # the last record's own findings
 
     def has_finding(self, record: StepRecord, history: History) -> bool:
         """The record shows a finding of its own, or spikes against the steps of ``history`` before it."""
-        return bool(rules.step_findings(self.single(record), self.checks) or self.spikes(record, history))
+        return bool(self.own(record) or self.spikes(record, history))
+
+    def own(self, record: StepRecord) -> list[Anomaly]:
+        """The findings of the rules that judge the step by itself (judged once per record)."""
+        if self._own is None or self._own[0] is not record:
+            self._own = (record, rules.step_findings(self.single(record), self.checks))
+        return self._own[1]
+
+    def settled(self, record: StepRecord, spikes: list[Anomaly]) -> list[Anomaly]:
+        """The step's own findings and ``spikes``, with the config's severities, less those it accepts."""
+        return list(rules.settle([*self.own(record), *spikes], self.checks)[0])
 
     def spikes(self, record: StepRecord, history: History) -> list[Anomaly]:
         """The record's loss and gradient-norm spikes against the steps of ``history`` before it (judged

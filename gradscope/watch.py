@@ -3,6 +3,8 @@
 The same probes, statistics, rules and reporters as ``gradscope inspect``; here
 the user's loop drives the steps and gradscope observes them:
 
+- each ``backward()`` hands the watch its loss (``backwards``), so every step's loss is known
+  without ``scope.step(loss)``;
 - each backward ends with a callback that takes every gradient's L2 norm on the
   device (before any clipping, and before unscaling when a grad scaler is given);
 - at the optimizer step (a step pre-hook), or at ``scope.step()`` without an
@@ -25,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed, outfiles
+from gradscope import distributed, outfiles, rules
+from gradscope.backwards import Backwards
 from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
 from gradscope.history import History, Retention
 from gradscope.locating import OriginSearch, Replay
+from gradscope.loop_probe import LoopProbe
 from gradscope.optimizer_hooks import StepHooks
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
@@ -41,12 +45,14 @@ from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
 from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
+from gradscope.reporters.logs import Say, Speaker, build_speaker
 from gradscope.runs import ReportCache, judged, learning_rate, run_info
 from gradscope.step_judge import StepJudge
 from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
 
+SPEAK_LOOP_AFTER = 3  # steps before the loop's findings are said (a warm-up's first lr is 0)
 COMPILED_NOTE = (
     "torch.compile'd model: activation statistics are off (global module hooks and a TorchFunctionMode "
     "would force graph breaks); a step with a NaN/Inf is replayed through the eager original"
@@ -79,6 +85,8 @@ class Watch:
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
         retention: Retention | None = None,
+        quiet: bool = True,
+        say: Say | None = None,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -108,6 +116,7 @@ class Watch:
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
         self.outputs = outputs or Outputs()
+        self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer)
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
@@ -117,6 +126,9 @@ class Watch:
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
+        self.backwards = Backwards(scaler)  # the loss of each backward() the loop runs
+        self._quiet, self._say = quiet, say
+        self.speaker: Speaker | None = None  # built on entry (rank 0 alone speaks)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
@@ -126,7 +138,7 @@ class Watch:
     def _probes(self, histograms_every: int, named: tuple[str, ...] | list[str]) -> list[Probe]:
         """The probes besides the gradient probe, in the order they measure (the same on every rank):
         the watch's own, then the optional ones ``named``."""
-        probes: list[Probe] = []
+        probes: list[Probe] = [self.loop]
         if histograms_every:
             probes.append(HistogramProbe(self.gradients, histograms_every, self._shards))
         if self.activations is not None:
@@ -144,6 +156,7 @@ class Watch:
 
     def __enter__(self) -> Watch:
         try:
+            self.backwards.attach(self._stack)
             self._stack.enter_context(self.gradients)
             if self._norms_at_backward_end:
                 self.gradients.on_backward_end = self._backward_end
@@ -161,7 +174,9 @@ class Watch:
                 probe.attach()
             o = self.outputs  # checked now, not at the end of a long run
             outfiles.check_files({"json=": o.json, "jsonl=": o.jsonl, "plot=": o.plot})
-            self.reporters = build_reporters(o, self.ranks.rank if self.ranks is not None else None)
+            rank = self.ranks.rank if self.ranks is not None else None
+            self.reporters = build_reporters(o, rank)
+            self.speaker = build_speaker(self._quiet, rank, self._say)
         except BaseException:
             self._stack.close()
             raise
@@ -170,11 +185,17 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         try:
             self._stack.close()  # every hook and mode comes off, also when the loop raised
+            self.loop.settle()
         finally:
-            if self.reporters:
-                self.reporters.write(self.report)
+            try:
+                if self.reporters:
+                    self.reporters.write(self.report)
+            finally:
+                if self.speaker is not None:
+                    self.speaker.summary(self.report)
 
     def _pause(self, paused: bool) -> None:
+        self.backwards.paused = paused
         for probe in self.probes:
             probe.pause(paused)
 
@@ -190,12 +211,14 @@ class Watch:
     # --- steps ----------------------------------------------------------------------------------
 
     def step(self, loss: torch.Tensor | None = None, **extra: Any) -> StepRecord | None:
-        """Record a step now: call after ``backward()`` (and after ``scaler.unscale_(optimizer)``
-        when a grad scaler is given), before the weights change. Needed without an optimizer; with
-        one, it records the step before clipping (and ``optimizer.step()`` then adds nothing).
+        """Record a step now. The rule: call it after ``backward()`` and after any clipping (and
+        ``scaler.unscale_(optimizer)``), before ``optimizer.step()``. Needed only without an
+        optimizer; with one, ``optimizer.step()`` records the step and the loss is the one
+        ``backward()`` was called on (``optimizer.step()`` then adds nothing).
 
         Args:
-            loss: the step's loss (recorded; a non-finite loss is located).
+            loss: the step's loss, when it is not what ``backward()`` was called on (None: the
+                observed one); a non-finite loss is located.
             extra: ``replay=Replay(...)`` to replay the whole step (model and loss) when it shows a
                 NaN/Inf; other ``StepRecord`` fields to record with it (``underflow=...``).
 
@@ -243,6 +266,7 @@ class Watch:
     def _next_step(self) -> None:
         self._seen += 1
         self._pre = None
+        self.backwards.take()  # a step left out by `every` forgets its loss too
         self.gradients.begin_step()
         measured = self._measured_now()
         for probe in self.probes:
@@ -250,6 +274,7 @@ class Watch:
 
     def _after_optimizer_step(self, *_: Any) -> None:
         self._updates += 1
+        self.loop.updated()
         self._end_step()
 
     def _end_step(self) -> None:
@@ -266,6 +291,8 @@ class Watch:
         self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
     ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
+        observed = self.backwards.take()
+        loss = loss if loss is not None else observed
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             record = self.recorder.measure(StepContext(self._seen, loss), self.probes, self._pre, skipped)
         origin = self.search.find(record, replay)
@@ -275,17 +302,29 @@ class Watch:
 
     def _append(self, record: StepRecord) -> StepRecord:
         # raise_on judges a spike against the steps before this one: before it joins them.
-        spikes = self.judge.spikes(record, self.history) if self.raise_on is not None else []
+        judged = self.raise_on is not None or self.speaker is not None
+        spikes = self.judge.spikes(record, self.history) if judged else []
         self.history.add(record)
         self.precision.settle()
         for probe in self.probes:
             probe.step_done(record)
         self._next_step()
         self.reporters.on_step(record)
+        if self.speaker is not None:
+            self.speaker.found(self.judge.settled(record, spikes))
+            self._speak_loop(record)
         if self.on_step is not None:
             self.on_step(record)
         self._raise_if_found(record, spikes)
         return record
+
+    def _speak_loop(self, record: StepRecord) -> None:
+        """Say the loop's findings so far, once a few steps tell a warm-up from a run stuck at 0."""
+        if self.speaker is None or self.loop.facts.checked < SPEAK_LOOP_AFTER:
+            return
+        single = self._single(record)
+        report = replace(single, run=replace(single.run, loop=self.loop.with_backwards(self.backwards.count)))
+        self.speaker.found(list(rules.settle(rules.loop_findings(report, self.checks), self.checks)[0]))
 
     @property
     def steps(self) -> tuple[StepRecord, ...]:
@@ -296,7 +335,8 @@ class Watch:
         """The report of one step alone, for the rules that judge a step by itself."""
         key = (len(self.notes), self.precision.name, learning_rate(self.optimizer))
         if self._step_run is None or self._step_run[0] != key:
-            self._step_run = (key, self._run_info())  # built once per change, not at every step
+            # Built once per change, not at every step; the loop rules judge the whole run, not a step.
+            self._step_run = (key, replace(self._run_info(), loop=None))
         return Report(self._step_run[1], self._infos, (record,), called_modules=self.called)
 
     def _raise_if_found(self, record: StepRecord, spikes: list[Anomaly]) -> None:
@@ -309,7 +349,8 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        return self._report.get((len(self.history), len(self.notes), self.precision.name), self._judged)
+        key = (len(self.history), len(self.notes), self.precision.name, self.loop.facts, self.backwards.count)
+        return self._report.get(key, self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
@@ -329,6 +370,7 @@ class Watch:
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
             lr=learning_rate(self.optimizer),
             notes=tuple(self.notes),
+            loop=self.loop.with_backwards(self.backwards.count),
         )
 
 
@@ -350,13 +392,15 @@ def watch(
     retention: Retention | dict[str, int] | None = None,
     jsonl: str | None = None,
     json: str | None = None,
+    quiet: bool = False,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
     Args:
         model: the model being trained; left as it was when the block exits.
-        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook).
-            Without one, call ``scope.step(loss)`` after ``backward()``.
+        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook), with
+            the loss each ``backward()`` was called on. Without one, call ``scope.step()`` after
+            ``backward()`` and any clipping (the rule of ``Watch.step``).
         scaler: your ``torch.amp.GradScaler``, so gradients are reported unscaled and steps it
             skips are recorded as skipped.
         logdir: write a TensorBoard run there, step by step.
@@ -376,6 +420,8 @@ def watch(
             every step's loss and norms, and the totals the rules need, are kept whatever it says.
         jsonl: stream every measured step's full record there, one JSON object a line.
         json: write the JSON report there when the block exits (``gradscope show`` reads it).
+        quiet: say nothing; otherwise the ``gradscope`` logger gets each kind of warning or error
+            at the step it first appears, and a one-line summary when the block exits (rank 0).
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
@@ -398,4 +444,5 @@ def watch(
         every=every,
         probes=probes,
         retention=retention,
+        quiet=quiet,
     )

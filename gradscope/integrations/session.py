@@ -15,6 +15,7 @@ from gradscope.config import Checks
 from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
 from gradscope.reporters import Outputs
+from gradscope.reporters.logs import Say
 from gradscope.watch import Watch
 
 
@@ -32,6 +33,7 @@ class Options:
     locate: bool = True
     histograms_every: int = 10
     probes: tuple[str, ...] = ()
+    quiet: bool = False  # say nothing through the trainer's warnings and logs
 
     @classmethod
     def of(cls, checks: Checks | dict[str, Any] | None = None, **kwargs: Any) -> Options:
@@ -63,8 +65,10 @@ class Session:
         optimizer: Any,
         scaler: torch.amp.GradScaler | None,
         on_step: Callable[[StepRecord], None],
+        say: Say | None = None,
     ) -> Watch:
-        """Start watching (a watch left open by an earlier run is closed first)."""
+        """Start watching (a watch left open by an earlier run is closed first); ``say(level, text)``
+        is the trainer's own channel for the findings the watch speaks (unless ``quiet``)."""
         self.close()
         o = self.options
         scope = Watch(
@@ -80,6 +84,8 @@ class Session:
             on_step=on_step,
             every=o.every,
             probes=o.probes,
+            quiet=o.quiet or say is None,
+            say=say,
         )
         self.scope = scope.__enter__()
         return scope

@@ -146,6 +146,10 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "dead_relu": "no ReLU ran in the measured forward passes",
         "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
         "update_ratio": "the update_ratio probe was off (`probes: [update_ratio]`)",
+        "not_in_optimizer": "no optimizer was watched (gradscope.watch(model, optimizer) or a trainer callback)",
+        "no_update": "no optimizer was watched (gradscope.watch(model, optimizer) or a trainer callback)",
+        "step_not_called": "not a watched training loop (gradscope.watch or a trainer callback)",
+        "eval_mode": "not a watched training loop (gradscope.watch or a trainer callback)",
     }
     ran = {
         "wrong_gradient": bool(report.gradchecks),
@@ -157,6 +161,10 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "dead_relu": "relu" in kinds,
         "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
         "update_ratio": any("update_ratio" in s.probes for s in steps),
+        "not_in_optimizer": run.loop is not None and run.loop.optimizer,
+        "no_update": run.loop is not None and run.loop.optimizer,
+        "step_not_called": run.loop is not None,
+        "eval_mode": run.loop is not None,
     }
     return {kind: why for kind, why in out.items() if not ran[kind]}
 
