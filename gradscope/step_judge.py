@@ -5,11 +5,14 @@ gradient spike included, judged against the steps before it as OLMo-core's and M
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from gradscope import rules
 from gradscope.config import Checks
 from gradscope.history import History
-from gradscope.report import SEVERITIES, Anomaly, Report, StepRecord
+from gradscope.report import SEVERITIES, Anomaly, LoopFacts, Report, StepRecord
+
+LOOP_AFTER = 3  # steps before the loop's findings are judged mid-run (a warm-up's first lr is 0)
 
 
 class StepJudge:
@@ -51,6 +54,15 @@ class StepJudge:
                 found.append(rules.spike_finding(kind, spike, record, list(history.steps()), check))
         self._last = (record, found)
         return found
+
+    def of_loop(self, record: StepRecord, loop: LoopFacts | None) -> list[Anomaly]:
+        """The loop's findings so far (``loop``: what the watch saw of it up to ``record``), settled, once
+        ``LOOP_AFTER`` steps tell a warm-up that starts at lr 0 from a run stuck there."""
+        if loop is None or loop.checked < LOOP_AFTER:
+            return []
+        single = self.single(record)
+        report = replace(single, run=replace(single.run, loop=loop))
+        return list(rules.settle(rules.loop_findings(report, self.checks), self.checks)[0])
 
     def worst(self, record: StepRecord, floor: str, spikes: list[Anomaly]) -> Anomaly | None:
         """The most severe finding of the step (``spikes``: its spikes) at ``floor`` severity or above, or None."""

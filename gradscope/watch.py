@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed, outfiles, rules
+from gradscope import distributed, outfiles
 from gradscope.backwards import Backwards
 from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
@@ -43,16 +43,14 @@ from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
-from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, LoopFacts, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
-from gradscope.reporters.logs import Say, Speaker, build_speaker
 from gradscope.runs import ReportCache, judged, learning_rate, run_info
 from gradscope.step_judge import StepJudge
 from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
 
-SPEAK_LOOP_AFTER = 3  # steps before the loop's findings are said (a warm-up's first lr is 0)
 COMPILED_NOTE = (
     "torch.compile'd model: activation statistics are off (global module hooks and a TorchFunctionMode "
     "would force graph breaks); a step with a NaN/Inf is replayed through the eager original"
@@ -85,8 +83,7 @@ class Watch:
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
         retention: Retention | None = None,
-        quiet: bool = True,
-        say: Say | None = None,
+        loop: bool = True,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -116,7 +113,8 @@ class Watch:
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
         self.outputs = outputs or Outputs()
-        self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer)
+        # The user's loop around the gradients (a driver of its own, the CLI, has no such bugs to find).
+        self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer) if loop else None
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
@@ -127,8 +125,7 @@ class Watch:
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
         self.backwards = Backwards(scaler)  # the loss of each backward() the loop runs
-        self._quiet, self._say = quiet, say
-        self.speaker: Speaker | None = None  # built on entry (rank 0 alone speaks)
+        self._listening = False  # a reporter takes each step's findings as they appear (set on entry)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
@@ -138,7 +135,7 @@ class Watch:
     def _probes(self, histograms_every: int, named: tuple[str, ...] | list[str]) -> list[Probe]:
         """The probes besides the gradient probe, in the order they measure (the same on every rank):
         the watch's own, then the optional ones ``named``."""
-        probes: list[Probe] = [self.loop]
+        probes: list[Probe] = [self.loop] if self.loop is not None else []
         if histograms_every:
             probes.append(HistogramProbe(self.gradients, histograms_every, self._shards))
         if self.activations is not None:
@@ -176,7 +173,7 @@ class Watch:
             outfiles.check_files({"json=": o.json, "jsonl=": o.jsonl, "plot=": o.plot})
             rank = self.ranks.rank if self.ranks is not None else None
             self.reporters = build_reporters(o, rank)
-            self.speaker = build_speaker(self._quiet, rank, self._say)
+            self._listening = self.reporters.listening
         except BaseException:
             self._stack.close()
             raise
@@ -185,14 +182,11 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         try:
             self._stack.close()  # every hook and mode comes off, also when the loop raised
-            self.loop.settle()
+            if self.loop is not None:
+                self.loop.settle()
         finally:
-            try:
-                if self.reporters:
-                    self.reporters.write(self.report)
-            finally:
-                if self.speaker is not None:
-                    self.speaker.summary(self.report)
+            if self.reporters:
+                self.reporters.write(self.report)
 
     def _pause(self, paused: bool) -> None:
         self.backwards.paused = paused
@@ -274,7 +268,8 @@ class Watch:
 
     def _after_optimizer_step(self, *_: Any) -> None:
         self._updates += 1
-        self.loop.updated()
+        if self.loop is not None:
+            self.loop.updated()
         self._end_step()
 
     def _end_step(self) -> None:
@@ -302,7 +297,7 @@ class Watch:
 
     def _append(self, record: StepRecord) -> StepRecord:
         # raise_on judges a spike against the steps before this one: before it joins them.
-        judged = self.raise_on is not None or self.speaker is not None
+        judged = self.raise_on is not None or self._listening
         spikes = self.judge.spikes(record, self.history) if judged else []
         self.history.add(record)
         self.precision.settle()
@@ -310,21 +305,13 @@ class Watch:
             probe.step_done(record)
         self._next_step()
         self.reporters.on_step(record)
-        if self.speaker is not None:
-            self.speaker.found(self.judge.settled(record, spikes))
-            self._speak_loop(record)
+        if self._listening:
+            loop = self._loop_facts()
+            self.reporters.found(self.judge.settled(record, spikes) + self.judge.of_loop(record, loop))
         if self.on_step is not None:
             self.on_step(record)
         self._raise_if_found(record, spikes)
         return record
-
-    def _speak_loop(self, record: StepRecord) -> None:
-        """Say the loop's findings so far, once a few steps tell a warm-up from a run stuck at 0."""
-        if self.speaker is None or self.loop.facts.checked < SPEAK_LOOP_AFTER:
-            return
-        single = self._single(record)
-        report = replace(single, run=replace(single.run, loop=self.loop.with_backwards(self.backwards.count)))
-        self.speaker.found(list(rules.settle(rules.loop_findings(report, self.checks), self.checks)[0]))
 
     @property
     def steps(self) -> tuple[StepRecord, ...]:
@@ -349,14 +336,16 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec, self.loop.facts)
-        key = (*key, self.backwards.count)
+        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec, self._loop_facts())
         return self._report.get(key, self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
         report = Report(self._run_info(), infos, self.history.steps(), called_modules=self.called)
         return judged(replace(report, retained=self.history.retained()), self.checks)
+
+    def _loop_facts(self) -> LoopFacts | None:
+        return self.loop.with_backwards(self.backwards.count) if self.loop is not None else None
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
@@ -373,7 +362,7 @@ class Watch:
             lr=learning_rate(self.optimizer),
             clip=clip.model_dump() if clip is not None else None,
             notes=tuple(self.notes),
-            loop=self.loop.with_backwards(self.backwards.count),
+            loop=self._loop_facts(),
         )
 
 
@@ -437,7 +426,7 @@ def watch(
         model,
         optimizer,
         scaler,
-        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json),
+        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json, speak=not quiet),
         raise_on=raise_on,
         checks=checks,
         activations=activations,
@@ -447,5 +436,4 @@ def watch(
         every=every,
         probes=probes,
         retention=retention,
-        quiet=quiet,
     )

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.reporters.logs import Speaker, build_speaker, summary_line
+from gradscope.reporters import Outputs, build_reporters
+from gradscope.reporters.logs import LogReporter, summary_line
 from tests.test_syncs import count_syncs
 from tests.test_tensorboard import events, scalars
 
@@ -134,9 +135,9 @@ def test_quiet_says_nothing_and_a_healthy_loop_says_only_an_info_summary(caplog)
     )
 
 
-def test_only_rank_zero_speaks():
-    assert build_speaker(False, None) is not None and build_speaker(False, 0) is not None
-    assert build_speaker(False, 1) is None and build_speaker(True, 0) is None
+def test_only_rank_zero_speaks_and_only_when_asked():
     said = []
-    speaker = Speaker(lambda level, text: said.append((level, text)))
-    assert speaker.say is not None and said == []
+    speaking = Outputs(speak=True, say=lambda level, text: said.append(text))
+    assert build_reporters(speaking, rank=1).reporters == []
+    (reporter,) = build_reporters(speaking, rank=0).reporters
+    assert isinstance(reporter, LogReporter) and build_reporters(Outputs(), rank=0).reporters == []

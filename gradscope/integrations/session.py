@@ -15,7 +15,6 @@ from gradscope.config import Checks
 from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
 from gradscope.reporters import Outputs
-from gradscope.reporters.logs import Say
 from gradscope.watch import Watch
 
 
@@ -65,7 +64,7 @@ class Session:
         optimizer: Any,
         scaler: torch.amp.GradScaler | None,
         on_step: Callable[[StepRecord], None],
-        say: Say | None = None,
+        say: Callable[[int, str], None] | None = None,
     ) -> Watch:
         """Start watching (a watch left open by an earlier run is closed first); ``say(level, text)``
         is the trainer's own channel for the findings the watch speaks (unless ``quiet``)."""
@@ -75,7 +74,7 @@ class Session:
             model,
             optimizer,
             scaler,
-            outputs=Outputs(logdir=o.logdir, json=o.json),
+            outputs=Outputs(logdir=o.logdir, json=o.json, speak=not o.quiet and say is not None, say=say),
             raise_on=o.raise_on,
             checks=o.checks,
             activations=o.activations,
@@ -84,8 +83,6 @@ class Session:
             on_step=on_step,
             every=o.every,
             probes=o.probes,
-            quiet=o.quiet or say is None,
-            say=say,
         )
         self.scope = scope.__enter__()
         return scope

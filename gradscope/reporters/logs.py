@@ -2,7 +2,8 @@
 summary when the watch closes, through Python's ``logging`` (the ``gradscope`` logger) or a host
 trainer's own channel (Lightning's ``rank_zero_warn``, transformers' logger).
 
-The watch judges; this only words what it is handed. Made on rank 0 alone (``build_speaker``).
+The watch judges; this only words what it is handed (``found``, then the report at ``write``). Made
+by ``build_reporters`` when ``Outputs.speak``, so on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from gradscope.report import Anomaly, Report
+from gradscope.report import Anomaly, Report, StepRecord
 
 LOGGER = logging.getLogger("gradscope")
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING}
@@ -18,7 +19,7 @@ LEVELS = {"error": logging.ERROR, "warning": logging.WARNING}
 Say = Callable[[int, str], None]  # (logging level, text)
 
 
-class Speaker:
+class LogReporter:
     """Says findings of warning or error severity, each kind once (the first), and a summary.
 
     Args:
@@ -36,10 +37,16 @@ class Speaker:
                 self.heard.add(a.kind)
                 self.say(LEVELS[a.severity], finding_line(a))
 
-    def summary(self, report: Report) -> None:
+    def on_step(self, step: StepRecord) -> None:
+        return None  # the watch hands each step's findings to ``found``
+
+    def write(self, report: Report) -> None:
         """The findings not said yet, then one line: the steps watched and the findings by severity."""
         self.found(report.anomalies)
         self.say(logging.WARNING if self.heard else logging.INFO, summary_line(report))
+
+    def close(self) -> None:
+        return None
 
 
 def finding_line(a: Anomaly) -> str:
@@ -64,10 +71,3 @@ def summary_line(report: Report) -> str:
         f"gradscope: {steps} steps watched, {len(found)} finding(s): {kinds}; "
         f"scope.report.print() (or the JSON report) has their causes and fixes."
     )
-
-
-def build_speaker(quiet: bool, rank: int | None, say: Say | None = None) -> Speaker | None:
-    """The speaker of a run: none when ``quiet`` or on a rank other than 0 (``rank``: None when not distributed)."""
-    if quiet or (rank is not None and rank != 0):
-        return None
-    return Speaker(say)
