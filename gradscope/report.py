@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from gradscope.report_memory import MemoryReport
+
 SCHEMA_VERSION = 1
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[str, ...] = get_args(Severity)
@@ -257,6 +259,7 @@ class Retained:
     policy: dict[str, int]
     totals: RunTotals
     series: StepSeries
+    stride: int | None = None  # the sample's stride at the end of the run: steps it kept are multiples of it
 
 
 @dataclass(frozen=True)
@@ -342,6 +345,7 @@ class Report:
     gradchecks: tuple[GradcheckResult, ...] = ()  # with --gradcheck: each custom autograd.Function
     schema_version: int = SCHEMA_VERSION
     retained: Retained | None = None  # a run that kept only some steps in full (None: every step is here)
+    memory: MemoryReport | None = None  # what autograd saved for backward in one step, per module (``memory``)
 
     def at_or_above(self, severity: str) -> list[Anomaly]:
         """Anomalies whose severity is ``severity`` or worse (``never``: none)."""

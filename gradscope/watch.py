@@ -41,6 +41,7 @@ from gradscope.probes.activation_counts import ActivationCounts
 from gradscope.probes.base import Probe, StepContext, Watched
 from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
+from gradscope.probes.memory import MemoryOptions
 from gradscope.probes.ranks import RankViews
 from gradscope.recording import Recorder
 from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, LoopFacts, Report, RunInfo, StepRecord
@@ -83,6 +84,7 @@ class Watch:
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
         retention: Retention | None = None,
+        memory: bool | MemoryOptions = False,
         loop: bool = True,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
@@ -113,6 +115,8 @@ class Watch:
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
         self.outputs = outputs or Outputs()
+        self._memory = memory if isinstance(memory, MemoryOptions) else None
+        probes = [*probes, "memory"] if memory and "memory" not in probes else probes
         # The user's loop around the gradients (a driver of its own, the CLI, has no such bugs to find).
         self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer) if loop else None
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
@@ -142,7 +146,8 @@ class Watch:
             probes.append(self.activations)
         if self.ranks is not None:
             probes.append(RankViews(self.ranks, self.model, self.gradients.params, self.gradients.names, self.notes))
-        return probes + optional(named, Watched(self.probe_model, self.gradients, self.ranks, self._shards))
+        watched = Watched(self.probe_model, self.gradients, self.ranks, self._shards, self.optimizer, self._memory)
+        return probes + optional(named, watched)
 
     @property
     def called(self) -> tuple[str, ...] | None:
@@ -192,6 +197,22 @@ class Watch:
         self.backwards.paused = paused
         for probe in self.probes:
             probe.pause(paused)
+
+    @contextlib.contextmanager
+    def forward_window(self, inputs: Any = None) -> Iterator[None]:
+        """Enter around a driver's forward and loss on ``inputs`` (the batch): the probes that
+        measure one forward (the memory ledger) measure this one."""
+        with contextlib.ExitStack() as stack:
+            for probe in self.probes:
+                stack.enter_context(probe.forward_window(inputs))
+            yield
+
+    def report_fields(self) -> dict[str, Any]:
+        """The run-level ``Report`` fields the probes give (``memory``)."""
+        fields: dict[str, Any] = {}
+        for probe in self.probes:
+            fields.update(probe.report_fields())
+        return fields
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -336,12 +357,16 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec, self._loop_facts())
+        stepped = bool(getattr(self.optimizer, "state", None))  # the memory ledger counts the optimizer's state
+        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec, stepped)
+        key = (*key, self._loop_facts())
         return self._report.get(key, self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
-        report = Report(self._run_info(), infos, self.history.steps(), called_modules=self.called)
+        report = Report(
+            self._run_info(), infos, self.history.steps(), called_modules=self.called, **self.report_fields()
+        )
         return judged(replace(report, retained=self.history.retained()), self.checks)
 
     def _loop_facts(self) -> LoopFacts | None:
@@ -384,6 +409,7 @@ def watch(
     retention: Retention | dict[str, int] | None = None,
     jsonl: str | None = None,
     json: str | None = None,
+    memory: bool = False,
     quiet: bool = False,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
@@ -412,6 +438,9 @@ def watch(
             every step's loss and norms, and the totals the rules need, are kept whatever it says.
         jsonl: stream every measured step's full record there, one JSON object a line.
         json: write the JSON report there when the block exits (``gradscope show`` reads it).
+        memory: the memory ledger of the first measured step: what autograd saves for backward per
+            module, the parameters, gradients and optimizer state, and checkpointing advice
+            (``report.memory``; the same as ``probes=("memory",)``).
         quiet: say nothing; otherwise the ``gradscope`` logger gets each kind of warning or error
             at the step it first appears, and a one-line summary when the block exits (rank 0).
 
@@ -436,4 +465,5 @@ def watch(
         every=every,
         probes=probes,
         retention=retention,
+        memory=memory,
     )

@@ -20,6 +20,7 @@ from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.loop import eval_mode, no_update, not_in_optimizer, step_not_called
+from gradscope.rules.memory import memory_budget, memory_growth
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
 from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, spike_finding, with_causes
@@ -49,6 +50,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss_spike", loss_spike),
     ("gradient_spike", gradient_spike),
     ("update_ratio", update_ratio),
+    ("memory_budget", memory_budget),
     ("not_in_optimizer", not_in_optimizer),
     ("no_update", no_update),
     ("step_not_called", step_not_called),
@@ -119,6 +121,7 @@ def findings(report: Report, checks: Checks, baseline: Report | None = None) -> 
     found = [anomaly for kind, rule in RULES for anomaly in rule(report, checks.rule(kind))]
     if baseline is not None:
         found.extend(baseline_drift(report, baseline, checks.baseline_drift))
+        found.extend(memory_growth(report, baseline, checks.memory_growth))
     return found
 
 
