@@ -43,14 +43,17 @@ class Saved:
 
 def storage_of(tensor: torch.Tensor) -> tuple[Key, int] | None:
     """The tensor's storage key and full size in bytes (None: no storage to count)."""
+    local = getattr(tensor, "_local_tensor", None)  # a DTensor (FSDP2) holds its shard in a local tensor
+    if isinstance(local, torch.Tensor):
+        tensor = local
     try:
         storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0 or tensor.device.type == "meta":
+            return None
+        return (storage.data_ptr(), tensor.device.type), nbytes
     except (RuntimeError, NotImplementedError):  # sparse, nested or wrapper subclasses without one
         return None
-    nbytes = storage.nbytes()
-    if nbytes == 0 or tensor.device.type == "meta":
-        return None
-    return (storage.data_ptr(), tensor.device.type), nbytes
 
 
 class Ledger:
