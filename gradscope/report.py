@@ -330,6 +330,8 @@ class RunInfo:
     notes: tuple[str, ...] = ()  # what could not be observed, and why
     distributed: dict[str, Any] | None = None  # strategy, world_size, backend
     loop: LoopFacts | None = None  # a watched loop's optimizer, backward and mode facts
+    # A failed run: the parameters that held NaN/Inf when it raised (an earlier step's update wrote them).
+    nonfinite_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
 from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
+from gradscope.rules.consequences import raised_after
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
 from gradscope.rules.loop import eval_mode, no_update, not_in_optimizer, step_not_called
 from gradscope.rules.memory import memory_budget, memory_growth
@@ -122,7 +123,7 @@ def findings(report: Report, checks: Checks, baseline: Report | None = None) -> 
     if baseline is not None:
         found.extend(baseline_drift(report, baseline, checks.baseline_drift))
         found.extend(memory_growth(report, baseline, checks.memory_growth))
-    return found
+    return raised_after(report, found)
 
 
 def settle(found: list[Anomaly], checks: Checks) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:
