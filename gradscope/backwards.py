@@ -22,6 +22,7 @@ Listener = Callable[[Any, Any], None]  # (tensors, grad_tensors) of a backward a
 
 _listeners: list[Listener] = []
 _original: Callable[..., Any] | None = None
+_running = False  # a backward is running (one started inside it is part of it)
 
 
 @contextlib.contextmanager
@@ -44,10 +45,16 @@ def observed(listener: Listener) -> Iterator[None]:
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if not replay.REPLAYING:  # gradscope's own replays are not the user's steps
+        global _running
+        # Not gradscope's own replays, nor a backward run inside one (reentrant checkpointing's regions).
+        if not replay.REPLAYING and not _running:
             for listener in tuple(_listeners):
                 listener(tensors, grad_tensors)
-        return original(tensors, grad_tensors, *args, **kwargs)
+        outer, _running = _running, True
+        try:
+            return original(tensors, grad_tensors, *args, **kwargs)
+        finally:
+            _running = outer
 
     return backward
 
@@ -69,6 +76,7 @@ class Backwards:
         self.count = 0  # backward calls so far
         self.since_step = 0  # backward calls since the last step
         self.paused = False
+        self.starting: list[Callable[[], None]] = []  # called as each backward starts (the loss code ended)
         self._loss: torch.Tensor | None = None
         self._scaled: tuple[torch.Tensor, torch.Tensor] | None = None  # (scaled, loss) of scaler.scale
 
@@ -90,6 +98,8 @@ class Backwards:
     def _seen(self, tensors: Any, grad_tensors: Any) -> None:
         if self.paused:
             return
+        for call in self.starting:
+            call()
         self.count += 1
         self.since_step += 1
         root = tensors if isinstance(tensors, torch.Tensor) else None

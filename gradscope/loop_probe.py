@@ -6,7 +6,7 @@ is 0, whether no parameter of the optimizer has a gradient, and whether the mode
 module) is in eval mode. Whether the update moved the weights is measured on a sample: a strided
 slice of at most ``SAMPLE`` entries of at most ``SAMPLED`` weight matrices is copied on the device
 before the update, and the largest |delta w| over the sample is taken on the device after it; that
-one number joins the next step's transfer (the last step's is fetched when the watch closes).
+one number joins the next step's transfer (the last update's is left unread: no sync of its own).
 """
 
 from __future__ import annotations
@@ -154,12 +154,9 @@ class LoopProbe(Probe):
         return {}
 
     def settle(self) -> None:
-        """Fetch the last update's movement (one host sync, when the watch closes)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            f = self.facts
-            moved = pending.item()
-            self.facts = replace(f, moved_checked=f.moved_checked + 1, unmoved_steps=f.unmoved_steps + (moved == 0.0))
+        """The watch closes: the last update's movement is left unread (fetching it would be a host
+        sync of its own); every earlier update's came with the step after it."""
+        self._pending = None
 
     def affected(self) -> tuple[str, ...]:
         """The model's modules whose forward differs in training, as ``name (type)``: Dropout (p > 0),

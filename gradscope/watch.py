@@ -35,6 +35,7 @@ from gradscope.errors import GradientAnomaly
 from gradscope.history import History, Retention
 from gradscope.locating import OriginSearch, Replay
 from gradscope.loop_probe import LoopProbe
+from gradscope.loss_ops import LossOps
 from gradscope.optimizer_hooks import StepHooks
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
@@ -119,6 +120,11 @@ class Watch:
         probes = [*probes, "memory"] if memory and "memory" not in probes else probes
         # The user's loop around the gradients (a driver of its own, the CLI, has no such bugs to find).
         self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer) if loop else None
+        self.backwards = Backwards(scaler)  # the loss of each backward() the loop runs
+        # The loss code's ops, for a NaN the user's loss makes (off where a mode would break a compiled graph).
+        self.loss_ops = LossOps(inner, _names(inner)) if locate and loop and not is_compiled(inner) else None
+        if self.loss_ops is not None:
+            self.backwards.starting.append(self.loss_ops.close)
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
@@ -128,7 +134,6 @@ class Watch:
         self.reporters = Reporters()  # built on entry (rank 0 alone writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
-        self.backwards = Backwards(scaler)  # the loss of each backward() the loop runs
         self._listening = False  # a reporter takes each step's findings as they appear (set on entry)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
@@ -147,7 +152,9 @@ class Watch:
         if self.ranks is not None:
             probes.append(RankViews(self.ranks, self.model, self.gradients.params, self.gradients.names, self.notes))
         watched = Watched(self.probe_model, self.gradients, self.ranks, self._shards, self.optimizer, self._memory)
-        return probes + optional(named, watched)
+        probes += optional(named, watched)
+        # Last: its forward hook pushes its mode after the activation mode's hook has popped its own.
+        return probes + ([self.loss_ops] if self.loss_ops is not None else [])
 
     @property
     def called(self) -> tuple[str, ...] | None:
@@ -312,6 +319,8 @@ class Watch:
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             record = self.recorder.measure(StepContext(self._seen, loss), self.probes, self._pre, skipped)
         origin = self.search.find(record, replay)
+        if origin is not None and origin.phase == "loss" and origin.op is None and self.loss_ops is not None:
+            origin = self.loss_ops.found or origin  # made after the model: the loss code's op (or its input)
         overflow = self.search.find_overflow(record, replay) if origin is None else None
         record = replace(record, origin=origin, overflow=overflow, **extra)
         return self._append(record)
@@ -467,3 +476,7 @@ def watch(
         retention=retention,
         memory=memory,
     )
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}

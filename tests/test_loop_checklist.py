@@ -106,7 +106,7 @@ def test_a_learning_rate_of_zero_in_every_group_is_an_error_that_names_the_sched
     assert unchanged(before, model) == set(before)
     (a,) = loud(scope.report)["no_update"]
     assert a.severity == "error" and a.evidence["cause"] == "lr_zero" and a.evidence["count"] == 40
-    assert a.evidence["unmoved_steps"] == a.evidence["moved_checked"] == 40
+    assert a.evidence["unmoved_steps"] == a.evidence["moved_checked"] == 39  # the last update is not read
     assert "learning rate is 0 in every param group at 40 of 40" in a.message
 
 
@@ -125,7 +125,7 @@ def test_a_warm_up_that_starts_at_zero_is_not_a_finding():
             schedule.step()
     loop = scope.report.run.loop
     assert moved_at[0] is False and all(moved_at[1:])  # independent: only the first update is zero
-    assert (loop.lr_zero_steps, loop.lr_zero_first, loop.unmoved_steps, loop.moved_checked) == (1, 0, 1, 40)
+    assert (loop.lr_zero_steps, loop.lr_zero_first, loop.unmoved_steps, loop.moved_checked) == (1, 0, 1, 39)
     assert loud(scope.report) == {}
 
 
@@ -255,7 +255,7 @@ def test_the_healthy_loop_is_quiet_and_every_update_moved():
     report = plain_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     loop = report.run.loop
     assert loud(report) == {}
-    assert (loop.backwards, loop.updates, loop.checked, loop.moved_checked, loop.unmoved_steps) == (40, 40, 40, 40, 0)
+    assert (loop.backwards, loop.updates, loop.checked, loop.moved_checked, loop.unmoved_steps) == (40, 40, 40, 39, 0)
     assert loop.sampled == ("0.weight", "4.weight")
 
 
@@ -269,3 +269,30 @@ def test_the_loop_facts_read_back_from_json(tmp_path):
 
     back = gradscope.Report.from_dict(json.loads((tmp_path / "r.json").read_text()))
     assert back.run.loop == report.run.loop and back.run.loop.outside == ("4.weight", "4.bias")
+
+
+class Checkpointed(nn.Module):
+    """A block under reentrant checkpointing, whose backward calls torch.autograd.backward itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True)
+
+
+def test_a_backward_run_inside_a_backward_is_not_one_of_the_loops():
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for x, y in batches(5):
+            opt.zero_grad()
+            loss = loss_of(model, x.requires_grad_(), y)
+            loss.backward()
+            opt.step()
+            seen.append(loss.item())
+    assert scope.report.run.loop.backwards == 5
+    assert [s.loss for s in scope.report.steps] == seen
