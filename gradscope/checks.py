@@ -118,6 +118,11 @@ class Checks(_Strict):
     update_ratio: UpdateRatioCheck = UpdateRatioCheck()
     memory_growth: MemoryGrowthCheck = MemoryGrowthCheck()
     memory_budget: _Check = _Check()
+    # The loop around the gradients (gradscope.watch and the trainer callbacks).
+    not_in_optimizer: _Check = _Check()
+    no_update: StepFractionCheck = StepFractionCheck()  # warning above this fraction of the steps; error: all
+    step_not_called: _Check = _Check()
+    eval_mode: _Check = _Check()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

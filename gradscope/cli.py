@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from gradscope import outfiles
+from gradscope import fit, outfiles
 from gradscope.checks import parse_check_options
 from gradscope.config import Settings, load_config
 from gradscope.errors import (
@@ -28,17 +28,20 @@ from gradscope.errors import (
     EXIT_USAGE,
     ConfigError,
     GradscopeError,
+    ModelError,
 )
 from gradscope.help import EXIT_CODES, Command
 from gradscope.inspection import Inspection
 from gradscope.interrupts import Interrupts
 from gradscope.piping import user_stdout
+from gradscope.report import Anomaly
 from gradscope.report_memory import parse_bytes
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
 from gradscope.reporters.plot import image_format
 from gradscope.reporters.terminal import print_verdict
+from gradscope.rules.consequences import consequence
 from gradscope.version import __version__
 
 app = typer.Typer(
@@ -208,6 +211,8 @@ def _prepare(
     saved = load_report(baseline) if baseline is not None and not update_baseline else None
     settings = load_config(config, overrides)
     _check_outputs(files, logdir, settings, config)
+    for key, text in fit.advice(settings):
+        print(f"{_name()}: warning: {fit.where(settings, key)}{key}: {text}", file=sys.stderr)
     with user_stdout(piped):
         return Inspection(settings, saved)
 
@@ -291,7 +296,8 @@ def _run(
         code = EXIT_INTERRUPTED
         print(f"{_name()}: interrupted; writing the steps measured so far", file=sys.stderr)
     except GradscopeError as exc:
-        code = _fail(exc, verbose, EXIT_USAGE)
+        cause = consequence(inspection.report()) if isinstance(exc, ModelError) else None
+        code = _consequence(exc, cause, verbose) if cause is not None else _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
         code = _fail(exc, verbose, EXIT_INTERNAL)
     interrupts.hold()  # a second Ctrl-C or SIGTERM waits for the report to be written
@@ -383,6 +389,19 @@ def _fail(exc: BaseException, verbose: bool, code: int) -> int:
         if not verbose:
             print("(rerun with -v for the full traceback)", file=sys.stderr)
     return code
+
+
+def _consequence(exc: BaseException, cause: Anomaly, verbose: bool) -> int:
+    """The run raised on the NaN/Inf an earlier finding wrote into the weights: a finding's
+    consequence (exit 1), not the user's code failing on its own (exit 2)."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    step = cause.evidence["consequence"]["step"]
+    print(
+        f"{_name()}: step {step} raised, a consequence of {cause.kind} at step {cause.step} (see the findings): {exc}",
+        file=sys.stderr,
+    )
+    return EXIT_FINDINGS
 
 
 def _name() -> str:

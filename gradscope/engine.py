@@ -98,6 +98,7 @@ class Engine:
             clip=plan.clip,
             on_step=on_step,
             recorded_before_clipping=True,
+            loop=False,  # its own loop
             every=plan.every,
             ranks=ranks,
             retention=retention,

@@ -11,17 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradscope import distributed, loading, parallel
+from gradscope import distributed, fit, loading, parallel
 from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
 from gradscope.engine import Engine, StepPlan
-from gradscope.errors import ConfigError, GradscopeError, RankFailure, peer_failed
+from gradscope.errors import ConfigError, GradscopeError, ModelError, RankFailure, peer_failed
 from gradscope.history import Retention
 from gradscope.probes.gradients import describe_parameters
 from gradscope.probes.memory import MemoryOptions
 from gradscope.probes.memory_facts import named_candidates
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
-from gradscope.runs import ReportCache, judged, run_info
+from gradscope.runs import ReportCache, judged, nonfinite_parameters, run_info
 from gradscope.tensors import tensors_in
 from gradscope.wrappers import unwrap
 
@@ -43,6 +43,7 @@ class Inspection:
         self._report = ReportCache()
         self.status = "not started"
         self.error: str | None = None
+        self.nonfinite: tuple[str, ...] = ()  # a failed run: parameters holding NaN/Inf when it raised
         self.checkpointed: list[str] = []
         self._duration = 0.0
         self.engine: Engine | None = None
@@ -135,7 +136,18 @@ class Inspection:
         except BaseException as exc:
             if self.ranks is not None and not isinstance(exc, GradscopeError) and peer_failed(exc):
                 exc = RankFailure(self.ranks.rank, exc)  # not a fault of this rank's model
+            misfit = (
+                fit.overflow(self.model, self.batch.inputs, exc.cause, self.settings.data.target is None)
+                if (isinstance(exc, ModelError) and exc.key == "model")
+                else None
+            )
+            if misfit is not None:  # a bare IndexError of an embedding: the data does not fit the model
+                exc = misfit.located(self.settings.origin.source, self.settings.origin.lines)
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ModelError) and self.steps:  # a raise after steps whose updates may have left NaN
+                self.nonfinite = nonfinite_parameters(self.model)
+            if misfit is not None:
+                raise exc from None
             raise exc
         finally:
             self._duration = time.perf_counter() - start
@@ -175,6 +187,7 @@ class Inspection:
             steps_requested=settings.steps,
             status=self.status,
             error=self.error,
+            nonfinite_parameters=self.nonfinite,
             config=settings.origin.source,
             model_target=settings.model.target,
             seed=settings.seed,
@@ -194,6 +207,7 @@ class Inspection:
                 "fp16 without a grad scaler (scaler: false): the loss is not scaled, so gradients below fp16's "
                 "smallest subnormal (6e-8) flush to zero; gradient_underflow says where"
             )
+        notes.extend(f"{key}: {text}" for key, text in fit.advice(self.settings))
         if self.ranks is not None and self.settings.precision != "fp32":
             notes.append("distributed run: the gradient underflow check (an fp32 replay of one rank) is off")
         if self.ranks is not None and self.ranks.sharded:

@@ -32,7 +32,7 @@ def test_scalars_and_histograms_match_the_json_report(tmp_path):
     logdir, out = tmp_path / "tb", tmp_path / "r.json"
     config = str(CONFIGS / "faults" / "dead_relu.yaml")
     result = runner.invoke(app, ["inspect", config, "--steps", "3", "--logdir", str(logdir), "--json", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # dead_relu with no gradient upstream of the head: an error
     report = json.loads(out.read_text())
     acc = events(logdir)
     assert scalars(acc, "loss") == pytest.approx({s["step"]: s["loss"] for s in report["steps"]})

@@ -254,6 +254,12 @@ def _status_line(report: Report) -> Text:
     run = report.run
     done = f"{run.steps_completed} of {run.steps_requested} steps completed"
     why = f": {run.error}" if run.error else ""
+    cause = next((a for a in report.anomalies if "consequence" in a.evidence), None)
+    if cause is not None:
+        step = cause.evidence["consequence"]["step"]
+        return Text(
+            f"step {step} raised, a consequence of {cause.kind} at step {cause.step} ({done}){why}", style="red"
+        )
     return Text(f"run {run.status} ({done}){why}", style="bold red")
 
 
