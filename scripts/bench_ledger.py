@@ -6,7 +6,8 @@ interleaved rounds in one process; medians and the ratio.
     python scripts/bench_ledger.py --models gpt2 --rounds 7 --steps 10 --threads 1
 
 Each round builds the model (not timed) and times ``Inspection.run()``: every step, the ledger's
-first one included. ``first step`` times that step alone (``run()`` of a one-step config).
+first one included. ``first step`` times that step alone (``run()`` of a one-step config). Times are
+this process's CPU time (``time.process_time``), steadier than wall time on a shared machine.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def _run(raw: dict[str, Any], ledger: bool, steps: int) -> float:
     settings = settings_from_dict({**raw, "steps": steps, "optimizer": {"name": "adamw"}, "memory": {"ledger": ledger}})
     inspection = Inspection(settings)
-    start = time.perf_counter()
+    start = time.process_time()
     inspection.run()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def bench(raw: dict[str, Any], rounds: int, steps: int) -> dict[str, float]:
@@ -82,7 +83,7 @@ def main() -> None:
         t = bench(CONFIGS[name], args.rounds, args.steps)
         print(f"\n{name}")
         for variant, seconds in t.items():
-            print(f"  {variant:22} {1e3 * seconds:9.1f} ms")
+            print(f"  {variant:22} {1e3 * seconds:9.1f} ms CPU")
         print(f"  ratio, {args.steps}-step run      {t['run, ledger'] / t['run, no ledger']:9.3f}x")
         print(f"  ratio, first step       {t['first step, ledger'] / t['first step, no ledger']:9.3f}x")
 

@@ -194,3 +194,22 @@ def test_the_ledger_measures_one_step_then_its_hooks_are_gone():
 def _memory_hooks(model: nn.Module) -> list[Any]:
     hooks = [h for m in model.modules() for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]]
     return [h for h in hooks if type(getattr(h, "__self__", None)).__name__ == "MemoryProbe"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_ledger_sits_beside_the_allocators_view():
+    raw = {
+        "device": "cuda",
+        "model": {"target": "tests.memory_models:gpt2"},
+        "data": {"batch_size": 8, "input": {"tokens": {"vocab": 256, "length": 64}}, "labels": "input"},
+        "loss": "output",
+        "optimizer": {"name": "adamw"},
+        "steps": 1,
+    }
+    memory = gradscope.inspect(raw).memory
+    cuda = memory.cuda
+    assert cuda is not None and cuda.peak >= cuda.allocated_after > cuda.allocated_before
+    grown = cuda.allocated_after - cuda.allocated_before
+    # What the forward left allocated is the saved tensors plus the outputs; the batch was there before.
+    assert 0.5 * grown <= memory.saved_bytes <= grown + memory.batch_bytes
+    assert cuda.ledger_error == pytest.approx((memory.saved_bytes - grown) / grown, abs=1e-3)

@@ -156,3 +156,13 @@ def test_lightning_callback_takes_the_memory_probe(tmp_path):
     )
     fit.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
     assert callback.report.memory.modules["net.blocks.4"].saved_bytes > 0
+
+
+def test_show_prints_the_memory_section_of_a_saved_report(tmp_path):
+    out = tmp_path / "r.json"
+    first = inspect(write(tmp_path, "a.yaml"), "--memory-budget", "1MiB", "--json", str(out))
+    shown = runner.invoke(app, ["show", str(out)])
+    assert shown.exit_code == first.exit_code == 1
+    section = shown.output[shown.output.index("memory, step 0") :]
+    assert "saved for backward" in section and "checkpointing: {modules: [" in section
+    assert section.splitlines()[:12] == first.output[first.output.index("memory, step 0") :].splitlines()[:12]
