@@ -22,6 +22,7 @@ from collections import defaultdict
 from typing import Any
 
 from gradscope.report import Report, StepRecord
+from gradscope.reporters.tb_events import EventFile, event, histogram_values, scalar_value, summary
 
 # Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
 QUEUE_STEPS = 16
@@ -29,10 +30,10 @@ _DONE = object()
 
 
 class TensorBoardReporter:
-    """Writes scalars, histograms and text with one ``SummaryWriter``.
+    """Writes scalars, histograms and text into one event file (``tb_events.EventFile``).
 
-    Steps are handed to a background thread through a bounded queue: building the
-    protobufs and writing the event file happen off the training thread. Each step
+    Steps are handed to a background thread through a bounded queue: encoding the
+    events and writing the file happen off the training thread. Each step
     is one event holding all its scalars and histograms; the file is flushed
     whenever the queue runs empty, and ``write``/``close`` (also at interpreter
     exit) wait until every queued step is written. An error of the writer thread
@@ -44,12 +45,10 @@ class TensorBoardReporter:
     """
 
     def __init__(self, logdir: str, config_text: str | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # heavy import, only when asked for
-
-        self.writer = SummaryWriter(log_dir=logdir)
+        self.writer = EventFile(logdir)
         self.written: set[int] = set()
         if config_text:
-            self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+            self.writer.add_summary(_text("config", "```\n" + config_text + "\n```"), 0)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_STEPS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="gradscope-tensorboard", daemon=True)
@@ -73,8 +72,8 @@ class TensorBoardReporter:
         for a in report.anomalies:
             where = " ".join(x for x in (a.module or "", a.parameter or "") if x)
             text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
-            self.writer.add_text(f"anomalies/{a.kind}", text, a.step if a.step is not None else 0)
-        self.writer.add_custom_scalars(layout(report))
+            self.writer.add_summary(_text(f"anomalies/{a.kind}", text), a.step if a.step is not None else 0)
+        self.writer.add_summary(_custom_scalars(layout(report)), 0)
         self._picture(report)
         self.writer.flush()
 
@@ -96,8 +95,8 @@ class TensorBoardReporter:
         finally:
             require_matplotlib().close(drawn)
         image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png.getvalue())
-        summary = Summary(value=[Summary.Value(tag="gradient_flow", image=image)])
-        self.writer._get_file_writer().add_summary(summary, report.steps[-1].step)
+        picture = Summary(value=[Summary.Value(tag="gradient_flow", image=image)])
+        self.writer.add_summary(picture, report.steps[-1].step)
 
     def close(self) -> None:
         """Write every queued step, stop the thread and close the file (a second call does nothing)."""
@@ -122,7 +121,7 @@ class TensorBoardReporter:
                     self.writer.flush()
                     return
                 if self._error is None:
-                    self.writer._get_file_writer().add_summary(step_summary(item), item.step)
+                    self.writer.write(event(item.step, step_summary(item)))
                     if self._queue.empty():
                         self.writer.flush()
             except Exception as error:  # kept for the training thread; the queue keeps draining
@@ -131,30 +130,25 @@ class TensorBoardReporter:
                 self._queue.task_done()
 
 
-def step_summary(step: StepRecord) -> Any:
-    """One step's scalars and histograms as a single ``Summary`` protobuf."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+def step_summary(step: StepRecord) -> bytes:
+    """One step's scalars and histograms as a single serialized ``Summary``."""
+    values = [scalar_value(tag, value) for tag, value in _scalars(step) if value is not None and math.isfinite(value)]
+    values += [scalar_value(f"nonfinite/{name}", h.nonfinite) for name, h in step.histograms.items() if h.nonfinite]
+    drawn = [(name, h) for name, h in step.histograms.items() if h.count]
+    values += histogram_values([f"gradients/{name}" for name, _ in drawn], [h for _, h in drawn])
+    return summary(values)
 
-    values = [
-        Summary.Value(tag=tag, simple_value=value)
-        for tag, value in _scalars(step)
-        if value is not None and math.isfinite(value)
-    ]
-    for name, h in step.histograms.items():
-        if h.nonfinite:
-            values.append(Summary.Value(tag=f"nonfinite/{name}", simple_value=h.nonfinite))
-        if h.count:
-            histogram = HistogramProto(
-                min=h.min,
-                max=h.max,
-                num=h.count,
-                sum=h.sum,
-                sum_squares=h.sum_squares,
-                bucket_limit=h.limits(),
-                bucket=h.buckets,
-            )
-            values.append(Summary.Value(tag=f"gradients/{name}", histo=histogram))
-    return Summary(value=values)
+
+def _text(tag: str, text: str) -> Any:
+    from torch.utils.tensorboard.summary import text as text_summary  # heavy import, only when asked for
+
+    return text_summary(tag, text)
+
+
+def _custom_scalars(charts: dict[str, Any]) -> Any:
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    return custom_scalars(charts)
 
 
 def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
