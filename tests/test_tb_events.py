@@ -13,9 +13,12 @@ from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tf_stub
 
 import gradscope
 from gradscope import zoo
-from gradscope.report import Histogram
+from gradscope.probes.histograms import WIDTH, gradient_histograms
+from gradscope.report import Histogram, StepRecord
 from gradscope.reporters import tb_events
-from gradscope.reporters.tb_events import EventFile, event, histogram_values, record, scalar_value, summary
+from gradscope.reporters.tb_events import EventFile, event, record, scalar_value, summary
+from gradscope.reporters.tensorboard import step_summary
+from gradscope.tables import HistogramTable
 
 PAYLOADS = [b"", b"a", bytes(range(256)) * 3, b"\x00" * 1000]
 
@@ -70,17 +73,37 @@ HISTOGRAMS = [
 ]
 
 
+def histogram_summary(histograms) -> Summary:
+    """The histogram values (and non-finite counts) of a step's summary, without its totals."""
+    parsed = Summary.FromString(step_summary(StepRecord(0, None, 1.0, {}, {}, histograms=histograms)))
+    return Summary(value=[v for v in parsed.value if v.tag != "grad_norm/total"])
+
+
 def test_histograms_parse_as_tensorboards_histogram_proto_with_empty_runs_merged():
-    tags = [f"gradients/w{i}" for i in range(len(HISTOGRAMS))]
-    parsed = Summary.FromString(summary(histogram_values(tags, HISTOGRAMS)))
-    assert [v.tag for v in parsed.value] == tags
-    for value, h in zip(parsed.value, HISTOGRAMS):
+    tags = [f"w{i}" for i in range(len(HISTOGRAMS))]
+    parsed = {v.tag: v for v in histogram_summary(dict(zip(tags, HISTOGRAMS))).value}
+    assert parsed.pop("nonfinite/w1").simple_value == 1.0
+    assert sorted(parsed) == sorted(f"gradients/{t}" for t in tags)
+    for tag, h in zip(tags, HISTOGRAMS):
         limits, counts = collapsed(list(h.buckets), h.limits())
         want = HistogramProto(
             min=h.min, max=h.max, num=h.count, sum=h.sum, sum_squares=h.sum_squares, bucket_limit=limits, bucket=counts
         )
-        assert value.histo == want
-    assert list(parsed.value[0].histo.bucket) == [2, 0, 3, 0, 4]
+        assert parsed[f"gradients/{tag}"].histo == want
+    assert list(parsed["gradients/w0"].histo.bucket) == [2, 0, 3, 0, 4]
+
+
+def test_a_measured_table_writes_the_same_bytes_as_its_histograms():
+    torch.manual_seed(0)
+    grads = [torch.randn(16, 8), torch.randn(1000) ** 3, torch.tensor([1.0, math.nan, 2.0]), torch.full((4,), math.nan)]
+    names = [f"p{i}" for i in range(len(grads))]
+    table = HistogramTable(names, gradient_histograms(grads).flatten().tolist(), WIDTH)
+    assert table == {n: table[n] for n in names} and table["p2"].nonfinite == 1
+    plain = {n: table[n] for n in names}
+    record = StepRecord(0, None, 1.0, {}, {}, histograms=table)
+    assert step_summary(record) == step_summary(StepRecord(0, None, 1.0, {}, {}, histograms=plain))
+    tags = [v.tag for v in histogram_summary(table).value]
+    assert tags == ["nonfinite/p2", "nonfinite/p3", "gradients/p0", "gradients/p1", "gradients/p2"]
 
 
 def test_scalars_parse_as_float32_simple_values():
@@ -103,9 +126,10 @@ def test_an_event_parses_with_its_step_and_wall_time():
 
 def test_an_event_file_reads_back_in_tensorboards_loader(tmp_path):
     events = EventFile(str(tmp_path))
-    values = histogram_values(["gradients/w"], HISTOGRAMS[:1]) + [scalar_value("loss", 2.0)]
+    values = list(histogram_summary({"w": HISTOGRAMS[0]}).value) + [scalar_value("loss", 2.0)]
+    encoded = [v.SerializeToString() if isinstance(v, Summary.Value) else v for v in values]
     for step in range(3):
-        events.write(event(step, summary(values)))
+        events.write(event(step, summary(encoded)))
     events.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()

@@ -78,7 +78,7 @@ def _finite(*bounds: torch.Tensor) -> bool:
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
     """The table rows of same-shape gradients stacked as ``x`` (tensors, entries), or None when
     one of them holds a NaN or Inf."""
-    lo, hi = torch.aminmax(x, dim=1)
+    lo, hi = x.amin(dim=1), x.amax(dim=1)  # aminmax over a dim is ~20x slower on the CPU than the two
     if not _finite(lo, hi):
         return None
     tensors, entries = x.shape

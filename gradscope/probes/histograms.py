@@ -25,6 +25,7 @@ from gradscope.probes.base import Probe, StepContext
 from gradscope.probes.cpu_histograms import BINS, WIDTH, cpu_histograms
 from gradscope.probes.gradients import to_local
 from gradscope.report import Histogram, StepRecord
+from gradscope.tables import HistogramTable, histogram_of
 
 CHUNK = 1 << 18  # entries per chunk
 _INF = float("inf")
@@ -152,8 +153,7 @@ def _sums(chunk: _Chunk, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 def to_histogram(row: list[float]) -> Histogram:
     """One fetched table row as a ``Histogram``."""
-    lo, hi, count, total, squares, nonfinite = row[:6]
-    return Histogram(lo, hi, int(count), total, squares, int(nonfinite), tuple(map(int, row[6:])))
+    return histogram_of(row)
 
 
 class HistogramProbe(Probe):
@@ -185,4 +185,4 @@ class HistogramProbe(Probe):
     def contribute(self, values: list[float], record: StepRecord) -> dict[str, Any]:
         if not self._names:
             return {}
-        return {"histograms": {n: to_histogram(values[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(self._names)}}
+        return {"histograms": HistogramTable(self._names, values, WIDTH)}

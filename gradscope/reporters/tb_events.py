@@ -14,19 +14,17 @@ histogram summaries do (TensorBoard draws each bucket from the previous limit to
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
 import struct
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from gradscope.report import Histogram
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -79,7 +77,7 @@ def _delimited(key: bytes, payload: bytes) -> bytes:
 
 def scalar_value(tag: str, value: float) -> bytes:
     """A ``Summary.Value`` with ``simple_value`` (a float32, as TensorBoard keeps it)."""
-    return _delimited(b"\x0a", tag.encode()) + b"\x15" + _float32(value)
+    return _tag(tag) + b"\x15" + _float32(value)
 
 
 def _float32(value: float) -> bytes:
@@ -89,46 +87,52 @@ def _float32(value: float) -> bytes:
         return struct.pack("<f", math.copysign(math.inf, value))
 
 
-def histogram_values(tags: list[str], histograms: list[Histogram]) -> list[bytes]:
-    """``Summary.Value`` s holding each histogram as a ``HistogramProto``, each run of empty buckets
-    written as one that ends where the run ends."""
-    out: list[bytes] = [b""] * len(histograms)
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for i, h in enumerate(histograms):
-        by_size[len(h.buckets)].append(i)
-    for members in by_size.values():
-        encoded = _same_size([tags[i] for i in members], [histograms[i] for i in members])
-        for i, value in zip(members, encoded):
-            out[i] = value
-    return out
+# A HistogramProto's min, max, num, sum and sum_squares (fields 1-5, doubles), each after its key byte.
+_HEAD = np.dtype([(f"{name}{part}", kind) for name in "abcde" for part, kind in (("_key", "u1"), ("", "<f8"))])
 
 
-def _same_size(tags: list[str], histograms: list[Histogram]) -> list[bytes]:
-    """``histogram_values`` of histograms with as many buckets each. The limits are
-    ``Histogram.limits``'s arithmetic done for all at once on (histograms, buckets) arrays; each
-    histogram then takes its slice of the bytes."""
-    counts = np.array([h.buckets for h in histograms], dtype="<f8").reshape(len(histograms), -1)
-    low = np.array([h.min for h in histograms], dtype="<f8")[:, None]
-    high = np.array([h.max for h in histograms], dtype="<f8")[:, None]
+def histogram_values(tags: Sequence[str], rows: np.ndarray) -> list[bytes]:
+    """``Summary.Value`` s holding one ``HistogramProto`` per row of ``rows``.
+
+    Args:
+        tags: the tag of each row.
+        rows: (histograms, 6 + buckets) doubles: min, max, finite count, sum, sum of squares,
+            non-finite count (not written), then the bucket counts.
+
+    The bucket limits are ``Histogram.limits``'s arithmetic for all rows at once; each run of
+    empty buckets is written as one that ends where the run ends. The fixed fields of every row
+    are laid out as bytes in one array; each histogram then takes its slices.
+    """
+    count = rows.shape[0]
+    head = np.empty(count, dtype=_HEAD)
+    for column, name in enumerate("abcde"):
+        head[f"{name}_key"] = (column + 1) << 3 | 1  # field number, wire type 1 (64-bit)
+        head[name] = rows[:, column]
+    counts = rows[:, 6:]
     n = counts.shape[1]
-    limits = low + (high - low) * np.arange(1, n + 1, dtype="<f8") / n
-    # A bucket is written where it holds values or ends a run of empty ones.
-    keep = counts != 0
+    limits = rows[:, :1] + (rows[:, 1:2] - rows[:, :1]) * np.arange(1, n + 1, dtype="<f8") / n
+    keep = counts != 0  # a bucket is written where it holds values or ends a run of empty ones
     keep[:, :-1] |= counts[:, 1:] != 0
     keep[:, -1:] = True
     lengths = keep.sum(axis=1).tolist()
-    limit_bytes, count_bytes = limits[keep].tobytes(), counts[keep].tobytes()
-    out, at = [], 0
-    for tag, h, k in zip(tags, histograms, lengths):
-        head = struct.pack(
-            "<BdBdBdBdBd", 0x09, h.min, 0x11, h.max, 0x19, float(h.count), 0x21, h.sum, 0x29, h.sum_squares
-        )
-        size = _varint(8 * k)
+    heads = head.tobytes()
+    limit_bytes, count_bytes = limits[keep].astype("<f8").tobytes(), counts[keep].astype("<f8").tobytes()
+    out, at, size = [], 0, _HEAD.itemsize
+    for i, (tag, k) in enumerate(zip(tags, lengths)):
+        packed = _varint(8 * k)
         span = slice(8 * at, 8 * (at + k))
-        histo = b"".join((head, b"\x32", size, limit_bytes[span], b"\x3a", size, count_bytes[span]))
-        out.append(_delimited(b"\x0a", tag.encode()) + _delimited(b"\x2a", histo))
+        histo = b"".join(
+            (heads[size * i : size * (i + 1)], b"\x32", packed, limit_bytes[span], b"\x3a", packed, count_bytes[span])
+        )
+        out.append(_tag(tag) + b"\x2a" + _varint(len(histo)) + histo)
         at += k
     return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tag(tag: str) -> bytes:
+    """A ``Summary.Value``'s tag field (the same tags come back every step)."""
+    return _delimited(b"\x0a", tag.encode())
 
 
 def summary(values: Iterable[bytes]) -> bytes:

@@ -19,10 +19,14 @@ import queue
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
-from gradscope.report import Report, StepRecord
+import numpy as np
+
+from gradscope.report import Histogram, Report, StepRecord
 from gradscope.reporters.tb_events import EventFile, event, histogram_values, scalar_value, summary
+from gradscope.tables import HistogramTable
 
 # Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
 QUEUE_STEPS = 16
@@ -98,6 +102,12 @@ class TensorBoardReporter:
         picture = Summary(value=[Summary.Value(tag="gradient_flow", image=image)])
         self.writer.add_summary(picture, report.steps[-1].step)
 
+    def flush(self) -> None:
+        """Wait until every queued step is written and the file flushed."""
+        self._queue.join()
+        self._raise_if_failed()
+        self.writer.flush()
+
     def close(self) -> None:
         """Write every queued step, stop the thread and close the file (a second call does nothing)."""
         if self._thread.is_alive():
@@ -133,10 +143,32 @@ class TensorBoardReporter:
 def step_summary(step: StepRecord) -> bytes:
     """One step's scalars and histograms as a single serialized ``Summary``."""
     values = [scalar_value(tag, value) for tag, value in _scalars(step) if value is not None and math.isfinite(value)]
-    values += [scalar_value(f"nonfinite/{name}", h.nonfinite) for name, h in step.histograms.items() if h.nonfinite]
-    drawn = [(name, h) for name, h in step.histograms.items() if h.count]
-    values += histogram_values([f"gradients/{name}" for name, _ in drawn], [h for _, h in drawn])
+    for names, rows in histogram_rows(step.histograms):
+        values += [scalar_value(f"nonfinite/{names[i]}", rows[i, 5]) for i in np.flatnonzero(rows[:, 5])]
+        drawn = np.flatnonzero(rows[:, 2])  # a gradient with no finite value has no histogram
+        values += histogram_values([f"gradients/{names[i]}" for i in drawn], rows[drawn])
     return summary(values)
+
+
+def histogram_rows(histograms: Mapping[str, Histogram]) -> list[tuple[list[str], np.ndarray]]:
+    """The histograms as (names, rows) groups of as many buckets each (see ``histogram_values``):
+    a ``HistogramTable`` is one group, read where it lies."""
+    if isinstance(histograms, HistogramTable):
+        rows = np.frombuffer(histograms.values, dtype=np.float64).reshape(-1, histograms.width)
+        return [(list(histograms.names), rows)]
+    groups: dict[int, list[tuple[str, Histogram]]] = defaultdict(list)
+    for name, h in histograms.items():
+        groups[len(h.buckets)].append((name, h))
+    return [
+        (
+            [n for n, _ in members],
+            np.array(
+                [[h.min, h.max, h.count, h.sum, h.sum_squares, h.nonfinite, *h.buckets] for _, h in members],
+                dtype=np.float64,
+            ),
+        )
+        for members in groups.values()
+    ]
 
 
 def _text(tag: str, text: str) -> Any:
