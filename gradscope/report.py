@@ -129,7 +129,13 @@ class ActivationStats:
 
 @dataclass(frozen=True)
 class Histogram:
-    """A gradient's finite values in equal buckets between ``min`` and ``max``; ``nonfinite`` left out."""
+    """A gradient's finite values in equal buckets between ``min`` and ``max``; ``nonfinite`` left out.
+
+    ``edges``: the ``len(buckets) + 1`` bucket edges, from ``min`` to ``max`` (bucket ``i`` holds
+    ``edges[i] <= v < edges[i + 1]``, the last one its upper edge too). The JSON always stores them,
+    so that a reader can redraw the histogram; empty in memory and in reports written before they
+    were stored: ``bucket_edges()`` gives them either way.
+    """
 
     min: float
     max: float
@@ -138,11 +144,18 @@ class Histogram:
     sum_squares: float
     nonfinite: int
     buckets: tuple[int, ...]
+    edges: tuple[float, ...] = ()
+
+    def bucket_edges(self) -> tuple[float, ...]:
+        """The stored edges, or the equal steps from ``min`` to ``max`` the probe buckets by."""
+        if self.edges or not self.buckets:
+            return self.edges
+        n, width = len(self.buckets), self.max - self.min
+        return tuple(self.min + width * i / n for i in range(n)) + (self.max,)
 
     def limits(self) -> list[float]:
         """The upper edge of each bucket."""
-        n = len(self.buckets)
-        return [self.min + (self.max - self.min) * (i + 1) / n for i in range(n)]
+        return list(self.bucket_edges()[1:])
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,11 @@ _NESTED = ("parameters", "modules", "activations", "origin", "overflow", "backwa
 def step_dict(step: StepRecord) -> dict[str, Any]:
     """One step's JSON form, as in ``steps[i]`` of the report."""
     out = _plain(_without(step, *_NESTED))
-    for name in ("parameters", "modules", "activations", "histograms"):
+    for name in ("parameters", "modules", "activations"):
         out[name] = {key: _plain(dataclasses.asdict(s)) for key, s in getattr(step, name).items()}
+    out["histograms"] = {
+        key: _plain({**dataclasses.asdict(h), "edges": list(h.bucket_edges())}) for key, h in step.histograms.items()
+    }
     for name in ("origin", "overflow", "backward_error"):
         value = getattr(step, name)
         out[name] = _plain(dataclasses.asdict(value)) if value else None
@@ -90,7 +93,8 @@ def _step_from(data: dict[str, Any]) -> StepRecord:
     modules = {name: ModuleStats(**s) for name, s in data.pop("modules").items()}
     activations = {name: ActivationStats(**s) for name, s in data.pop("activations").items()}
     histograms = {
-        name: Histogram(**{**h, "buckets": tuple(h["buckets"])}) for name, h in data.pop("histograms", {}).items()
+        name: Histogram(**{**h, "buckets": tuple(h["buckets"]), "edges": tuple(h.get("edges", ()))})
+        for name, h in data.pop("histograms", {}).items()
     }
     origin, overflow = _origin_from(data.pop("origin")), _origin_from(data.pop("overflow", None))
     failure = data.pop("backward_error")
