@@ -91,17 +91,26 @@ def _float32(value: float) -> bytes:
 _HEAD = np.dtype([(f"{name}{part}", kind) for name in "abcde" for part, kind in (("_key", "u1"), ("", "<f8"))])
 
 
-def histogram_values(tags: Sequence[str], rows: np.ndarray) -> list[bytes]:
+def equal_limits(rows: np.ndarray) -> np.ndarray:
+    """(histograms, buckets): each bucket's upper edge when the buckets split ``min`` to ``max`` in
+    equal steps (``rows`` as in ``histogram_values``), ``Histogram.limits``'s arithmetic for all at once."""
+    n = rows.shape[1] - 6
+    limits = rows[:, :1] + (rows[:, 1:2] - rows[:, :1]) * np.arange(1, n + 1, dtype=np.float64) / n
+    limits[:, -1:] = rows[:, 1:2]  # the last edge is the maximum itself
+    return limits
+
+
+def histogram_values(tags: Sequence[str], rows: np.ndarray, limits: np.ndarray) -> list[bytes]:
     """``Summary.Value`` s holding one ``HistogramProto`` per row of ``rows``.
 
     Args:
         tags: the tag of each row.
         rows: (histograms, 6 + buckets) doubles: min, max, finite count, sum, sum of squares,
             non-finite count (not written), then the bucket counts.
+        limits: (histograms, buckets): each bucket's upper edge.
 
-    The bucket limits are ``Histogram.limits``'s arithmetic for all rows at once; each run of
-    empty buckets is written as one that ends where the run ends. The fixed fields of every row
-    are laid out as bytes in one array; each histogram then takes its slices.
+    Each run of empty buckets is written as one that ends where the run ends. The fixed fields
+    of every row are laid out as bytes in one array; each histogram then takes its slices.
     """
     count = rows.shape[0]
     head = np.empty(count, dtype=_HEAD)
@@ -109,8 +118,6 @@ def histogram_values(tags: Sequence[str], rows: np.ndarray) -> list[bytes]:
         head[f"{name}_key"] = (column + 1) << 3 | 1  # field number, wire type 1 (64-bit)
         head[name] = rows[:, column]
     counts = rows[:, 6:]
-    n = counts.shape[1]
-    limits = rows[:, :1] + (rows[:, 1:2] - rows[:, :1]) * np.arange(1, n + 1, dtype="<f8") / n
     keep = counts != 0  # a bucket is written where it holds values or ends a run of empty ones
     keep[:, :-1] |= counts[:, 1:] != 0
     keep[:, -1:] = True

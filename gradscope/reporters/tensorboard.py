@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gradscope.report import Histogram, Report, StepRecord
-from gradscope.reporters.tb_events import EventFile, event, histogram_values, scalar_value, summary
+from gradscope.reporters.tb_events import EventFile, equal_limits, event, histogram_values, scalar_value, summary
 from gradscope.tables import HistogramTable
 
 # Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
@@ -143,32 +143,30 @@ class TensorBoardReporter:
 def step_summary(step: StepRecord) -> bytes:
     """One step's scalars and histograms as a single serialized ``Summary``."""
     values = [scalar_value(tag, value) for tag, value in _scalars(step) if value is not None and math.isfinite(value)]
-    for names, rows in histogram_rows(step.histograms):
+    for names, rows, limits in histogram_rows(step.histograms):
         values += [scalar_value(f"nonfinite/{names[i]}", rows[i, 5]) for i in np.flatnonzero(rows[:, 5])]
         drawn = np.flatnonzero(rows[:, 2])  # a gradient with no finite value has no histogram
-        values += histogram_values([f"gradients/{names[i]}" for i in drawn], rows[drawn])
+        values += histogram_values([f"gradients/{names[i]}" for i in drawn], rows[drawn], limits[drawn])
     return summary(values)
 
 
-def histogram_rows(histograms: Mapping[str, Histogram]) -> list[tuple[list[str], np.ndarray]]:
-    """The histograms as (names, rows) groups of as many buckets each (see ``histogram_values``):
-    a ``HistogramTable`` is one group, read where it lies."""
+def histogram_rows(histograms: Mapping[str, Histogram]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """The histograms as groups of as many buckets each: names, rows and bucket limits (see
+    ``tb_events.histogram_values``). A ``HistogramTable`` is one group, read where it lies."""
     if isinstance(histograms, HistogramTable):
         rows = np.frombuffer(histograms.values, dtype=np.float64).reshape(-1, histograms.width)
-        return [(list(histograms.names), rows)]
+        return [(list(histograms.names), rows, equal_limits(rows))]
     groups: dict[int, list[tuple[str, Histogram]]] = defaultdict(list)
     for name, h in histograms.items():
         groups[len(h.buckets)].append((name, h))
-    return [
-        (
-            [n for n, _ in members],
-            np.array(
-                [[h.min, h.max, h.count, h.sum, h.sum_squares, h.nonfinite, *h.buckets] for _, h in members],
-                dtype=np.float64,
-            ),
+    out = []
+    for members in groups.values():
+        hs = [h for _, h in members]
+        rows = np.array([[h.min, h.max, h.count, h.sum, h.sum_squares, h.nonfinite, *h.buckets] for h in hs])
+        out.append(
+            ([n for n, _ in members], rows.astype(np.float64), np.array([h.limits() for h in hs], dtype=np.float64))
         )
-        for members in groups.values()
-    ]
+    return out
 
 
 def _text(tag: str, text: str) -> Any:
