@@ -199,7 +199,8 @@ def _where_overflowed(step: StepRecord | None) -> str:
 
 
 def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
-    """Low precision flushes gradient entries to zero that an fp32 step keeps."""
+    """Low precision flushes gradient entries to zero that an fp32 step keeps (below its range, not
+    the rounding of a sum that cancels: see ``replay.underflow``)."""
     step = next((s for s in report.steps if s.underflow), None)
     if step is None or step.underflow is None or nonfinite_step(step):
         return []  # a step with a NaN/Inf: its zeros are that fault's, reported with its origin
@@ -211,6 +212,8 @@ def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
         return []
     worst = lost[-1][0]  # where it starts: the affected parameter nearest the loss
     listing = ", ".join(f"{n} {f:.0%}" for n, f in lost[-6:])
+    precision = report.run.precision
+    scaled = f" at loss scale {step.loss_scale:g}" if step.loss_scale is not None else ""
     return [
         Anomaly(
             kind="gradient_underflow",
@@ -219,10 +222,25 @@ def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
             parameter=worst,
             step=step.step,
             message=(
-                f"{report.run.precision} flushes gradients to zero that fp32 keeps, on the same weights and batch: "
-                f"{len(lost)} parameters lose more than {check.fraction:.0%} of their entries ({listing}). "
-                f"Use bf16 (fp32's range), a larger loss scale, or keep these layers in fp32."
+                f"{precision} flushes gradients to zero that fp32 keeps, on the same weights and batch: "
+                f"{len(lost)} parameters lose more than {check.fraction:.0%} of their entries ({listing}), "
+                f"whose fp32 values are below {precision}'s smallest normal{scaled}. {_underflow_advice(precision, step)}"
             ),
-            evidence={"lost_fraction": dict(lost)},
+            evidence={"lost_fraction": dict(lost), "loss_scale": step.loss_scale},
         )
     ]
+
+
+def _underflow_advice(precision: str, step: StepRecord) -> str:
+    """What would keep these gradients, for the run's own precision and scaler."""
+    if precision == "bf16":  # fp32's exponent range: the gradients themselves are below 1e-38
+        return (
+            "bf16 has fp32's range, where fp32 too holds them only as subnormals: multiply the loss by a "
+            "constant (a fixed loss scale), or find why these gradients are this small."
+        )
+    if step.loss_scale is None:
+        return "Turn the grad scaler on (drop scaler: false), use bf16 (fp32's range), or keep these layers in fp32."
+    return (
+        f"Start the grad scaler higher than {step.loss_scale:g} (GradScaler's init_scale), use bf16 (fp32's range), "
+        "or keep these layers in fp32."
+    )
