@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 SCHEMA_VERSION = 1
-SEVERITIES = ("info", "warning", "error")
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+KEYED_BY = "json_keyed_by"  # field metadata: in JSON, an object from this field of each element to its others
+WRITTEN_AS = "json_written_as"  # field metadata: the JSON stores what this method of the object returns
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ class Histogram:
     sum_squares: float
     nonfinite: int
     buckets: tuple[int, ...]
-    edges: tuple[float, ...] = ()
+    edges: tuple[float, ...] = field(default=(), metadata={WRITTEN_AS: "bucket_edges"})
 
     def bucket_edges(self) -> tuple[float, ...]:
         """The stored edges, or the equal steps from ``min`` to ``max`` the probe buckets by."""
@@ -261,7 +264,7 @@ class Anomaly:
     """A finding: what is wrong, where, and the numbers that show it."""
 
     kind: str
-    severity: str
+    severity: Severity
     message: str
     module: str | None = None
     parameter: str | None = None
@@ -303,7 +306,7 @@ class Report:
     """What one gradscope run measured and found."""
 
     run: RunInfo
-    parameters: tuple[ParamInfo, ...]
+    parameters: tuple[ParamInfo, ...] = field(metadata={KEYED_BY: "name"})
     steps: tuple[StepRecord, ...]
     anomalies: tuple[Anomaly, ...] = ()
     called_modules: tuple[str, ...] | None = None  # modules that ran in the first forward (None: not tracked)
