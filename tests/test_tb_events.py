@@ -2,6 +2,7 @@
 checksum and its loader (EventAccumulator)."""
 
 import math
+import random
 import struct
 
 import pytest
@@ -15,7 +16,7 @@ import gradscope
 from gradscope import zoo
 from gradscope.probes.histograms import WIDTH, gradient_histograms
 from gradscope.report import Histogram, StepRecord
-from gradscope.reporters import tb_events
+from gradscope.reporters import checksum, tb_events
 from gradscope.reporters.tb_events import EventFile, event, record, scalar_value, summary
 from gradscope.reporters.tensorboard import step_summary
 from gradscope.tables import HistogramTable
@@ -44,9 +45,16 @@ def test_the_checksum_in_use_is_the_c_one_when_google_crc32c_is_installed():
     try:
         import google_crc32c
     except ImportError:
-        assert tb_events.CRC32C_SOURCE.startswith("tensorboard")
-    else:
-        assert tb_events.CRC32C_SOURCE == ("google-crc32c" if google_crc32c.implementation == "c" else "tensorboard")
+        google_crc32c = None
+    c_code = google_crc32c is not None and google_crc32c.implementation == "c"
+    assert checksum.CRC32C_SOURCE == ("google-crc32c" if c_code else "numpy blocks")
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 511, 512, 513, 1024, 1537, 4096 + 3, 70001])
+def test_the_numpy_checksum_is_tensorboards_crc32c(length):
+    data = random.Random(length).randbytes(length)
+    assert checksum.crc32c_numpy(data) == tf_stub.crc32c(data)
+    assert record(data, checksum.crc32c_numpy) == record(data, tf_stub.crc32c)
 
 
 def collapsed(buckets: list[int], limits: list[float]) -> tuple[list[float], list[int]]:

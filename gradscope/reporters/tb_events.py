@@ -6,9 +6,8 @@ thousand per step) and its writer checksums every event with a pure-Python CRC-3
 600 KB), holding the interpreter lock the training thread needs. Here the wire format of
 ``tensorboard.Summary`` (summary.proto: ``Value.tag`` 1, ``simple_value`` 2, ``histo`` 5;
 histogram.proto: ``min`` to ``sum_squares`` 1-5, packed ``bucket_limit`` 6 and ``bucket`` 7) is
-written by hand, and the checksum is ``google-crc32c``'s C code when it is installed
-(``pip install gradscope[fast]``), tensorboard's own pure-Python one otherwise: the bytes are the
-same either way. A run of empty buckets is written as one empty bucket, as TensorFlow's own
+written by hand, and the checksum is ``checksum.crc32c``: ``google-crc32c``'s C code when it is
+installed (``pip install gradscope[fast]``), a numpy one otherwise (the bytes are the same). A run of empty buckets is written as one empty bucket, as TensorFlow's own
 histogram summaries do (TensorBoard draws each bucket from the previous limit to its own).
 """
 
@@ -26,23 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from gradscope.reporters.checksum import crc32c
+
 _MASK_DELTA = 0xA282EAD8
-
-
-def _crc32c_function() -> tuple[Callable[[bytes], int], str]:
-    """The fastest CRC-32C at hand, and its name."""
-    try:
-        import google_crc32c
-    except ImportError:
-        google_crc32c = None
-    if google_crc32c is not None and google_crc32c.implementation == "c":
-        return google_crc32c.value, "google-crc32c"
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c
-
-    return crc32c, "tensorboard (pure Python)"
-
-
-crc32c, CRC32C_SOURCE = _crc32c_function()
 
 
 def masked_crc32c(data: bytes, crc: Callable[[bytes], int] | None = None) -> int:
