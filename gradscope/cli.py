@@ -33,6 +33,7 @@ from gradscope.help import EXIT_CODES, Command
 from gradscope.inspection import Inspection
 from gradscope.interrupts import Interrupts
 from gradscope.piping import user_stdout
+from gradscope.report_memory import parse_bytes
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
@@ -145,6 +146,15 @@ def inspect(
             help="Run under torchrun with none, ddp or fsdp (overrides the config's `distributed.strategy`).",
         ),
     ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            metavar="SIZE",
+            help="Fail a run whose parameters, gradients, optimizer state and saved activations exceed "
+            "SIZE (512MiB, 6GB, 6GiB), and say which modules to checkpoint to fit it.",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients.
@@ -158,7 +168,7 @@ def inspect(
     piped = any(outfiles.is_stdout(path) for path in files.values())  # a report goes to stdout: nothing else may
     with Interrupts() as interrupts:  # SIGINT and SIGTERM, restored when the command ends
         try:
-            overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy)
+            overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy, memory_budget)
             inspection = _prepare(config, overrides, baseline, update_baseline, files, logdir, piped)
         except KeyboardInterrupt:
             print(f"{_name()}: interrupted before the first step; nothing was measured", file=sys.stderr)
@@ -338,9 +348,16 @@ def _overrides(
     checks: list[str],
     logdir: str | None,
     strategy: Strategy | None,
+    memory_budget: str | None = None,
 ) -> dict[str, Any]:
     """Config keys the command line sets; ``load_config`` merges mappings into the file's sections."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+    if memory_budget is not None:
+        try:
+            parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise ConfigError([("--memory-budget", str(exc))]) from None
+        out["memory"] = {"budget": memory_budget}
     if strategy is not None:
         out["distributed"] = {"strategy": strategy.value}
     if gradcheck:

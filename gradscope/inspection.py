@@ -18,6 +18,8 @@ from gradscope.engine import Engine, StepPlan
 from gradscope.errors import ConfigError, GradscopeError, RankFailure, peer_failed
 from gradscope.history import Retention
 from gradscope.probes.gradients import describe_parameters
+from gradscope.probes.memory import MemoryOptions
+from gradscope.probes.memory_facts import named_candidates
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
 from gradscope.runs import ReportCache, judged, run_info
 from gradscope.tensors import tensors_in
@@ -60,6 +62,7 @@ class Inspection:
     def _build(self) -> None:
         settings = self.settings
         self.model = loading.build_model(settings).to(self.device)  # the user's module
+        named_candidates(self.model, settings.memory.candidates)  # a name matching no module: an error now
         self.trained = parallel.wrap(self.model, self.ranks) if self.ranks is not None else self.model
         self.batch = self._rank_batch(loading.build_batch(settings)).to(self.device)
         self.loss_fn = loading.build_loss(settings)
@@ -109,6 +112,7 @@ class Inspection:
             every=settings.every,
             scaler=settings.uses_scaler,
             probes=tuple(settings.probes),
+            memory=_memory_options(settings),
         )
         start = time.perf_counter()
         self.status = "running"
@@ -153,8 +157,9 @@ class Inspection:
         called = self.engine.watch.called if self.engine is not None else None
         gradchecks = self.engine.gradchecks if self.engine is not None else ()
         steps = tuple(self.steps)
+        fields = self.engine.watch.report_fields() if self.engine is not None else {}
         report = Report(
-            self._run_info(infos), tuple(infos), steps, called_modules=called or None, gradchecks=gradchecks
+            self._run_info(infos), tuple(infos), steps, called_modules=called or None, gradchecks=gradchecks, **fields
         )
         return judged(report, self.settings.checks, self.baseline)
 
@@ -230,6 +235,13 @@ class _located:
         if isinstance(exc, GradscopeError):
             raise exc.located(self.origin.source, self.origin.lines) from exc.__cause__
         return False
+
+
+def _memory_options(settings: Settings) -> MemoryOptions | None:
+    spec = settings.memory
+    if not spec.ledger:
+        return None
+    return MemoryOptions(tuple(spec.candidates), spec.flops, spec.budget)
 
 
 def _patterns(settings: Settings) -> list[str]:

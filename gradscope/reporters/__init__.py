@@ -9,11 +9,12 @@ their reporters here; a new reporter is its own module plus one line in ``_make`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Protocol
 
 from gradscope.errors import GradscopeError
-from gradscope.report import Report, StepRecord
+from gradscope.report import Anomaly, Report, StepRecord
 
 if TYPE_CHECKING:
     from gradscope.config import Checks
@@ -46,6 +47,8 @@ class Outputs:
         jsonl: a JSON Lines file that gets every step as it is measured.
         csv: a CSV table of every kept step's per-parameter statistics.
         checks: the config's thresholds, for JUnit's checks that need a number of steps.
+        speak: say each kind of warning or error as it first appears, and a summary at the end
+            (``reporters.logs``), through ``say(level, text)`` (None: the ``gradscope`` logger).
     """
 
     terminal: IO[str] | None = None
@@ -64,6 +67,8 @@ class Outputs:
     jsonl: str | None = None
     csv: str | None = None
     checks: Checks | None = None  # the config's thresholds (JUnit skips the checks a run is too short for)
+    speak: bool = False
+    say: Callable[[int, str], None] | None = None
 
 
 class WriteFailures(GradscopeError):
@@ -86,6 +91,17 @@ class Reporters:
     def on_step(self, step: StepRecord) -> None:
         for reporter in self.reporters:
             reporter.on_step(step)
+
+    @property
+    def listening(self) -> bool:
+        """Some reporter takes the findings of each step as they appear (``found``)."""
+        return any(hasattr(r, "found") for r in self.reporters)
+
+    def found(self, anomalies: list[Anomaly]) -> None:
+        """A step's findings, to the reporters that take them as they appear."""
+        for reporter in self.reporters:
+            if hasattr(reporter, "found"):
+                reporter.found(anomalies)
 
     def write(self, report: Report) -> None:
         """Write the report with each reporter, closing each after it has written; one that fails
@@ -159,4 +175,8 @@ def _make(outputs: Outputs) -> list[Reporter]:
         from gradscope.reporters.json import JsonReporter
 
         made.append(JsonReporter(outputs.baseline, "--update-baseline"))
+    if outputs.speak:
+        from gradscope.reporters.logs import LogReporter
+
+        made.append(LogReporter(outputs.say))
     return made

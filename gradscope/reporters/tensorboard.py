@@ -5,7 +5,8 @@ Tags follow what Lightning and wandb users know: ``loss``, ``grad_norm/total``
 histograms (finite values; non-finite ones counted as ``nonfinite/<param>``),
 ``dead_fraction/<site>``, ``saturated_fraction/<site>``, ``clip/coefficient``,
 ``amp/loss_scale``, in distributed runs ``rank_loss/<rank>`` and ``rank_grad_norm/<rank>``
-(DDP: before the all-reduce), each anomaly as text at its step, the config as text, and a
+(DDP: before the all-reduce), the memory ledger's ``memory/<total>_bytes`` and
+``memory/saved/<block>`` at the step it measured, each anomaly as text at its step, the config as text, and a
 custom-scalars layout that groups layers by their top-level module.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gradscope.report import Histogram, Report, StepRecord
+from gradscope.report_memory import MemoryReport
 from gradscope.reporters.tb_events import EventFile, equal_limits, event, histogram_values, scalar_value, summary
 from gradscope.tables import HistogramTable
 
@@ -77,6 +79,9 @@ class TensorBoardReporter:
             where = " ".join(x for x in (a.module or "", a.parameter or "") if x)
             text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
             self.writer.add_summary(_text(f"anomalies/{a.kind}", text), a.step if a.step is not None else 0)
+        if report.memory is not None:
+            values = [scalar_value(tag, value) for tag, value in memory_scalars(report.memory)]
+            self.writer.write(event(report.memory.step or 0, summary(values)))
         self.writer.add_summary(_custom_scalars(layout(report)), 0)
         self._picture(report)
         self.writer.flush()
@@ -204,6 +209,21 @@ def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
     return out
 
 
+def memory_scalars(memory: MemoryReport) -> list[tuple[str, float]]:
+    """The memory ledger's totals in bytes (``memory/...``), and each candidate block's saved bytes
+    (``memory/saved/<module>``, in forward order)."""
+    out = [
+        ("memory/saved_bytes", float(memory.saved_bytes)),
+        ("memory/parameter_bytes", float(sum(memory.parameter_bytes.values()))),
+        ("memory/gradient_bytes", float(sum(memory.gradient_bytes.values()))),
+        ("memory/optimizer_bytes", float(sum((memory.optimizer_bytes or {}).values()))),
+        ("memory/total_bytes", float(memory.total_bytes)),
+    ]
+    blocks = sorted((m.order, name, m.saved_bytes) for name, m in memory.modules.items() if m.candidate)
+    out += [(f"memory/saved/{name}", float(saved)) for _, name, saved in blocks]
+    return out
+
+
 def layout(report: Report) -> dict[str, Any]:
     """Custom-scalars layout: the totals, then one chart per top-level module of its parameters' norms."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -219,6 +239,7 @@ def layout(report: Report) -> dict[str, Any]:
         "total grad norm": ["Multiline", ["grad_norm/total", "grad_norm/total_clipped"]],
         "clipping and loss scale": ["Multiline", ["clip/coefficient", "amp/loss_scale"]],
         "dead / saturated": ["Multiline", ["dead_fraction/.*", "saturated_fraction/.*"]],
+        "memory (bytes)": ["Multiline", ["memory/[a-z_]*_bytes"]],
     }
     return {"gradscope": overview, "grad norm by module": charts}
 
