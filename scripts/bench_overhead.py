@@ -14,7 +14,8 @@ modes (``scripts/bench_peers.py``):
                 saturated units, which modules ran);
   all+tb        everything on, plus TensorBoard with every gradient's histogram every
                 step (the round waits, inside its timing, until its events are written);
-  ledger        everything on, plus the memory ledger (compare it with ``all``);
+  first         everything on, timing the watch's first step alone (no untimed step first);
+  ledger        the same with the memory ledger, which measures that step (compare it with ``first``);
   lightning     Lightning's grad_norm(model, 2) after backward (norms only);
   wandb         wandb.watch(log="all", log_freq=1), offline, and a wandb.log of the loss;
   anomaly       torch.autograd.detect_anomaly;
@@ -126,12 +127,14 @@ class Plain:
 def _time(plain: Plain, batch: Batch, steps: int, device: torch.device, mode: str, folder: Path) -> float:
     """Seconds per step over ``steps`` steps; each round enters the mode afresh (outside the timing),
     since a watch's activation mode would otherwise see the other modes' steps too. Each round's
-    first step is not timed (in every mode): in a watch it is the step that finds the activation
-    sites, which a training run takes once."""
+    first step is not timed (in every mode but ``first`` and ``ledger``, which time it alone): in a
+    watch it is the step that finds the activation sites, which a training run takes once."""
     with MODES[mode][0](plain.model, plain.optimizer, folder) as hooks:
         plain.after_backward = hooks.after_backward
+        steps = 1 if hooks.first_only else steps
         try:
-            plain.step(batch)
+            if not hooks.first_only:
+                plain.step(batch)
             if hooks.settle is not None:
                 hooks.settle()
             _sync(device)
@@ -221,7 +224,7 @@ def peaks(key: str, device: torch.device, modes: list[str], steps: int) -> dict[
     return out
 
 
-PAIRS = [("stats", "lightning"), ("all", "stats"), ("all+tb", "all"), ("ledger", "all")]
+PAIRS = [("stats", "lightning"), ("all", "stats"), ("all+tb", "all"), ("ledger", "first")]
 
 
 def report(

@@ -4,7 +4,8 @@ A mode is a context manager factory ``(model, optimizer, folder) -> Hooks``:
 entered before a round (outside the timing), left after it. ``Hooks.after_backward``,
 when set, runs in each step between ``backward()`` and clipping, where the
 peer's documentation puts it (Lightning's ``on_before_optimizer_step``, the
-``wandb.log`` call of a training loop). ``Hooks.settle``, when set, runs once
+``wandb.log`` call of a training loop). With ``Hooks.first_only`` the round
+times the mode's first step alone (and no other). ``Hooks.settle``, when set, runs once
 after the last timed step, inside the timing: what a mode hands to a background
 thread (TensorBoard's events) is paid for within the round that made it. A mode
 whose package (or gradscope feature) is not there is reported by ``missing`` and
@@ -33,6 +34,7 @@ class Hooks:
 
     after_backward: Callable[[torch.Tensor], None] | None = None
     settle: Callable[[], None] | None = None
+    first_only: bool = False  # time the mode's first step alone (where a watch does its one-step work)
 
 
 Mode = Callable[[nn.Module, torch.optim.Optimizer, Path], contextlib.AbstractContextManager[Hooks]]
@@ -69,11 +71,18 @@ def tensorboard(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
 
 
 @contextlib.contextmanager
+def first(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
+    """Everything on, timing the watch's first step alone: the step ``ledger`` measures."""
+    with gradscope.watch(model, optimizer, retention=LONG_RUN):
+        yield Hooks(first_only=True)
+
+
+@contextlib.contextmanager
 def ledger(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
-    """Everything on, plus the memory ledger (the bytes autograd saves for backward, per module):
-    its cost is this mode against ``all``. Skipped while the watch has no ``memory`` argument."""
+    """``first`` with the memory ledger (the bytes autograd saves for backward, per module, measured
+    on the watch's first step): its cost is this mode against ``first``."""
     with gradscope.watch(model, optimizer, retention=LONG_RUN, memory=True):
-        yield Hooks()
+        yield Hooks(first_only=True)
 
 
 @contextlib.contextmanager
@@ -195,6 +204,7 @@ MODES: dict[str, tuple[Mode, str | None]] = {
     "stats": (stats, None),
     "all": (everything, None),
     "all+tb": (tensorboard, "tensorboard"),
+    "first": (first, None),
     "ledger": (ledger, None),
     "lightning": (lightning_grad_norm, "lightning"),
     "wandb": (wandb_watch, "wandb"),
