@@ -210,7 +210,8 @@ class StepRecord:
     overflow: NonfiniteOrigin | None = None  # fp16: where the scaled gradients of a skipped step overflowed
     backward_error: BackwardFailure | None = None  # PyTorch raised in backward
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
-    histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
+    # Every `histograms_every` steps; a ``tables.HistogramTable`` when measured, a dict when read from JSON.
+    histograms: Mapping[str, Histogram] = field(default_factory=dict)
     stale: tuple[str, ...] = ()  # parameters whose gradient was added onto the previous step's (no zero_grad)
     cleared: tuple[str, ...] = ()  # got a gradient in backward, gone (None or zeros) at the optimizer step
     ranks: tuple[RankStep, ...] = ()  # distributed runs: each rank's own loss and gradients
