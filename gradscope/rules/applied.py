@@ -73,6 +73,7 @@ class Aftermath:
     steps: int  # later steps measured
     loss: float | None  # the loss at the step
     later_loss: float | None  # the median of the first LATER finite losses after it
+    compared: int  # how many losses that median took
     nonfinite: int | None  # the first later step with a NaN/Inf loss or gradient
     grad_growth: float | None  # the largest total gradient norm of the LATER steps after, over the step's
     failed: str | None  # the run raised after the step (its error)
@@ -113,6 +114,7 @@ def aftermath(report: Report, step: StepRecord) -> Aftermath:
         steps=len(later),
         loss=step.loss if step.loss is not None and math.isfinite(step.loss) else None,
         later_loss=_median(losses) if losses else None,
+        compared=len(losses),
         nonfinite=bad,
         grad_growth=growth,
         failed=failed,

@@ -210,8 +210,8 @@ def _too_large(report: Report, step: StepRecord, rel: list[tuple[str, float]], t
         outcome = f" What followed: {harm}." + FIX
     elif after.fell:
         outcome = (
-            f" Yet the run absorbs it: the loss fell from {after.loss:.4g} to {after.later_loss:.4g} over the "
-            f"{after.steps} step(s) after (a normalisation after the layer makes its scale irrelevant, for one). "
+            f" Yet the run absorbs it: the loss fell from {after.loss:.4g} to {after.later_loss:.4g} (the median of "
+            f"the {after.compared} step(s) after; a normalisation after the layer makes its scale irrelevant, for one). "
             f"Nothing to fix unless the loss stalls; a lower learning rate or clipping would shrink the step."
         )
     elif after.steps:
