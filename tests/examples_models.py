@@ -84,8 +84,12 @@ class Policy(nn.Module):
 
 
 def reinforce_loss(probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """reinforce.py's ``Categorical(probs)`` and the log-probability of the actions taken."""
-    return -torch.distributions.Categorical(probs).log_prob(actions).mean()
+    """reinforce.py's ``Categorical(probs)`` and the log-probability of the actions taken.
+
+    Its check of the probabilities is asked for here: the default is process-wide, and the first
+    ``torch.compile`` in a process turns it off (torch._dynamo's ``TorchPatcher``), so NaN
+    probabilities would raise or not depending on which tests ran before."""
+    return -torch.distributions.Categorical(probs, validate_args=True).log_prob(actions).mean()
 
 
 class Whitened(nn.Module):
