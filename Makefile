@@ -7,17 +7,25 @@ BIN    := $(VENV)/bin
 LOCK   := requirements/lock.txt
 # The newest releases within pyproject's ranges (make test-latest), beside the locked .venv.
 LATEST ?= .venv-latest
-# The CPU build of torch is installed first so that pip does not pull a multi-GB
-# CUDA build; on a machine with a GPU, `make TORCH=torch demo` takes PyPI's default.
+# torch is installed first and alone, from PyTorch's CPU index: PyPI's Linux wheel is the CUDA build,
+# which pulls GBs of CUDA libraries. Its dependencies come in the next install, under the lock.
+# On a machine with a GPU, `make TORCH_INDEX= test` takes the default index's build (PyPI's: CUDA).
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM := --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+# The lock's pins need Python 3.11 or newer (numpy 2.4.6 and typer 0.29.2 have no release for 3.10);
+# gradscope itself runs on 3.10, and make test-latest resolves a set for whichever Python it is given.
+LOCK_PYTHON := 3.11
 
 .PHONY: demo test test-latest lock bench clean
 
 # A new lock rebuilds the venv from scratch: nothing of the previous set stays behind.
 $(VENV)/.installed: pyproject.toml $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < tuple(map(int, "$(LOCK_PYTHON)".split("."))))' || \
+	  { echo "$(LOCK) needs Python $(LOCK_PYTHON)+; $(PYTHON) is $$($(PYTHON) -V 2>&1). Run make PYTHON=python$(LOCK_PYTHON) (or newer) $(MAKECMDGOALS), or make test-latest."; exit 1; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_FROM) -c $(LOCK) "$(TORCH)"
 	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,bench]"
 	touch $@
 
@@ -35,7 +43,7 @@ test: $(VENV)/.installed
 $(LATEST)/.installed: pyproject.toml
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
+	$(LATEST)/bin/python -m pip install -q $(TORCH_FROM) "$(TORCH)"
 	echo "$(TORCH)" > $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch-constraint.txt -e ".[dev,bench]"
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/resolved.txt
@@ -45,7 +53,7 @@ $(LATEST)/.installed: pyproject.toml
 test-latest:
 	rm -f $(LATEST)/.installed
 	$(MAKE) $(LATEST)/.installed
-	@grep -i -E '^(torch|transformers|accelerate|lightning|peft|diffusers|pytest)==' $(LATEST)/resolved.txt
+	@grep -i -E '^(torch|transformers|accelerate|lightning|peft|diffusers|timm|torchvision|pytest)==' $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest
 
 # Pin what the last `make test-latest` resolved (built now if there is none); then `make test` runs on it.
@@ -53,7 +61,7 @@ lock: $(LATEST)/.installed
 	mkdir -p $(dir $(LOCK))
 	{ echo "# The test and benchmark environment the suite was last green on: pip constraints,"; \
 	  echo "# used as pip install -c $(LOCK). Written by make lock from $(LATEST) (make test-latest)."; \
-	  echo "# torch carries no build tag (+cpu): the Makefile's TORCH picks the build."; \
+	  echo "# Resolved on $$($(LATEST)/bin/python -V). torch carries no build tag (+cpu): the Makefile's TORCH_INDEX picks the build."; \
 	  sed -E 's/^(torch==[^+]+)\+.*/\1/' $(LATEST)/resolved.txt; } > $(LOCK)
 
 bench: $(VENV)/.installed

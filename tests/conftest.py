@@ -12,6 +12,18 @@ ROOT = TESTS.parent
 CONFIGS = ROOT / "configs"
 
 
+# Variables a CI machine or a developer's shell may set that change what gradscope or rich writes:
+# GitHub's annotations and job summary (the suite must not write into the job's own summary), forced
+# colour and terminal, a fixed width. A test that wants one sets it itself.
+MACHINE_ENV = ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS")
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in MACHINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
 def target(name: str) -> str:
     """A target naming a class in tests/models.py."""
     return f"{TESTS / 'models.py'}:{name}"
