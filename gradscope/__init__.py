@@ -17,13 +17,19 @@ or inside your own training loop::
     print(scope.report.anomalies)
 """
 
+import sys
+
 from gradscope.config import Settings, load_config
 from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError
-from gradscope.history import Retention
-from gradscope.inspection import Inspection, inspect
+from gradscope.observe.history import Retention
+from gradscope.observe.watch import Watch, watch
 from gradscope.report import Anomaly, Report
+from gradscope.runner.inspection import Inspection, inspect
+from gradscope.utils import moved
 from gradscope.version import __version__
-from gradscope.watch import Watch, watch
+
+moved.install()  # old module paths (gradscope.watch, gradscope.zoo, ...) keep importing
+moved.keep_functions(sys.modules[__name__])
 
 __all__ = [
     "Anomaly",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from gradscope.frames import user_frame
+from gradscope.utils.frames import user_frame
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1

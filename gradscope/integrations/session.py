@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from gradscope.config import Checks
+from gradscope.observe.watch import Watch
 from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
 from gradscope.reporters import Outputs
-from gradscope.watch import Watch
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gradscope import outfiles
 from gradscope.errors import GradscopeError
 from gradscope.report import SCHEMA_VERSION, Report, StepRecord
-from gradscope.report_check import ReportError, check_report
+from gradscope.report.report_check import ReportError, check_report
+from gradscope.utils import outfiles
 
 
 class JsonReporter:

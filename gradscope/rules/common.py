@@ -8,8 +8,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gradscope import tables
-from gradscope.report import ParamInfo, Report, RunTotals, StepRecord
+from gradscope.report import ParamInfo, Report, RunTotals, StepRecord, tables
 
 EMBEDDINGS = ("Embedding", "EmbeddingBag")
 T = TypeVar("T")

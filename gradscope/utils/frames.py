@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 # gradscope's own model files count as user code: they are what a config names.
 MODEL_FILE_NAMES = ("zoo.py", "faults.py")
-MODEL_FILES = tuple(str(Path(PACKAGE_DIR) / name) for name in MODEL_FILE_NAMES)
+MODEL_FILES = tuple(str(Path(PACKAGE_DIR) / "runner" / name) for name in MODEL_FILE_NAMES)
 
 
 def user_site() -> tuple[str, int, str] | None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.distributed import Ranks
+from gradscope.observe.distributed import Ranks
 
 
 def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:

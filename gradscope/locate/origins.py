@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from gradscope.frames import MODEL_FILES, PACKAGE_DIR, TORCH_DIR
 from gradscope.probes.modules import ModuleTracker, describe_call
 from gradscope.report import NonfiniteOrigin
+from gradscope.utils.frames import MODEL_FILES, PACKAGE_DIR, TORCH_DIR
 
 ROOT = "(model)"  # how the top-level module is named in messages
 

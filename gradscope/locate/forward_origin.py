@@ -20,9 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradscope.frames import user_site
-from gradscope.probes.modules import ModuleTracker
-from gradscope.probes.origins import (
+from gradscope.locate.origins import (
     _allocated,
     _called_by_distributed,
     _count,
@@ -33,8 +31,10 @@ from gradscope.probes.origins import (
     op_name,
     rows_with,
 )
+from gradscope.probes.modules import ModuleTracker
 from gradscope.report import NonfiniteOrigin
-from gradscope.tensors import tensors_in
+from gradscope.utils.frames import user_site
+from gradscope.utils.tensors import tensors_in
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from typing import Any
 
 from torch.overrides import TorchFunctionMode
 
-from gradscope.frames import user_site
-from gradscope.probes.forward_origin import _version
+from gradscope.locate.forward_origin import _version
+from gradscope.locate.origins import _is_metadata, _module, _source, op_name
 from gradscope.probes.modules import ModuleTracker
-from gradscope.probes.origins import _is_metadata, _module, _source, op_name
-from gradscope.tensors import tensors_in
+from gradscope.utils.frames import user_site
+from gradscope.utils.tensors import tensors_in
 
 # "...modified by an inplace operation: [torch.FloatTensor [16, 32]], which is output 0 of
 # SigmoidBackward0, is at version 1; expected version 0 instead."

@@ -25,25 +25,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed, outfiles
-from gradscope.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.config import Checks, ClipSpec
 from gradscope.errors import GradientAnomaly
-from gradscope.history import History, Retention
-from gradscope.locating import OriginSearch, Replay
-from gradscope.optimizer_hooks import StepHooks
+from gradscope.locate.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
+from gradscope.locate.locating import OriginSearch, Replay
+from gradscope.observe import distributed
+from gradscope.observe.history import History, Retention
+from gradscope.observe.optimizer_hooks import StepHooks
+from gradscope.observe.runs import ReportCache, judged, learning_rate, run_info
 from gradscope.probes import optional
 from gradscope.probes.activation_counts import ActivationCounts
 from gradscope.probes.base import Probe, StepContext, Watched
 from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
-from gradscope.recording import Recorder
+from gradscope.probes.recording import Recorder
 from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
 from gradscope.reporters import Outputs, Reporters, build_reporters
-from gradscope.runs import ReportCache, judged, learning_rate, run_info
-from gradscope.step_judge import StepJudge
-from gradscope.wrappers import is_compiled, unwrap, unwrap_optimizer
+from gradscope.rules.step_judge import StepJudge
+from gradscope.utils import outfiles
+from gradscope.utils.wrappers import is_compiled, unwrap, unwrap_optimizer
 
 __all__ = ["Replay", "Watch", "watch"]
 

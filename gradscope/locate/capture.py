@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import replay
+from gradscope.locate import replay
 from gradscope.report import NonfiniteOrigin
-from gradscope.tensors import tensors_in
+from gradscope.utils.tensors import tensors_in
 
 AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPE_NAMES = {**AUTOCAST_NAMES, torch.float32: "fp32", torch.float64: "fp64"}

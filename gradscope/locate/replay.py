@@ -27,15 +27,15 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from gradscope.frames import pick_user_frame
-from gradscope.probes.forward_origin import NonfiniteFlow
+from gradscope.locate.forward_origin import NonfiniteFlow
+from gradscope.locate.inplace import InplaceWrites, RunningNode, culprit
+from gradscope.locate.origins import _LOSS, _module, _owner, backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.probes.gradients import is_sharded, to_local
-from gradscope.probes.inplace import InplaceWrites, RunningNode, culprit
 from gradscope.probes.modules import ModuleTracker
-from gradscope.probes.origins import _LOSS, _module, _owner, backward_origin, graph_nodes, nonfinite_tensors, rows_with
 from gradscope.report import NonfiniteOrigin
-from gradscope.tensors import tensors_in
-from gradscope.wrappers import is_compiled, unwrap
+from gradscope.utils.frames import pick_user_frame
+from gradscope.utils.tensors import tensors_in
+from gradscope.utils.wrappers import is_compiled, unwrap
 
 REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
 Forward = Callable[[], torch.Tensor]  # runs model and loss on the step's batch, returns the loss

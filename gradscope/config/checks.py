@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from gradscope.config_base import Strict as _Strict
+from gradscope.config.config_base import Strict as _Strict
 from gradscope.errors import ConfigError
 
 Severity = Literal["error", "warning", "info", "off"]

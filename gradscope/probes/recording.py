@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from gradscope import stats
 from gradscope.config import ClipSpec
 from gradscope.probes.base import Fetch, Probe, StepContext
 from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, GradientProbe, Readings
-from gradscope.report import StepRecord
-from gradscope.tables import Layout
+from gradscope.report import StepRecord, stats
+from gradscope.report.tables import Layout
 
 # Names of the recorder's own parts of the step's transfer.
 LOSS, PRE, SCALE = "loss", "pre", "scale"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradscope.zoo import MLP
+from gradscope.runner.zoo import MLP
 
 
 class LogBlock(nn.Module):

@@ -18,17 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import distributed, replay
 from gradscope.config import ClipSpec
 from gradscope.errors import ConfigError, GradscopeError, ModelError, RankFailure, peer_failed
-from gradscope.history import Retention
-from gradscope.loading import Batch, LossFn, call_model
-from gradscope.locating import Replay
-from gradscope.optional import optional
+from gradscope.locate import replay
+from gradscope.locate.locating import Replay
+from gradscope.observe import distributed
+from gradscope.observe.history import Retention
+from gradscope.observe.watch import Watch
 from gradscope.probes import functions
 from gradscope.report import BackwardFailure, GradcheckResult, StepRecord
-from gradscope.watch import Watch
-from gradscope.wrappers import unwrap
+from gradscope.runner.loading import Batch, LossFn, call_model
+from gradscope.utils.optional import optional
+from gradscope.utils.wrappers import unwrap
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,10 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-from gradscope import yamlfile
-from gradscope.checks import Checks
-from gradscope.config_base import Strict as _Strict
+from gradscope.config.checks import Checks
+from gradscope.config.config_base import Strict as _Strict
 from gradscope.errors import ConfigError
+from gradscope.utils import yamlfile
 
 LOSS_NAMES = ("cross_entropy", "mse", "output")
 LABEL_NAMES = ("input", "next_token")
@@ -42,7 +42,7 @@ class Origin:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-from gradscope.checks import ClippingCheck, DriftCheck, IgnoreEntry  # noqa: E402,F401
+from gradscope.config.checks import ClippingCheck, DriftCheck, IgnoreEntry  # noqa: E402,F401
 
 
 class TargetSpec(_Strict):

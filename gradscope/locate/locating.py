@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import replay, tables
-from gradscope.capture import ForwardCapture
-from gradscope.optional import optional
-from gradscope.report import NonfiniteOrigin, StepRecord
+from gradscope.locate import replay
+from gradscope.locate.capture import ForwardCapture
+from gradscope.report import NonfiniteOrigin, StepRecord, tables
+from gradscope.utils.optional import optional
 
 
 @dataclass(frozen=True)

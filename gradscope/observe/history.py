@@ -18,8 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from gradscope import tables
-from gradscope.report import Retained, RunTotals, StepRecord, StepSeries
+from gradscope.report import Retained, RunTotals, StepRecord, StepSeries, tables
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from torch import nn
 from gradscope import rules
 from gradscope.config import Checks
 from gradscope.report import ParamInfo, Report, RunInfo
+from gradscope.utils.wrappers import model_name
 from gradscope.version import __version__
-from gradscope.wrappers import model_name
 
 
 def run_info(model: nn.Module, infos: list[ParamInfo], steps: int, ranks: Any = None, **facts: Any) -> RunInfo:

@@ -11,17 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradscope import distributed, loading, parallel
-from gradscope.checkpointing import checkpointing
 from gradscope.config import Settings, load_config, settings_from_dict
-from gradscope.engine import Engine, StepPlan
 from gradscope.errors import ConfigError, GradscopeError, RankFailure, peer_failed
-from gradscope.history import Retention
+from gradscope.observe import distributed
+from gradscope.observe.history import Retention
+from gradscope.observe.runs import ReportCache, judged, run_info
 from gradscope.probes.gradients import describe_parameters
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
-from gradscope.runs import ReportCache, judged, run_info
-from gradscope.tensors import tensors_in
-from gradscope.wrappers import unwrap
+from gradscope.runner import loading, parallel
+from gradscope.runner.checkpointing import checkpointing
+from gradscope.runner.engine import Engine, StepPlan
+from gradscope.utils.tensors import tensors_in
+from gradscope.utils.wrappers import unwrap
 
 
 class Inspection:

@@ -321,13 +321,13 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (strict: non-finite floats become strings); see ``report_json``."""
-        from gradscope.report_json import report_dict
+        from gradscope.report.report_json import report_dict
 
         return report_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """Read back what ``to_dict`` wrote."""
-        from gradscope.report_json import report_from
+        from gradscope.report.report_json import report_from
 
         return report_from(data)

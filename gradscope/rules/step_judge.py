@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from gradscope import rules
 from gradscope.config import Checks
-from gradscope.history import History
+from gradscope.observe.history import History
 from gradscope.report import SEVERITIES, Anomaly, Report, StepRecord
 
 

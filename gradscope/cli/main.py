@@ -17,9 +17,9 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from gradscope import outfiles
-from gradscope.checks import parse_check_options
+from gradscope.cli.help import EXIT_CODES, Command
 from gradscope.config import Settings, load_config
+from gradscope.config.checks import parse_check_options
 from gradscope.errors import (
     EXIT_FINDINGS,
     EXIT_INTERNAL,
@@ -29,15 +29,15 @@ from gradscope.errors import (
     ConfigError,
     GradscopeError,
 )
-from gradscope.help import EXIT_CODES, Command
-from gradscope.inspection import Inspection
-from gradscope.interrupts import Interrupts
-from gradscope.piping import user_stdout
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
 from gradscope.reporters.plot import image_format
 from gradscope.reporters.terminal import print_verdict
+from gradscope.runner.inspection import Inspection
+from gradscope.utils import outfiles
+from gradscope.utils.interrupts import Interrupts
+from gradscope.utils.piping import user_stdout
 from gradscope.version import __version__
 
 app = typer.Typer(

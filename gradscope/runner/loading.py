@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradscope import targets
 from gradscope.config import DataSpec, LossSpec, Settings
 from gradscope.errors import ConfigError
+from gradscope.runner import targets
 
 Inputs = torch.Tensor | tuple[Any, ...] | dict[str, Any]
 LossFn = Callable[[Any, Any], torch.Tensor]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gradscope.locating import Replay
+from gradscope.locate.locating import Replay
 
 Record = Callable[[torch.Tensor | None, Replay | None], None]
 
