@@ -17,19 +17,54 @@ or inside your own training loop::
     print(scope.report.anomalies)
 """
 
-import sys
+from __future__ import annotations
 
-from gradscope.config import Settings, load_config
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
 from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError
-from gradscope.observe.history import Retention
-from gradscope.observe.watch import Watch, watch
-from gradscope.report import Anomaly, Report
-from gradscope.runner.inspection import Inspection, inspect
 from gradscope.utils import moved
 from gradscope.version import __version__
 
 moved.install()  # old module paths (gradscope.watch, gradscope.zoo, ...) keep importing
 moved.keep_functions(sys.modules[__name__])
+
+# Loaded on first use (PEP 562), so `gradscope --help`, `gradscope show` and a config error import no torch.
+_LAZY = {
+    "Anomaly": "gradscope.report",
+    "Report": "gradscope.report",
+    "Settings": "gradscope.config",
+    "load_config": "gradscope.config",
+    "Retention": "gradscope.observe.history",
+    "Watch": "gradscope.observe.watch",
+    "watch": "gradscope.observe.watch",
+    "Inspection": "gradscope.runner.inspection",
+    "inspect": "gradscope.runner.inspection",
+}
+
+if TYPE_CHECKING:
+    from gradscope.config import Settings, load_config
+    from gradscope.observe.history import Retention
+    from gradscope.observe.watch import Watch, watch
+    from gradscope.report import Anomaly, Report
+    from gradscope.runner.inspection import Inspection, inspect
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is not None:
+        value = getattr(importlib.import_module(where), name)
+        globals()[name] = value
+        return value
+    if f"gradscope.{name}" in moved.MOVED:  # `gradscope.zoo.mlp` after a bare `import gradscope`
+        return importlib.import_module(f"gradscope.{name}")
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Anomaly",

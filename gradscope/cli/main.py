@@ -12,7 +12,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -34,11 +34,13 @@ from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
 from gradscope.reporters.plot import image_format
 from gradscope.reporters.terminal import print_verdict
-from gradscope.runner.inspection import Inspection
 from gradscope.utils import outfiles
 from gradscope.utils.interrupts import Interrupts
 from gradscope.utils.piping import user_stdout
 from gradscope.version import __version__
+
+if TYPE_CHECKING:
+    from gradscope.runner.inspection import Inspection
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -199,6 +201,8 @@ def _prepare(
     settings = load_config(config, overrides)
     _check_outputs(files, logdir, settings, config)
     with user_stdout(piped):
+        from gradscope.runner.inspection import Inspection  # torch: only once a config is valid
+
         return Inspection(settings, saved)
 
 

@@ -7,15 +7,14 @@ of a raised error's traceback (error messages; preferring a user's own file over
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
-TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+TORCH_DIR = str(Path(importlib.util.find_spec("torch").origin).resolve().parent)  # found, not imported
 # gradscope's own model files count as user code: they are what a config names.
 MODEL_FILE_NAMES = ("zoo.py", "faults.py")
 MODEL_FILES = tuple(str(Path(PACKAGE_DIR) / "runner" / name) for name in MODEL_FILE_NAMES)
