@@ -116,7 +116,10 @@ class DiscardedInfs(nn.Module):
         self.inp = nn.Linear(width, width)
         self.out = nn.Linear(width, classes)
         with torch.no_grad():
-            self.out.weight.mul_(1e38)  # finite weights whose products overflow float32
+            # Finite weights whose products overflow float32. Positive, on inputs at or above 0 (the
+            # relu below): every product is >= 0, so the sum overflows to +inf in any order a BLAS
+            # kernel adds it in; with both signs it may meet -inf first and make NaN.
+            self.out.weight.abs_().mul_(1e38)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x) * 10
@@ -124,7 +127,7 @@ class DiscardedInfs(nn.Module):
         h = h + torch.exp(h * 100).clamp(max=1.0)  # exp overflows, clamped back
         h = h + torch.exp(h * 100).long().clamp(0, 3).float()  # Inf cast to an integer bucket
         h = h + torch.exp(h * 100).masked_fill(h > -1, 0.0)  # Inf masked to 0
-        return self.out(h)
+        return self.out(h.relu())
 
 
 def log_of_softmax_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -173,3 +176,11 @@ def inplace_sigmoid_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Te
     probs = torch.sigmoid(output)
     probs.mul_(2)
     return torch.nn.functional.nll_loss(probs.log(), labels)
+
+
+def tiny_loss(output, labels: torch.Tensor, scale: float = 1e-6) -> torch.Tensor:
+    """A language model's next-token cross-entropy times ``scale`` (as a sum divided by a count far
+    too large would be): at 1e-6 its gradients fall below fp16's smallest subnormal, 6e-8, at 1e-40
+    below bf16's, 9e-41; fp32 keeps both (the second as subnormals)."""
+    logits = output.logits[:, :-1].flatten(0, 1).float()
+    return nn.functional.cross_entropy(logits, labels[:, 1:].flatten()) * scale

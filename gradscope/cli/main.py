@@ -157,7 +157,7 @@ def inspect(
     written = str(baseline) if update_baseline and baseline is not None else None
     files = {"--json": json_path, "--jsonl": jsonl, "--csv": csv, "--junit": junit, "--plot": plot}
     files["--update-baseline"] = written
-    piped = outfiles.STDOUT in files.values()  # a report goes to stdout: nothing else may
+    piped = any(outfiles.is_stdout(path) for path in files.values())  # a report goes to stdout: nothing else may
     with Interrupts() as interrupts:  # SIGINT and SIGTERM, restored when the command ends
         try:
             overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy)
@@ -316,7 +316,7 @@ def _outputs(files: dict[str, str | None], show_all: bool, fail_on: str, inspect
     logdir = settings.tensorboard.logdir
     return Outputs(
         # With a report on stdout, the human-readable one moves to stderr.
-        terminal=sys.stderr if outfiles.STDOUT in files.values() else sys.stdout,
+        terminal=sys.stderr if any(outfiles.is_stdout(path) for path in files.values()) else sys.stdout,
         show_all=show_all,
         plot=files["--plot"],
         json=files["--json"],
@@ -331,6 +331,7 @@ def _outputs(files: dict[str, str | None], show_all: bool, fail_on: str, inspect
         config_source=settings.origin.source,
         progress=settings.steps if sys.stderr.isatty() else None,  # a log file gets no progress line
         compared=inspection.baseline is not None,
+        checks=settings.checks,
     )
 
 

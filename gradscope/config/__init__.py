@@ -1,50 +1,6 @@
-"""YAML -> validated settings; the names of rule kinds and probes a config may use live here."""
+"""YAML -> validated settings; the names of rule kinds and probes a config may use live here.
 
-from gradscope.config.checks import Checks, ClippingCheck, DriftCheck, IgnoreEntry
-from gradscope.config.config import (
-    LABEL_NAMES,
-    LOSS_NAMES,
-    CheckpointSpec,
-    ClipSpec,
-    DataSpec,
-    DistributedSpec,
-    InputSpec,
-    LabelSpec,
-    LossSpec,
-    OptimizerSpec,
-    Origin,
-    Settings,
-    TargetSpec,
-    TensorBoardSpec,
-    TokensSpec,
-    key_path,
-    load_config,
-    merge,
-    settings_from_dict,
-)
+``from gradscope.config import Settings, load_config, Checks, ...``: every public name of ``config.config``.
+"""
 
-__all__ = [
-    "LABEL_NAMES",
-    "LOSS_NAMES",
-    "CheckpointSpec",
-    "Checks",
-    "ClipSpec",
-    "ClippingCheck",
-    "DataSpec",
-    "DistributedSpec",
-    "DriftCheck",
-    "IgnoreEntry",
-    "InputSpec",
-    "LabelSpec",
-    "LossSpec",
-    "OptimizerSpec",
-    "Origin",
-    "Settings",
-    "TargetSpec",
-    "TensorBoardSpec",
-    "TokensSpec",
-    "key_path",
-    "load_config",
-    "merge",
-    "settings_from_dict",
-]
+from gradscope.config.config import *  # noqa: F403

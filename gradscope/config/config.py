@@ -156,8 +156,22 @@ class OptimizerSpec(BaseModel):
         return {"lr": self.lr, **(self.model_extra or {})}
 
 
+def _module_glob(pattern: str) -> str:
+    """A module-name glob (fnmatch): a ``[`` with no ``]`` after it is read as a literal bracket,
+    which no module name holds, so the pattern could never match."""
+    if not pattern:
+        raise ValueError("expected a module name or glob (blocks.*), got an empty string")
+    i = pattern.find("[")
+    while i != -1:
+        close = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
+        if close == -1:
+            raise ValueError(f"{pattern!r} has a '[' that is never closed; a character set reads [0-3]")
+        i = pattern.find("[", close + 1)
+    return pattern
+
+
 class CheckpointSpec(_Strict):
-    modules: list[str] = Field(min_length=1)
+    modules: list[Annotated[str, AfterValidator(_module_glob)]] = Field(min_length=1)
 
 
 class ClipSpec(_Strict):

@@ -211,26 +211,65 @@ def batch_size(named: dict[str, torch.Tensor]) -> int | None:
     return next((t.shape[0] for t in named.values() if t.dim() > 0), None)
 
 
-def underflow(model: nn.Module, forward: Forward, state: RngState) -> dict[str, float]:
-    """Per parameter, the fraction of gradient entries that are zero now but not in an fp32 step.
+# A zero in one precision against an fp32 value this far below its own gradient's largest entry is the
+# rounding of a sum that cancels (a key projection's bias: softmax ignores a shift shared by every key,
+# so its gradient is exactly zero in exact arithmetic), not range: fp32 keeps a residue of ~1e-7 of
+# the summed terms, bf16/fp16 one of ~1e-3, and either may land on 0.
+CANCELLATION = 1e-3
 
-    Call right after a low-precision backward (``.grad`` unscaled), with a
-    ``forward`` that runs in fp32 (autocast off) on the same weights and batch.
+
+def underflow(
+    model: nn.Module, forward: Forward, state: RngState, dtype: torch.dtype, scale: float = 1.0
+) -> dict[str, float]:
+    """Per parameter, the fraction of gradient entries that the low precision flushed to zero.
+
+    Call right after a low-precision backward (``.grad`` unscaled), with a ``forward`` that runs in
+    fp32 (autocast off) on the same weights and batch. An entry is flushed when it is zero now and
+    the fp32 step's value is below the smallest normal of the type the gradient passed through
+    (``dtype``, or the parameter's own where that is narrower), divided by the loss scale. The
+    smallest normal, not subnormal: an entry is a sum of smaller terms, which fp16 loses below its
+    smallest subnormal (6e-8), so an entry in its subnormal range (6e-8 to 6.1e-5) that comes out 0
+    lost them to range. bf16 has fp32's range: its flushes are below 1.2e-38. An entry more than
+    ``1 / CANCELLATION`` times below its gradient's largest entry (in either precision) is not
+    counted: that far down, a zero against a residue is the rounding of a sum that cancels.
+
+    Args:
+        model: the model, right after its low-precision backward.
+        forward: model and loss on the step's batch, in fp32.
+        state: the step's random state.
+        dtype: the autocast dtype of the step (``torch.float16`` or ``torch.bfloat16``).
+        scale: the loss scale the backward ran at (1 without a grad scaler).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    zero_now = [p.grad == 0 for _, p in named]
+    low = [(p.grad == 0, p.grad.detach().abs().amax().float()) for _, p in named]
     # Checkpointing stays on: an fp32 replay is the one that needs its memory saving most.
     with replaying(model, state, plain=False):
         loss = forward()
         full = gradients(loss, model, [p for _, p in named])
     lost = []
-    for zero, grad in zip(zero_now, full):
-        flushed = zero & (grad != 0) if grad is not None else torch.zeros_like(zero)
+    for (_, param), (zero, low_max), grad in zip(named, low, full):
+        if grad is None:
+            lost.append(torch.zeros((), device=zero.device))
+            continue
+        flushed = zero & flushed_by_range(grad, _tiny(dtype, param.dtype) / scale, low_max)
         lost.append(flushed.sum() / max(zero.numel(), 1))
     if not lost:
         return {}
     values = torch.stack([v.float() for v in lost]).tolist()
     return {name: value for (name, _), value in zip(named, values)}
+
+
+def flushed_by_range(full: torch.Tensor, tiny: float, low_max: torch.Tensor) -> torch.Tensor:
+    """Entries of an fp32 gradient that a type whose smallest normal is ``tiny`` cannot hold, and that
+    stand within ``CANCELLATION`` of the gradient's largest entry (``low_max``: the low precision's)."""
+    size = full.detach().abs().float()
+    own = torch.maximum(size.amax(), low_max)  # the gradient's own scale, in either precision
+    return (size > 0) & (size < tiny) & (size >= CANCELLATION * own)
+
+
+def _tiny(dtype: torch.dtype, param: torch.dtype) -> float:
+    """The smallest normal of the narrower of the autocast dtype and the parameter's own."""
+    return max(torch.finfo(dtype).tiny, torch.finfo(param).tiny)
 
 
 def gradients(loss: torch.Tensor, model: nn.Module, params: list[torch.Tensor]) -> list[torch.Tensor | None]:

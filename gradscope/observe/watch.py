@@ -295,7 +295,7 @@ class Watch:
 
     def _single(self, record: StepRecord) -> Report:
         """The report of one step alone, for the rules that judge a step by itself."""
-        key = (len(self.notes), self.precision.name, learning_rate(self.optimizer))
+        key = (len(self.notes), self.precision.name, learning_rate(self.optimizer), self.recorder.seen.spec)
         if self._step_run is None or self._step_run[0] != key:
             self._step_run = (key, self._run_info())  # built once per change, not at every step
         return Report(self._step_run[1], self._infos, (record,), called_modules=self.called)
@@ -310,7 +310,8 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        return self._report.get((len(self.history), len(self.notes), self.precision.name), self._judged)
+        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec)
+        return self._report.get(key, self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
@@ -319,6 +320,7 @@ class Watch:
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
+        clip = self.recorder.clip or self.recorder.seen.spec  # the driver's, or the user's as the steps show it
         return run_info(
             self.model,
             self.gradients.infos,
@@ -329,6 +331,7 @@ class Watch:
             steps_requested=len(self.history),
             optimizer=type(self.optimizer).__name__.lower() if self.optimizer is not None else None,
             lr=learning_rate(self.optimizer),
+            clip=clip.model_dump() if clip is not None else None,
             notes=tuple(self.notes),
         )
 

@@ -3,6 +3,8 @@
 The watch may measure the gradients after the user clipped them (at the optimizer step), so
 the norms taken at the end of backward, before any clipping (and before unscaling), tell what
 clipping multiplied the gradients by; the record reports the true gradients and that factor.
+From that factor and the true norms, ``ClipSeen`` tells the ``max_norm`` and ``norm_type`` the
+user's ``clip_grad_norm_`` was given.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Recorder:
         self.gradients, self.clip, self.scaler = gradients, clip, scaler
         self.trainable = [info for info in gradients.infos if info.trainable]
         self.layout = Layout(self.trainable)
+        self.seen = ClipSeen()  # the user's own clipping, as the clipped steps show it
 
     def collect(self, fetch: Fetch, loss: torch.Tensor | None, pre: tuple[list[int], torch.Tensor] | None) -> None:
         """Add the loss, the end-of-backward norms ``pre`` and the loss scale to the step's transfer."""
@@ -125,8 +128,53 @@ class Recorder:
                 "grad_norm_total_clipped": total * coefficient,
             }
         if clipped:
-            return {"clip_coefficient": measured, "grad_norm_total_clipped": post}
+            self.seen.add(total, stats.clip_norm(readings, math.inf), measured)
+            return {
+                "clip_norm": self._seen_norm(readings),
+                "clip_coefficient": measured,
+                "grad_norm_total_clipped": post,
+            }
+        spec = self.seen.spec
+        if spec is not None and math.isfinite(total):
+            clip_norm = self._seen_norm(readings)
+            if stats.clip_coefficient(clip_norm, spec.max_norm) == 1.0:  # below max_norm: clipping left it as it was
+                return {"clip_norm": clip_norm, "clip_coefficient": 1.0, "grad_norm_total_clipped": total}
         return {}
+
+    def _seen_norm(self, readings: Readings) -> float:
+        spec = self.seen.spec
+        return stats.clip_norm(readings, spec.norm_type if spec is not None else 2.0)
+
+
+class ClipSeen:
+    """The ``max_norm`` and ``norm_type`` of the user's ``clip_grad_norm_``, told by the steps it clipped.
+
+    A clipped step multiplied the gradients by ``max_norm / (norm + 1e-6)``; knowing the factor and
+    the true gradients, ``max_norm`` follows for each norm it could have used. The L2 norm (the
+    default) is taken unless the clipped steps agree on one ``max_norm`` only under the max-norm
+    (``norm_type=inf``); steps that agree under neither (a schedule of ``max_norm``, another
+    ``norm_type``) leave it unknown.
+    """
+
+    TOLERANCE = 1e-3  # relative: the factor and the norms are float32 on the device
+
+    def __init__(self) -> None:
+        self._first: dict[float, float] = {}  # norm_type -> max_norm told by the first clipped step
+        self._agree = {2.0: True, math.inf: True}
+        self.spec: ClipSpec | None = None  # what the clipped steps agree on (None: none yet, or no one max_norm)
+
+    def add(self, l2: float, linf: float, coefficient: float) -> None:
+        """One clipped step: its true L2 and max norms and the factor clipping applied."""
+        if not 0.0 < coefficient < 1.0:
+            return
+        for norm_type, norm in ((2.0, l2), (math.inf, linf)):
+            if math.isfinite(norm):
+                max_norm = coefficient * (norm + 1e-6)
+                first = self._first.setdefault(norm_type, max_norm)
+                self._agree[norm_type] &= abs(max_norm - first) <= self.TOLERANCE * first
+        agreed = [n for n in (2.0, math.inf) if n in self._first and self._agree[n]]
+        # 4 significant digits: the float32 factor tells no more of the max_norm the user wrote
+        self.spec = ClipSpec(max_norm=float(f"{self._first[agreed[0]]:.4g}"), norm_type=agreed[0]) if agreed else None
 
 
 def unclip(readings: Readings, factor: float) -> None:

@@ -1,45 +1,6 @@
-"""The report: plain data (dataclasses of numbers), its JSON form and its checks; no torch."""
+"""The report: plain data (dataclasses of numbers), its JSON form and its checks; no torch.
 
-from gradscope.report.report import (
-    SCHEMA_VERSION,
-    SEVERITIES,
-    ActivationStats,
-    Anomaly,
-    BackwardFailure,
-    GradcheckResult,
-    GradStats,
-    Histogram,
-    ModuleStats,
-    NonfiniteOrigin,
-    ParamInfo,
-    ParamStats,
-    RankStep,
-    Report,
-    Retained,
-    RunInfo,
-    RunTotals,
-    StepRecord,
-    StepSeries,
-)
+``from gradscope.report import Report, StepRecord, ...``: every public name of ``report.report``.
+"""
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "SEVERITIES",
-    "ActivationStats",
-    "Anomaly",
-    "BackwardFailure",
-    "GradStats",
-    "GradcheckResult",
-    "Histogram",
-    "ModuleStats",
-    "NonfiniteOrigin",
-    "ParamInfo",
-    "ParamStats",
-    "RankStep",
-    "Report",
-    "Retained",
-    "RunInfo",
-    "RunTotals",
-    "StepRecord",
-    "StepSeries",
-]
+from gradscope.report.report import *  # noqa: F403

@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 SCHEMA_VERSION = 1
-SEVERITIES = ("info", "warning", "error")
+Severity = Literal["info", "warning", "error"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
+KEYED_BY = "json_keyed_by"  # field metadata: in JSON, an object from this field of each element to its others
+WRITTEN_AS = "json_written_as"  # field metadata: the JSON stores what this method of the object returns
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,13 @@ class ActivationStats:
 
 @dataclass(frozen=True)
 class Histogram:
-    """A gradient's finite values in equal buckets between ``min`` and ``max``; ``nonfinite`` left out."""
+    """A gradient's finite values in equal buckets between ``min`` and ``max``; ``nonfinite`` left out.
+
+    ``edges``: the ``len(buckets) + 1`` bucket edges, from ``min`` to ``max`` (bucket ``i`` holds
+    ``edges[i] <= v < edges[i + 1]``, the last one its upper edge too). The JSON always stores them,
+    so that a reader can redraw the histogram; empty in memory and in reports written before they
+    were stored: ``bucket_edges()`` gives them either way.
+    """
 
     min: float
     max: float
@@ -138,11 +147,18 @@ class Histogram:
     sum_squares: float
     nonfinite: int
     buckets: tuple[int, ...]
+    edges: tuple[float, ...] = field(default=(), metadata={WRITTEN_AS: "bucket_edges"})
+
+    def bucket_edges(self) -> tuple[float, ...]:
+        """The stored edges, or the equal steps from ``min`` to ``max`` the probe buckets by."""
+        if self.edges or not self.buckets:
+            return self.edges
+        n, width = len(self.buckets), self.max - self.min
+        return tuple(self.min + width * i / n for i in range(n)) + (self.max,)
 
     def limits(self) -> list[float]:
         """The upper edge of each bucket."""
-        n = len(self.buckets)
-        return [self.min + (self.max - self.min) * (i + 1) / n for i in range(n)]
+        return list(self.bucket_edges()[1:])
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,7 @@ class Anomaly:
     """A finding: what is wrong, where, and the numbers that show it."""
 
     kind: str
-    severity: str
+    severity: Severity
     message: str
     module: str | None = None
     parameter: str | None = None
@@ -289,7 +305,7 @@ class Report:
     """What one gradscope run measured and found."""
 
     run: RunInfo
-    parameters: tuple[ParamInfo, ...]
+    parameters: tuple[ParamInfo, ...] = field(metadata={KEYED_BY: "name"})
     steps: tuple[StepRecord, ...]
     anomalies: tuple[Anomaly, ...] = ()
     called_modules: tuple[str, ...] | None = None  # modules that ran in the first forward (None: not tracked)

@@ -10,10 +10,13 @@ their reporters here; a new reporter is its own module plus one line in ``_make`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
+
+if TYPE_CHECKING:
+    from gradscope.config import Checks
 
 
 class Reporter(Protocol):
@@ -42,6 +45,7 @@ class Outputs:
         compared: the run was compared with a baseline (JUnit's ``baseline_drift`` ran).
         jsonl: a JSON Lines file that gets every step as it is measured.
         csv: a CSV table of every kept step's per-parameter statistics.
+        checks: the config's thresholds, for JUnit's checks that need a number of steps.
     """
 
     terminal: IO[str] | None = None
@@ -59,6 +63,7 @@ class Outputs:
     compared: bool = False
     jsonl: str | None = None
     csv: str | None = None
+    checks: Checks | None = None  # the config's thresholds (JUnit skips the checks a run is too short for)
 
 
 class WriteFailures(GradscopeError):
@@ -141,7 +146,7 @@ def _make(outputs: Outputs) -> list[Reporter]:
     if outputs.junit:
         from gradscope.reporters.ci import JunitReporter
 
-        made.append(JunitReporter(outputs.junit, outputs.fail_on, baseline=outputs.compared))
+        made.append(JunitReporter(outputs.junit, outputs.fail_on, baseline=outputs.compared, checks=outputs.checks))
     if outputs.logdir:
         from gradscope.reporters.tensorboard import TensorBoardReporter
 

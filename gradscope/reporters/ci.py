@@ -12,6 +12,7 @@ from xml.etree import ElementTree as ET
 from gradscope.config import Checks
 from gradscope.report import Anomaly, Report, StepRecord
 from gradscope.reporters.findings import Group, compress_names, group
+from gradscope.rules.common import clean_steps, totals
 from gradscope.utils import outfiles
 
 KINDS = tuple(name for name in Checks.model_fields if name != "ignore")
@@ -93,8 +94,9 @@ class JunitReporter:
         fail_on: the ``--fail-on`` severity (``never``: no case fails).
     """
 
-    def __init__(self, path: str, fail_on: str, baseline: bool = False) -> None:
+    def __init__(self, path: str, fail_on: str, baseline: bool = False, checks: Checks | None = None) -> None:
         self.path, self.fail_on, self.baseline = path, fail_on, baseline
+        self.checks = checks or Checks()
 
     def on_step(self, step: StepRecord) -> None:
         return None  # writes the whole report at the end
@@ -103,7 +105,7 @@ class JunitReporter:
         failing = {id(a) for a in report.at_or_above(self.fail_on)}
         name = report.run.config or report.run.model
         suite = ET.Element("testsuite", name=f"gradscope {name}", tests=str(len(KINDS)))
-        skipped = not_run(report, self.baseline)
+        skipped = not_run(report, self.baseline, self.checks)
         failures = skips = 0
         for kind in KINDS:
             case = ET.SubElement(suite, "testcase", classname=f"gradscope.{Path(name).stem}", name=kind)
@@ -131,10 +133,12 @@ class JunitReporter:
         return None
 
 
-def not_run(report: Report, baseline: bool) -> dict[str, str]:
+def not_run(report: Report, baseline: bool, checks: Checks | None = None) -> dict[str, str]:
     """The checks this run could not make, each with why: JUnit counts them as skipped, not passed."""
     steps = report.steps
     run = report.run
+    checks = checks or Checks()
+    clean = totals(report).clean_steps if totals(report) is not None else len(clean_steps(report))
     kinds = {a.kind for step in steps for a in step.activations.values()}
     out = {
         "wrong_gradient": "no custom autograd.Function was checked (--gradcheck checks those the model calls)",
@@ -147,6 +151,9 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
         "update_ratio": "the update_ratio probe was off (`probes: [update_ratio]`)",
     }
+    for kind in ("loss_spike", "gradient_spike"):  # a step is judged against at least min_steps before it
+        need = checks.rule(kind).min_steps
+        out[kind] = f"needs more than {need} clean steps (checks.{kind}.min_steps); the run made {clean}"
     ran = {
         "wrong_gradient": bool(report.gradchecks),
         "baseline_drift": baseline,
@@ -157,6 +164,8 @@ def not_run(report: Report, baseline: bool) -> dict[str, str]:
         "dead_relu": "relu" in kinds,
         "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
         "update_ratio": any("update_ratio" in s.probes for s in steps),
+        "loss_spike": clean > checks.loss_spike.min_steps,
+        "gradient_spike": clean > checks.gradient_spike.min_steps,
     }
     return {kind: why for kind, why in out.items() if not ran[kind]}
 

@@ -8,6 +8,7 @@ floats are strings), so nothing measured is lost and a run that dies leaves its 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -25,11 +26,16 @@ class JsonlReporter:
     """
 
     def __init__(self, path: str) -> None:
-        self._own = path != outfiles.STDOUT  # ``-``: stdout, left open
-        if self._own:
+        self._own = not outfiles.is_stdout(path)  # ``-``: stdout, left open
+        fd = outfiles.descriptor(path)
+        if fd is not None and self._own:  # /dev/stderr, /dev/fd/N: through the descriptor, not the path
+            self._file: IO[str] | None = os.fdopen(os.dup(fd), "w")
+        elif self._own:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = target.open("w") if self._own else sys.stdout
+            self._file = target.open("w")
+        else:
+            self._file = sys.stdout
 
     def on_step(self, step: StepRecord) -> None:
         if self._file is not None:

@@ -36,6 +36,10 @@ LAYER_COLUMNS = (
     ("non-finite", None),
 )
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+# A weight whose root-mean-square entry is below this is (still) about zero: a zero-initialised bias
+# or gain after a few updates of lr 1e-4..1e-3. |grad|/|weight| then measures the weight's smallness,
+# not the gradient's size, so the column says so instead of showing a ratio of 100.
+NEAR_ZERO_RMS = 1e-3
 
 
 class TerminalReporter:
@@ -255,7 +259,14 @@ def _layer_cells(info: ParamInfo, s: ParamStats) -> list[str]:
     parts = [f"{s.nan_count} NaN" if s.nan_count else "", f"{s.inf_count} Inf" if s.inf_count else ""]
     nonfinite = " ".join(p for p in parts if p) or "0"
     zero = f"{100 * (s.zero_fraction or 0):.1f}"
-    return [shape, _num(s.grad_norm), _num(s.grad_to_param), _max_abs(info, s), zero, nonfinite]
+    return [shape, _num(s.grad_norm), _ratio(info, s), _max_abs(info, s), zero, nonfinite]
+
+
+def _ratio(info: ParamInfo, s: ParamStats) -> str:
+    """|grad|/|weight|, or ``|w|~0`` where the weight is about zero and the ratio means nothing."""
+    if s.param_norm is not None and info.numel and s.param_norm / math.sqrt(info.numel) < NEAR_ZERO_RMS:
+        return "|w|~0"
+    return _num(s.grad_to_param)
 
 
 def _max_abs(info: ParamInfo, s: ParamStats) -> str:
@@ -273,6 +284,8 @@ def _style(header: str, cell: str) -> Text:
         return Text(cell, style="yellow")
     if header == "non-finite" and cell != "0":
         return Text(cell, style="bold red")
+    if cell == "|w|~0":
+        return Text(cell, style="dim")
     if header == "zero %" and cell == "100.0":
         return Text(cell, style="yellow")
     return Text(cell)

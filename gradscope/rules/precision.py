@@ -46,9 +46,8 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
             message=(
                 f"clipping fires in {count} of {finite} steps{f' (max_norm {max_norm})' if max_norm else ''}: "
                 f"pre-clip norms {_first(pre, total=count)}, "
-                f"coefficients {_first(coefs, total=count)}. Largest shares of the squared norm: {top}. While clipping "
-                f"is on, max_norm, not the gradient, sets the update size; by a factor under {check.coefficient:g} it "
-                f"hides how large the gradients are: raise max_norm, lower the LR, or fix the layer that dominates."
+                f"coefficients {_first(coefs, total=count)}. Largest shares of the squared norm: {top}. "
+                f"{_clip_meaning(coefficient, check.coefficient)}"
             ),
             evidence={
                 "steps": [step for step, _, _ in listed],
@@ -59,6 +58,21 @@ def gradient_clipping(report: Report, check: Any) -> list[Anomaly]:
             },
         )
     ]
+
+
+def _clip_meaning(coefficient: float, threshold: float) -> str:
+    """What the median coefficient says: a strong cut hides the gradients' size, a mild one trims them."""
+    if coefficient < threshold:
+        return (
+            f"The median coefficient {coefficient:.3g} (under {threshold:g}) means the gradients are about "
+            f"{1 / coefficient:.3g}x max_norm: while clipping is on, max_norm, not the gradient, sets the update size "
+            f"and hides how large the gradients are. Raise max_norm, lower the LR, or fix the layer that dominates."
+        )
+    return (
+        f"The median coefficient {coefficient:.3g} trims the updates by {1 - coefficient:.0%}: the gradients are "
+        f"about {1 / coefficient:.3g}x max_norm, so max_norm only caps the largest steps (as recipes that clip "
+        f"mean it to); nothing to fix unless you meant clipping as a rare guard."
+    )
 
 
 def _first(values: list, shown: int = 5, total: int | None = None) -> str:
@@ -113,12 +127,19 @@ def _calibration(calibrating: list[StepRecord], total: int) -> Anomaly:
         severity="info",
         step=first.step,
         message=(
-            f"the grad scaler calibrated: it skipped the first {len(calibrating)} of {total} steps while the loss "
-            f"scale fell from {first.loss_scale:g} to {last.loss_scale:g}. That is what a scaler does at the start; "
-            f"only skips after it has applied steps would mean gradients near fp16's limit."
+            f"the grad scaler calibrated: it skipped the first {len(calibrating)} of {total} steps {_fall(first, last)}. "
+            f"That is what a scaler does at the start; only skips after it has applied steps would mean gradients "
+            f"near fp16's limit."
         ),
         evidence={"calibration_steps": [s.step for s in calibrating], "scales": [s.loss_scale for s in calibrating]},
     )
+
+
+def _fall(first: StepRecord, last: StepRecord) -> str:
+    """How the scale moved over the calibration skips (one skip, or a scale that did not change, has no fall)."""
+    if first.loss_scale == last.loss_scale:
+        return f"at loss scale {first.loss_scale:g} (the scaler lowers it after each skip)"
+    return f"while the loss scale fell from {first.loss_scale:g} to {last.loss_scale:g}"
 
 
 def _persisting(
@@ -178,7 +199,8 @@ def _where_overflowed(step: StepRecord | None) -> str:
 
 
 def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
-    """Low precision flushes gradient entries to zero that an fp32 step keeps."""
+    """Low precision flushes gradient entries to zero that an fp32 step keeps (below its range, not
+    the rounding of a sum that cancels: see ``replay.underflow``)."""
     step = next((s for s in report.steps if s.underflow), None)
     if step is None or step.underflow is None or nonfinite_step(step):
         return []  # a step with a NaN/Inf: its zeros are that fault's, reported with its origin
@@ -190,6 +212,8 @@ def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
         return []
     worst = lost[-1][0]  # where it starts: the affected parameter nearest the loss
     listing = ", ".join(f"{n} {f:.0%}" for n, f in lost[-6:])
+    precision = report.run.precision
+    scaled = f" at loss scale {step.loss_scale:g}" if step.loss_scale is not None else ""
     return [
         Anomaly(
             kind="gradient_underflow",
@@ -198,10 +222,25 @@ def gradient_underflow(report: Report, check: Any) -> list[Anomaly]:
             parameter=worst,
             step=step.step,
             message=(
-                f"{report.run.precision} flushes gradients to zero that fp32 keeps, on the same weights and batch: "
-                f"{len(lost)} parameters lose more than {check.fraction:.0%} of their entries ({listing}). "
-                f"Use bf16 (fp32's range), a larger loss scale, or keep these layers in fp32."
+                f"{precision} flushes gradients to zero that fp32 keeps, on the same weights and batch: "
+                f"{len(lost)} parameters lose more than {check.fraction:.0%} of their entries ({listing}), "
+                f"whose fp32 values are below {precision}'s smallest normal{scaled}. {_underflow_advice(precision, step)}"
             ),
-            evidence={"lost_fraction": dict(lost)},
+            evidence={"lost_fraction": dict(lost), "loss_scale": step.loss_scale},
         )
     ]
+
+
+def _underflow_advice(precision: str, step: StepRecord) -> str:
+    """What would keep these gradients, for the run's own precision and scaler."""
+    if precision == "bf16":  # fp32's exponent range: the gradients themselves are below 1e-38
+        return (
+            "bf16 has fp32's range, where fp32 too holds them only as subnormals: multiply the loss by a "
+            "constant (a fixed loss scale), or find why these gradients are this small."
+        )
+    if step.loss_scale is None:
+        return "Turn the grad scaler on (drop scaler: false), use bf16 (fp32's range), or keep these layers in fp32."
+    return (
+        f"Start the grad scaler higher than {step.loss_scale:g} (GradScaler's init_scale), use bf16 (fp32's range), "
+        "or keep these layers in fp32."
+    )

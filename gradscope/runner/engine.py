@@ -176,8 +176,10 @@ class Engine:
         if self.plan.precision == "fp32" or not self.plan.underflow or self.ranks is not None:
             return None  # distributed: .grad is averaged over ranks, a replay sees one rank's batch
         replayed = lambda: self.forward(batch, precision="fp32", model=self.inner)  # noqa: E731
+        dtype = AUTOCAST_DTYPES[self.plan.precision]
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0  # the backward ran at it
         with optional("the fp32 replay that measures gradient underflow", self.watch.notes), self.watch.paused():
-            return replay.underflow(self.inner, replayed, state)
+            return replay.underflow(self.inner, replayed, state, dtype, scale)
         return None
 
     def _update(self) -> None:

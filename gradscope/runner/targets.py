@@ -13,6 +13,7 @@ its config object::
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -44,11 +45,24 @@ def resolve(target: str, base_dir: Path, key: str) -> Callable[..., Any]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError([(key, f"{where} has no attribute {attr!r} (from target {target!r})")])
+            raise ConfigError([(key, f"{where} has no attribute {attr!r} (from target {target!r}){_close(obj, part)}")])
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError([(key, f"{target!r} is a {type(obj).__name__}, expected a class or function")])
     return obj
+
+
+def _close(obj: Any, name: str) -> str:
+    """``; did you mean 'LlamaForCausalLM'?``: the names of ``obj`` nearest a misspelled one, if any."""
+    try:
+        names = [n for n in dir(obj) if not n.startswith("_")]
+    except Exception:  # a module whose __dir__ fails: no suggestion rather than a second error
+        return ""
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.75)
+    if not near:
+        lowered = {n.lower(): n for n in names}
+        near = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)]
+    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
 def build(spec: Any, base_dir: Path, key: str, what: str) -> Any:

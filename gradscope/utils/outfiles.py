@@ -3,12 +3,17 @@ checked before the run starts, written at the end one by one.
 
 ``-`` is stdout wherever a file is taken; a symlink is written through (its target changes, the
 link stays); the config file is never an output; a regular file is replaced atomically (a
-temporary file beside it), a device or pipe (``/dev/stdout``) is written in place.
+temporary file beside it), a device or pipe is written in place. ``/dev/stdout``, ``/dev/stderr``
+and ``/dev/fd/N`` name the process's own open descriptors: they are written through the
+descriptor, never opened by path (an ordinary user may not open a pipe or file another user
+made, though the descriptor it inherited writes to it) and never replaced (a shell's ``> file``
+keeps its file).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -17,6 +22,22 @@ from pathlib import Path
 from gradscope.errors import GradscopeError
 
 STDOUT = "-"
+_DESCRIPTOR = re.compile(r"^/(?:dev/(?:fd/(\d+)|(stdout|stderr))|proc/self/fd/(\d+))$")
+_STREAMS = {"stdout": 1, "stderr": 2}
+
+
+def descriptor(path: str) -> int | None:
+    """The file descriptor a path names (``/dev/stdout``: 1, ``/dev/fd/3``: 3), or None."""
+    match = _DESCRIPTOR.match(os.path.normpath(path)) if path else None
+    if match is None:
+        return None
+    fd, stream, proc = match.groups()
+    return _STREAMS[stream] if stream else int(fd or proc)
+
+
+def is_stdout(path: str | None) -> bool:
+    """``-`` or a name of the standard output (``/dev/stdout``, ``/dev/fd/1``)."""
+    return path == STDOUT or (path is not None and descriptor(path) == 1)
 
 
 class OutputError(GradscopeError):
@@ -42,6 +63,13 @@ def check_file(option: str, path: str, protected: list[Path] = ()) -> None:  # t
         return
     if not path:
         raise OutputError(option, path, "the path is empty (give a file, or - for stdout)")
+    fd = descriptor(path)
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise OutputError(option, path, f"file descriptor {fd} is not open in this process") from None
+        return
     real = target(path)
     if any(real == p.resolve() for p in protected):
         raise OutputError(option, path, "that is the config file; choose another name")
@@ -85,7 +113,8 @@ def check_distinct(named: dict[str, str | None]) -> None:
     for option, path in named.items():
         if not path:
             continue
-        key = STDOUT if path == STDOUT else str(target(path))
+        fd = descriptor(path)
+        key = STDOUT if is_stdout(path) else (f"descriptor {fd}" if fd is not None else str(target(path)))
         if key in seen:
             raise OutputError(option, path, f"{seen[key]} writes there too")
         seen[key] = option
@@ -97,7 +126,7 @@ def write_text(option: str, path: str, text: str) -> None:
     Raises:
         OutputError: the write failed (the message says why).
     """
-    if path == STDOUT:
+    if is_stdout(path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return
@@ -110,10 +139,14 @@ def write_bytes(option: str, path: str, data: bytes) -> None:
     Raises:
         OutputError: the write failed.
     """
-    if path == STDOUT:
+    if is_stdout(path):
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
+        return
+    fd = descriptor(path)
+    if fd is not None:
+        _write_descriptor(option, path, fd, data)
         return
     real = target(path)
     try:
@@ -123,6 +156,17 @@ def write_bytes(option: str, path: str, data: bytes) -> None:
             return
         real.parent.mkdir(parents=True, exist_ok=True)
         _replace(real, data)
+    except OSError as exc:
+        raise OutputError(option, path, exc.strerror or str(exc)) from None
+
+
+def _write_descriptor(option: str, path: str, fd: int, data: bytes) -> None:
+    """Write through an open descriptor, in place, as a shell's redirection expects."""
+    sys.stderr.flush()  # text already printed to stderr comes first
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
     except OSError as exc:
         raise OutputError(option, path, exc.strerror or str(exc)) from None
 
