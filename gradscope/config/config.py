@@ -25,6 +25,7 @@ from pydantic import (
 
 from gradscope.config.checks import Checks
 from gradscope.config.config_base import Strict as _Strict
+from gradscope.config.names import PROBE_NAMES
 from gradscope.errors import ConfigError
 from gradscope.utils import yamlfile
 
@@ -199,10 +200,8 @@ class TensorBoardSpec(_Strict):
 
 
 def _known_probe(name: str) -> str:
-    from gradscope.probes import OPTIONAL  # the probes import torch: only when the key is given
-
-    if name not in OPTIONAL:
-        raise ValueError(f"unknown probe; expected one of: {', '.join(sorted(OPTIONAL))}, got {name!r}")
+    if name not in PROBE_NAMES:
+        raise ValueError(f"unknown probe; expected one of: {', '.join(sorted(PROBE_NAMES))}, got {name!r}")
     return name
 
 
@@ -225,7 +224,9 @@ class Settings(_Strict):
     tensorboard: TensorBoardSpec = TensorBoardSpec()
     gradcheck: bool = False  # check custom autograd.Functions' backward against finite differences
     distributed: DistributedSpec = DistributedSpec()
-    probes: list[Annotated[str, AfterValidator(_known_probe)]] = Field(default_factory=list)  # see probes.OPTIONAL
+    probes: list[Annotated[str, AfterValidator(_known_probe)]] = Field(
+        default_factory=list
+    )  # see config.names.PROBE_NAMES
     _origin: Origin = PrivateAttr(default_factory=lambda: Origin(Path.cwd()))
 
     @property

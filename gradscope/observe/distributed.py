@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gradscope.errors import ConfigError, peer_failed
-from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM, is_sharded
+from gradscope.probes.gradients import is_sharded
+from gradscope.report.rows import GRAD_MAX_ABS, GRAD_NORM, PARAM_NORM
 
 _LAUNCH = "torchrun --nproc_per_node=N -m gradscope inspect CONFIG --distributed {}"
 

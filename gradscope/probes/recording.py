@@ -17,8 +17,9 @@ import torch
 
 from gradscope.config import ClipSpec
 from gradscope.probes.base import Fetch, Probe, StepContext
-from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, GradientProbe, Readings
+from gradscope.probes.gradients import GradientProbe
 from gradscope.report import StepRecord, stats
+from gradscope.report.rows import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Readings
 from gradscope.report.tables import Layout
 
 # Names of the recorder's own parts of the step's transfer.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradscope.probes.gradients import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Readings
+from gradscope.report.rows import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Readings
 from gradscope.report.tables import NO_GRADIENT, Layout, ModuleTable, ParamTable
 
 __all__ = ["NO_GRADIENT", "parameter_stats", "module_stats", "total_norm", "clip_norm", "combine_norms"]

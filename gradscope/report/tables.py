@@ -16,8 +16,8 @@ from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 
-from gradscope.probes.gradients import GRAD_MAX_ABS, GRAD_NONZERO, GRAD_NORM, PARAM_NORM
 from gradscope.report import ModuleStats, ParamInfo, ParamStats
+from gradscope.report.rows import GRAD_MAX_ABS, GRAD_NONZERO, GRAD_NORM, PARAM_NORM
 
 NO_GRADIENT = ParamStats(None, None, None, 0, 0, None, None)
 _COLUMNS = (GRAD_NORM, GRAD_MAX_ABS, GRAD_NONZERO, PARAM_NORM)  # of the probe's rows, kept in this order

@@ -5,11 +5,21 @@ gradient spike included, judged against the steps before it as OLMo-core's and M
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from gradscope import rules
 from gradscope.config import Checks
-from gradscope.observe.history import History
 from gradscope.report import SEVERITIES, Anomaly, Report, StepRecord
+
+
+class History(Protocol):
+    """The steps before the one judged (``observe.history.History``)."""
+
+    def first(self, loss: bool, count: int) -> list[float]: ...
+
+    def recent(self, loss: bool, count: int) -> list[float]: ...
+
+    def steps(self) -> tuple[StepRecord, ...]: ...
 
 
 class StepJudge:
