@@ -323,9 +323,10 @@ class Report:
 
     def save(self, path: str) -> None:
         """Write the JSON report to ``path`` (its folder is made; ``gradscope show`` reads it back)."""
-        from gradscope.reporters.json import JsonReporter  # reporters read reports: imported on use
+        from gradscope.report.report_json import report_text
+        from gradscope.utils import outfiles
 
-        JsonReporter(path).write(self)
+        outfiles.write_text("--json", path, report_text(self))  # atomic: never a half-written report
 
     def print(self, show_all: bool = False) -> None:
         """Print the report as ``gradscope inspect`` does (``show_all``: every parameter row)."""

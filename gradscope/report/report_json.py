@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,11 @@ def report_dict(report: Report) -> dict[str, Any]:
     """The JSON form (strict: non-finite floats become strings), ``schema_version`` first."""
     out = _encode(report)
     return {"schema_version": out.pop("schema_version"), **out}
+
+
+def report_text(report: Report) -> str:
+    """The JSON report as a file holds it: strict JSON, indented, one newline at the end."""
+    return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"
 
 
 def step_dict(step: StepRecord) -> dict[str, Any]:
