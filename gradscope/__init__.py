@@ -37,18 +37,17 @@ _LAZY = {
     "Settings": "gradscope.config",
     "load_config": "gradscope.config",
     "Retention": "gradscope.observe.history",
-    "Watch": "gradscope.observe.watch",
-    "watch": "gradscope.observe.watch",
-    "Inspection": "gradscope.runner.inspection",
-    "inspect": "gradscope.runner.inspection",
+    "Watch": "gradscope.api",
+    "watch": "gradscope.api",
+    "Inspection": "gradscope.api",
+    "inspect": "gradscope.api",
 }
 
 if TYPE_CHECKING:
+    from gradscope.api import Inspection, Watch, inspect, watch
     from gradscope.config import Settings, load_config
     from gradscope.observe.history import Retention
-    from gradscope.observe.watch import Watch, watch
     from gradscope.report import Anomaly, Report
-    from gradscope.runner.inspection import Inspection, inspect
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from gradscope.config import Checks
 from gradscope.observe.watch import Watch
 from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
-from gradscope.reporters import Outputs
+from gradscope.reporters import Outputs, build_reporters
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Session:
             optimizer,
             scaler,
             outputs=Outputs(logdir=o.logdir, json=o.json),
+            reporters=build_reporters,
             raise_on=o.raise_on,
             checks=o.checks,
             activations=o.activations,

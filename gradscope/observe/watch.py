@@ -20,12 +20,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from gradscope.config import Checks, ClipSpec
+from gradscope.config.outputs import Outputs
 from gradscope.errors import GradientAnomaly
 from gradscope.locate.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.locate.locating import OriginSearch, Replay
@@ -41,12 +42,11 @@ from gradscope.probes.histograms import HistogramProbe
 from gradscope.probes.ranks import RankViews
 from gradscope.probes.recording import Recorder
 from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
-from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.rules.step_judge import StepJudge
 from gradscope.utils import outfiles
 from gradscope.utils.wrappers import is_compiled, unwrap, unwrap_optimizer
 
-__all__ = ["Replay", "Watch", "watch"]
+__all__ = ["Replay", "Watch"]
 
 COMPILED_NOTE = (
     "torch.compile'd model: activation statistics are off (global module hooks and a TorchFunctionMode "
@@ -54,8 +54,21 @@ COMPILED_NOTE = (
 )
 
 
+class Reporting(Protocol):
+    """The reporters of a watched run (``gradscope.reporters.Reporters``): they see each step and the report."""
+
+    def __len__(self) -> int: ...
+
+    def on_step(self, step: StepRecord) -> None: ...
+
+    def write(self, report: Report) -> None: ...
+
+
 class Watch:
     """Observes a model's training steps. Use through ``gradscope.watch``; see its arguments.
+
+    ``reporters`` makes, on entry, what writes ``outputs`` (``gradscope.reporters.build_reporters``):
+    the watch itself knows no reporter.
 
     The gradient probe is the one every step needs; the other probes (``probes``) share the
     ``Probe`` interface and the watch only loops over them.
@@ -68,6 +81,7 @@ class Watch:
         scaler: torch.amp.GradScaler | None = None,
         *,
         outputs: Outputs | None = None,
+        reporters: Callable[[Outputs, int | None], Reporting] | None = None,
         raise_on: str | None = None,
         checks: Checks | None = None,
         activations: bool = True,
@@ -115,7 +129,8 @@ class Watch:
         self.precision = PrecisionSeen(inner)
         self.judge = StepJudge(self.checks, self._single)
         self.history = History(retention, lambda record: self.judge.has_finding(record, self.history))
-        self.reporters = Reporters()  # built on entry (rank 0 alone writes)
+        self._make_reporters = reporters
+        self.reporters: Reporting | None = None  # made on entry (the maker decides which rank writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
@@ -162,7 +177,8 @@ class Watch:
                 probe.attach()
             o = self.outputs  # checked now, not at the end of a long run
             outfiles.check_files({"json=": o.json, "jsonl=": o.jsonl, "plot=": o.plot})
-            self.reporters = build_reporters(o, self.ranks.rank if self.ranks is not None else None)
+            if self._make_reporters is not None:
+                self.reporters = self._make_reporters(o, self.ranks.rank if self.ranks is not None else None)
         except BaseException:
             self._stack.close()
             raise
@@ -282,7 +298,8 @@ class Watch:
         for probe in self.probes:
             probe.step_done(record)
         self._next_step()
-        self.reporters.on_step(record)
+        if self.reporters is not None:
+            self.reporters.on_step(record)
         if self.on_step is not None:
             self.on_step(record)
         self._raise_if_found(record, spikes)
@@ -334,72 +351,3 @@ class Watch:
             clip=clip.model_dump() if clip is not None else None,
             notes=tuple(self.notes),
         )
-
-
-def watch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    logdir: str | None = None,
-    raise_on: str | None = None,
-    checks: Checks | dict[str, Any] | None = None,
-    activations: bool = True,
-    locate: bool = True,
-    histograms_every: int = 10,
-    plot: str | None = None,
-    every: int = 1,
-    on_step: Callable[[StepRecord], None] | None = None,
-    probes: tuple[str, ...] | list[str] = (),
-    retention: Retention | dict[str, int] | None = None,
-    jsonl: str | None = None,
-    json: str | None = None,
-) -> Watch:
-    """Watch ``model``'s gradients in your own training loop.
-
-    Args:
-        model: the model being trained; left as it was when the block exits.
-        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook).
-            Without one, call ``scope.step(loss)`` after ``backward()``.
-        scaler: your ``torch.amp.GradScaler``, so gradients are reported unscaled and steps it
-            skips are recorded as skipped.
-        logdir: write a TensorBoard run there, step by step.
-        raise_on: ``"error"`` (or ``"warning"``, ``"info"``): raise ``GradientAnomaly`` at the first
-            step with such a finding, before the optimizer updates the weights.
-        checks: thresholds and accepted findings, as the config's ``checks:`` section.
-        activations: dead/saturated unit statistics (a TorchFunctionMode over the block).
-        locate: keep the model's last forward call to replay a step that shows a NaN/Inf.
-        histograms_every: gradient histograms for TensorBoard every N steps.
-        plot: save the gradient-flow picture there when the block exits (needs matplotlib).
-        every: measure every N-th step only (the others cost nothing); 1 measures every step.
-        on_step: called with each step's ``StepRecord`` as it is measured (to log it your own way).
-        probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``;
-            their values are in ``StepRecord.probes``.
-        retention: how many steps the report keeps in full (``gradscope.Retention`` or its fields as a
-            dict): the first steps, each step with a finding and the steps before it, a sparse sample;
-            every step's loss and norms, and the totals the rules need, are kept whatever it says.
-        jsonl: stream every measured step's full record there, one JSON object a line.
-        json: write the JSON report there when the block exits (``gradscope show`` reads it).
-
-    Returns:
-        A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
-    """
-    if isinstance(checks, dict):
-        checks = Checks.model_validate(checks)
-    if isinstance(retention, dict):
-        retention = Retention(**retention)
-    return Watch(
-        model,
-        optimizer,
-        scaler,
-        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json),
-        raise_on=raise_on,
-        checks=checks,
-        activations=activations,
-        locate=locate,
-        histograms_every=histograms_every,
-        on_step=on_step,
-        every=every,
-        probes=probes,
-        retention=retention,
-    )
