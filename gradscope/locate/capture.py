@@ -53,7 +53,7 @@ class PrecisionSeen:
         self._settled = self._seen()
 
     def _look(self, module: nn.Module, args: Any) -> None:
-        if self.autocast is not None or not torch.is_grad_enabled() or replay.REPLAYING:
+        if self.autocast is not None or not torch.is_grad_enabled() or replay.in_replay():
             return
         device = next(module.parameters(recurse=False)).device.type
         if torch.is_autocast_enabled(device):
@@ -94,7 +94,7 @@ class ForwardCapture:
         self._call = None
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.is_grad_enabled() and not replay.REPLAYING:
+        if torch.is_grad_enabled() and not replay.in_replay():
             param = next(module.parameters(), None)
             device = param.device.type if param is not None else "cpu"
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None

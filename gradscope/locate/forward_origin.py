@@ -21,13 +21,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gradscope.locate.origins import (
-    _allocated,
-    _called_by_distributed,
-    _count,
-    _explicit_inf,
-    _is_metadata,
-    _module,
-    _source,
+    allocated,
+    called_by_distributed,
+    count_nonfinite,
+    describe_site,
+    explicit_inf,
+    is_metadata,
+    module_name,
     op_name,
     rows_with,
 )
@@ -75,16 +75,16 @@ class NonfiniteFlow(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _is_metadata(func) or _called_by_distributed():
+        if is_metadata(func) or called_by_distributed():
             return func(*args, **kwargs)
         inputs = [t for t in tensors_in([args, kwargs]) if _floating(t)]
         before = [self._state(t) for t in inputs]  # before the op: an in-place op changes its input
         out = func(*args, **kwargs)
         self._record_nodes(func, out)
         outputs = [t for t in tensors_in(out) if _floating(t)]
-        changed = [t for t, s in zip(inputs, before) if _version(t) != s.version and all(t is not o for o in outputs)]
+        changed = [t for t, s in zip(inputs, before) if version_of(t) != s.version and all(t is not o for o in outputs)]
         for t in outputs + changed:
-            self._follow(func, t, inputs, before, _explicit_inf(args, kwargs))
+            self._follow(func, t, inputs, before, explicit_inf(args, kwargs))
         return out
 
     def origin_of(self, t: torch.Tensor) -> NonfiniteOrigin | None:
@@ -94,13 +94,13 @@ class NonfiniteFlow(TorchFunctionMode):
 
     def _state(self, t: torch.Tensor) -> _State:
         state = self._seen.get(id(t))
-        if state is not None and state.ref() is t and state.version == _version(t):
+        if state is not None and state.ref() is t and state.version == version_of(t):
             return state
         return self._remember(t)
 
     def _remember(self, t: torch.Tensor, origin: NonfiniteOrigin | None = None, explicit: bool = False) -> _State:
         nan, inf = _holds(t)
-        state = _State(weakref.ref(t), _version(t), nan, inf, origin if nan or inf else None, explicit)
+        state = _State(weakref.ref(t), version_of(t), nan, inf, origin if nan or inf else None, explicit)
         self._seen[id(t)] = state
         return state
 
@@ -132,7 +132,7 @@ class NonfiniteFlow(TorchFunctionMode):
         outside = self.tracker.current is None  # the loss, after the model's forward
         for t in tensors_in(out):
             if t.grad_fn is not None and t.grad_fn not in self.ops:
-                self.ops[t.grad_fn] = (op_name(func), _source(user_site()))
+                self.ops[t.grad_fn] = (op_name(func), describe_site(user_site()))
                 if outside:
                     self.loss_nodes.add(t.grad_fn)
 
@@ -145,10 +145,10 @@ class NonfiniteFlow(TorchFunctionMode):
             phase="forward" if where else "loss",
             kind=kind,
             op=op_name(func),
-            module=_module(where, self.tracker),
-            source=_source(site),
+            module=module_name(where, self.tracker),
+            source=describe_site(site),
             dtype=str(produced.dtype).removeprefix("torch."),
-            count=int(_count(produced, kind)),
+            count=int(count_nonfinite(produced, kind)),
             numel=produced.numel(),
             input_min=float(values.min()) if values.numel() else None,
             input_max=float(values.max()) if values.numel() else None,
@@ -157,7 +157,7 @@ class NonfiniteFlow(TorchFunctionMode):
 
 
 def _floating(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and _allocated(t)
+    return t.is_floating_point() and t.numel() > 0 and allocated(t)
 
 
 def _holds(t: torch.Tensor) -> tuple[bool, bool]:
@@ -170,7 +170,7 @@ def _holds(t: torch.Tensor) -> tuple[bool, bool]:
     return bool(t.isnan().any()), bool(t.isinf().any())
 
 
-def _version(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor) -> int:
     try:
         return t._version
     except (RuntimeError, AttributeError):  # inference tensors and some subclasses keep none

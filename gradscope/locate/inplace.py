@@ -17,8 +17,8 @@ from typing import Any
 
 from torch.overrides import TorchFunctionMode
 
-from gradscope.locate.forward_origin import _version
-from gradscope.locate.origins import _is_metadata, _module, _source, op_name
+from gradscope.locate.forward_origin import version_of
+from gradscope.locate.origins import describe_site, is_metadata, module_name, op_name
 from gradscope.probes.modules import ModuleTracker
 from gradscope.utils.frames import user_site
 from gradscope.utils.tensors import tensors_in
@@ -56,21 +56,21 @@ class InplaceWrites(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _is_metadata(func):
+        if is_metadata(func):
             return func(*args, **kwargs)
         inputs = [t for t in tensors_in([args, kwargs]) if t.is_floating_point()]
-        before = [(t, _version(t), t.grad_fn) for t in inputs]
+        before = [(t, version_of(t), t.grad_fn) for t in inputs]
         out = func(*args, **kwargs)
         if self.tracker.current is None:
             self.loss_nodes.update(t.grad_fn for t in tensors_in(out) if t.grad_fn is not None)
         for t, version, node in before:
-            if _version(t) != version:
+            if version_of(t) != version:
                 where = self.tracker.current
                 self.writes.append(
                     InplaceWrite(
                         op=op_name(func),
-                        module=_module(where, self.tracker),
-                        source=_source(user_site()),
+                        module=module_name(where, self.tracker),
+                        source=describe_site(user_site()),
                         shape=tuple(t.shape),
                         node=type(node).__name__ if node is not None else None,
                         version=version,

@@ -77,30 +77,30 @@ def _node_origin(
     loss_nodes: frozenset[Any] | set[Any],
 ) -> NonfiniteOrigin:
     bad = next(g for g in grads if isinstance(g, torch.Tensor) and _has(g, kind))
-    owner = _owner(node, tracker, loss_nodes)
+    owner = owner_of(node, tracker, loss_nodes)
     op, source = ops.get(node, (None, None))
     forward_cls = getattr(type(node), "_forward_cls", None)  # a custom autograd.Function
     if forward_cls is not None:
         op = f"{forward_cls.__qualname__}.backward"
         source = _function_source(forward_cls.backward)
     return NonfiniteOrigin(
-        phase="loss" if owner is _LOSS else "backward",
+        phase="loss" if owner is LOSS_OWNER else "backward",
         kind=kind,
         op=op or node.name(),
         node=node.name(),
-        module=None if owner is _LOSS else _module(owner, tracker),
+        module=None if owner is LOSS_OWNER else module_name(owner, tracker),
         source=source,
         dtype=str(bad.dtype).removeprefix("torch."),
-        count=int(_count(bad, kind)),
+        count=int(count_nonfinite(bad, kind)),
         numel=bad.numel(),
     )
 
 
-_LOSS = ("", -1)  # _owner's answer for a node of the loss, made outside every module
+LOSS_OWNER = ("", -1)  # owner_of's answer for a node of the loss, made outside every module
 
 
-def _owner(node: Any, tracker: ModuleTracker, loss_nodes: frozenset[Any] | set[Any]) -> tuple[str, int] | None:
-    """The module call that created ``node`` (``_LOSS``: an op outside every module); unclaimed
+def owner_of(node: Any, tracker: ModuleTracker, loss_nodes: frozenset[Any] | set[Any]) -> tuple[str, int] | None:
+    """The module call that created ``node`` (``LOSS_OWNER``: an op outside every module); unclaimed
     nodes (inside composite ops) take the owner of the nearest known node they feed into."""
     pending, seen = [node], set()
     while pending:
@@ -111,7 +111,7 @@ def _owner(node: Any, tracker: ModuleTracker, loss_nodes: frozenset[Any] | set[A
         if current in tracker.node_module:
             return tracker.node_module[current]
         if current in loss_nodes:
-            return _LOSS
+            return LOSS_OWNER
         pending.extend(child for child, _ in current.next_functions)
     return None
 
@@ -158,14 +158,14 @@ def op_name(func: Any) -> str:
     return f"torch.{name}"
 
 
-def _module(where: tuple[str, int] | None, tracker: ModuleTracker) -> str | None:
+def module_name(where: tuple[str, int] | None, tracker: ModuleTracker) -> str | None:
     if where is None:
         return None
     name, call = where
     return describe_call(name or ROOT, call, tracker.calls[name])
 
 
-def _source(site: tuple[str, int, str] | None) -> str | None:
+def describe_site(site: tuple[str, int, str] | None) -> str | None:
     if site is None:
         return None
     filename, line, function = site
@@ -183,7 +183,7 @@ def _function_source(fn: Any) -> str | None:
 
 
 def _has(t: torch.Tensor, kind: str) -> bool:
-    if not t.is_floating_point() or t.numel() == 0 or not _allocated(t):
+    if not t.is_floating_point() or t.numel() == 0 or not allocated(t):
         return False
     return bool(t.isnan().any()) if kind == "nan" else bool(t.isinf().any())
 
@@ -194,7 +194,7 @@ _DISTRIBUTED = str(Path(TORCH_DIR) / "distributed")
 _PASSING = (TORCH_DIR, PACKAGE_DIR)
 
 
-def _called_by_distributed() -> bool:
+def called_by_distributed() -> bool:
     """The op was called by ``torch.distributed`` (FSDP's hooks and copies), not by the model: a
     ``torch.distributed`` frame comes before the first frame of the model's code."""
     frame: Any = sys._getframe(2)  # 0: here, 1: __torch_function__, 2: whoever called the op
@@ -208,7 +208,7 @@ def _called_by_distributed() -> bool:
     return False
 
 
-def _allocated(t: torch.Tensor) -> bool:
+def allocated(t: torch.Tensor) -> bool:
     """False for a tensor whose storage was freed (FSDP frees gathered parameters after use)."""
     if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
         return True  # a subclass (DTensor) checks through its own ops
@@ -218,11 +218,11 @@ def _allocated(t: torch.Tensor) -> bool:
         return True  # no plain storage (functional tensors): read through ops as usual
 
 
-def _count(t: torch.Tensor, kind: str) -> torch.Tensor:
+def count_nonfinite(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t.isnan().sum() if kind == "nan" else t.isinf().sum()
 
 
-def _explicit_inf(args: Any, kwargs: Any) -> bool:
+def explicit_inf(args: Any, kwargs: Any) -> bool:
     scalars = [a for a in list(args) + list(kwargs.values()) if isinstance(a, float)]
     return any(math.isinf(a) or math.isnan(a) for a in scalars)
 
@@ -230,5 +230,5 @@ def _explicit_inf(args: Any, kwargs: Any) -> bool:
 _METADATA = {"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point", "__get__", "stride", "data_ptr"}
 
 
-def _is_metadata(func: Any) -> bool:
+def is_metadata(func: Any) -> bool:
     return getattr(func, "__name__", "") in _METADATA

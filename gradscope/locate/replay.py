@@ -21,6 +21,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -29,7 +30,15 @@ from torch import nn
 
 from gradscope.locate.forward_origin import NonfiniteFlow
 from gradscope.locate.inplace import InplaceWrites, RunningNode, culprit
-from gradscope.locate.origins import _LOSS, _module, _owner, backward_origin, graph_nodes, nonfinite_tensors, rows_with
+from gradscope.locate.origins import (
+    LOSS_OWNER,
+    backward_origin,
+    graph_nodes,
+    module_name,
+    nonfinite_tensors,
+    owner_of,
+    rows_with,
+)
 from gradscope.probes.gradients import is_sharded, to_local
 from gradscope.probes.modules import ModuleTracker
 from gradscope.report import NonfiniteOrigin
@@ -37,7 +46,7 @@ from gradscope.utils.frames import pick_user_frame
 from gradscope.utils.tensors import tensors_in
 from gradscope.utils.wrappers import is_compiled, unwrap
 
-REPLAYING = False  # True while a replay runs: hooks that keep the user's own calls skip it
+_REPLAYING: ContextVar[bool] = ContextVar("gradscope_replaying", default=False)
 Forward = Callable[[], torch.Tensor]  # runs model and loss on the step's batch, returns the loss
 RngState = tuple[torch.Tensor, list[torch.Tensor]]
 
@@ -46,6 +55,11 @@ def rng_state() -> RngState:
     """The CPU and CUDA random states (no host sync)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return torch.get_rng_state(), cuda
+
+
+def in_replay() -> bool:
+    """A replay runs now: hooks that keep the user's own calls skip its calls."""
+    return _REPLAYING.get()
 
 
 @contextlib.contextmanager
@@ -57,16 +71,15 @@ def replaying(model: nn.Module, state: RngState, plain: bool = True) -> Iterator
         state: the step's random state.
         plain: reentrant checkpointing runs its regions directly (see ``plain_checkpoints``).
     """
-    global REPLAYING
     buffers = [b.detach().clone() for b in model.buffers()]
     now = rng_state()
     _set_rng(state)
-    REPLAYING = True
+    token = _REPLAYING.set(True)
     try:
         with _eager(), plain_checkpoints() if plain else contextlib.nullcontext():
             yield
     finally:
-        REPLAYING = False
+        _REPLAYING.reset(token)
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
@@ -324,8 +337,8 @@ def backward_error_site(model: nn.Module, forward: Forward, state: RngState) -> 
                     torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
             except RuntimeError as exc:
                 message = str(exc)
-        owner = _owner(running.last, tracker, writes.loss_nodes) if running.last is not None else None
-        module = _module(owner, tracker) if owner is not None and owner is not _LOSS else None
+        owner = owner_of(running.last, tracker, writes.loss_nodes) if running.last is not None else None
+        module = module_name(owner, tracker) if owner is not None and owner is not LOSS_OWNER else None
         site: dict[str, str | None] = {"node": None, "source": None, "module": module}
     for warning in caught:
         text = str(warning.message)
