@@ -43,6 +43,9 @@ _LAZY = {
     "inspect": "gradscope.api",
 }
 
+# what `import gradscope` once imported with it, reached as attributes (`gradscope.report.Report`)
+_SUBPACKAGES = ("api", "config", "locate", "observe", "probes", "report", "reporters", "rules", "runner", "utils")
+
 if TYPE_CHECKING:
     from gradscope.api import Inspection, Watch, inspect, watch
     from gradscope.config import Settings, load_config
@@ -56,7 +59,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(where), name)
         globals()[name] = value
         return value
-    if f"gradscope.{name}" in moved.MOVED:  # `gradscope.zoo.mlp` after a bare `import gradscope`
+    if name in _SUBPACKAGES or f"gradscope.{name}" in moved.MOVED:  # `gradscope.report.Report`, `gradscope.zoo.mlp`
         return importlib.import_module(f"gradscope.{name}")
     raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
 
