@@ -180,7 +180,7 @@ class History:
     def retained(self) -> Retained:
         """What the report says of the steps kept in full, and of every step."""
         kept = tuple(r.step for r in self.steps())
-        return Retained(kept, asdict(self.retention), self.totals(), self.series.frozen())
+        return Retained(kept, asdict(self.retention), self.totals(), self.series.frozen(), self._stride)
 
     def totals(self) -> RunTotals:
         t = self._totals

@@ -256,6 +256,7 @@ class Retained:
     policy: dict[str, int]
     totals: RunTotals
     series: StepSeries
+    stride: int | None = None  # the sample's stride at the end of the run: steps it kept are multiples of it
 
 
 @dataclass(frozen=True)

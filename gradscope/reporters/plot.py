@@ -7,6 +7,7 @@ picture is a clear error rather than a crash.
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from gradscope.utils import outfiles
 
 SEVERITY_COLOR = {"error": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
 LEGEND_STEPS = 10  # more steps than this: a colour bar instead of a legend, and a heat map panel
+HEAT_MIN_CELLS = 150  # a step alone among steps not recorded is drawn at least 1/150 of the heat map wide
 # How a layer's state is marked on the flow panel: (y in axes fraction, marker, colour).
 MARKS = {"NaN/Inf": (0.97, "X", "red"), "zero": (0.03, "v", "black"), "no gradient": (0.03, "o", "0.6")}
 
@@ -174,42 +176,68 @@ def _mark_findings(ax: Any, report: Report, position: dict[str, int]) -> None:
 
 
 def _heat_map(ax: Any, report: Report, plt: Any, fig: Any) -> None:
-    """Layers x steps, log10 of the gradient norm; NaN/Inf red, zero or no gradient black."""
+    """Layers x steps, log10 of the gradient norm; NaN/Inf red, zero or no gradient black.
+
+    Each step is drawn at its own step on the x axis: a long run that kept only some steps in full
+    leaves the steps between them blank (hatched), not filled by the kept steps' columns.
+    """
     layers = _layers(report)
-    grid = []
-    for step in report.steps:
-        row = []
-        for name in layers:
-            s = step.parameters.get(name)
-            v = s.grad_norm if s is not None else None
-            if v is not None and not math.isfinite(v):
-                row.append(math.nan)  # drawn in the colour map's "bad" colour
-            elif not v:
-                row.append(-math.inf)  # below the colour range: "under" (made finite below)
-            else:
-                row.append(math.log10(v))
-        grid.append(row)
+    grid = [[_heat_value(step.parameters.get(name)) for name in layers] for step in report.steps]
     finite = [v for row in grid for v in row if math.isfinite(v)]
     # cividis, not the step colours of the panel above; NaN/Inf red ("bad"), zero black ("under").
     cmap = plt.get_cmap("cividis").with_extremes(bad="red", under="black")
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    # imshow masks infinities like NaN: a zero is drawn one decade under the range instead.
+    # A zero is drawn one decade under the range (infinities would be masked like NaN).
     grid = [[low - 1 if v == -math.inf else v for v in row] for row in grid]
-    image = ax.imshow(
-        [list(col) for col in zip(*grid)] if grid else [[]],
-        aspect="auto",
-        cmap=cmap,
-        vmin=low,
-        vmax=high if high > low else low + 1,
-        interpolation="nearest",
-        extent=(report.steps[0].step - 0.5, report.steps[-1].step + 0.5, len(layers) - 0.5, -0.5),
-    )
+    edges = [-0.5 + i for i in range(len(layers) + 1)]
+    blocks = _step_blocks(report)
+    for first, last, xs in blocks:
+        columns = [list(row) for row in zip(*grid[first:last])]
+        image = ax.pcolormesh(xs, edges, columns, cmap=cmap, vmin=low, vmax=high if high > low else low + 1)
     bar = fig.colorbar(image, ax=ax, pad=0.01, extend="min")
     bar.set_label("log10 gradient norm (red: NaN/Inf, black: zero or none)")
+    ax.set_xlim(blocks[0][2][0], blocks[-1][2][-1])
+    ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels(layers, fontsize=6 if len(layers) > 30 else 7)
     ax.set_xlabel("step")
-    ax.set_title("gradient norm per layer and step (input at the top)")
+    title = "gradient norm per layer and step (input at the top)"
+    kept = len(report.steps)
+    total = len(report.retained.series.step) if report.retained is not None else kept
+    if total > kept:
+        ax.add_patch(
+            plt.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, hatch="///", color="0.85", zorder=0)
+        )
+        title += f"; {kept} of {total} steps recorded in full, hatched: not recorded"
+    ax.set_title(title)
+
+
+def _heat_value(s: Any) -> float:
+    """A cell's value: log10 of the gradient norm; NaN for NaN/Inf (the "bad" colour); -inf for zero or none."""
+    v = s.grad_norm if s is not None else None
+    if v is not None and not math.isfinite(v):
+        return math.nan
+    return math.log10(v) if v else -math.inf
+
+
+def _step_blocks(report: Report) -> list[tuple[int, int, list[float]]]:
+    """The kept steps as blocks of neighbours (no step of the run between them): each block's first
+    and end index in ``report.steps`` and its cells' x edges, each cell centred on its step. A cell
+    next to steps not recorded is at least ``1 / HEAT_MIN_CELLS`` of the axis wide, to be seen."""
+    steps = [s.step for s in report.steps]
+    series = report.retained.series.step if report.retained is not None else steps
+    half = max(0.5, (steps[-1] - steps[0]) / HEAT_MIN_CELLS / 2)
+    blocks: list[tuple[int, int, list[float]]] = []
+    start = 0
+    for i in range(1, len(steps) + 1):
+        if i < len(steps) and bisect.bisect_left(series, steps[i]) - bisect.bisect_right(series, steps[i - 1]) == 0:
+            continue  # steps[i] follows steps[i - 1] in the run: the same block
+        inner = [(a + b) / 2 for a, b in zip(steps[start : i - 1], steps[start + 1 : i])]
+        left = max(steps[start] - half, (steps[start - 1] + steps[start]) / 2 if start else -math.inf)
+        right = min(steps[i - 1] + half, (steps[i - 1] + steps[i]) / 2 if i < len(steps) else math.inf)
+        blocks.append((start, i, [left, *inner, right]))
+        start = i
+    return blocks
 
 
 def _position(anomaly: Any, position: dict[str, int]) -> int | None:

@@ -17,14 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from gradscope.report import Anomaly, ParamInfo, ParamStats, Report, StepRecord
+from gradscope.reporters.cells import num as _num
 from gradscope.reporters.findings import group
 from gradscope.reporters.layout import Column, fit
+from gradscope.reporters.steps import steps_table
 from gradscope.reporters.verdict import verdict, written
 
 HEAD_ROWS = 15  # with a long table, the rows nearest the input ...
 TAIL_ROWS = 15  # ... and nearest the loss are shown, plus every flagged row
-STEP_HEAD = 5  # of a long run, the first steps ...
-STEP_TAIL = 5  # ... and the last are shown, plus every flagged step
 # The per-parameter columns after the name, and the order in which they give way to a narrow
 # terminal (None: always kept); non-finite stays, since it says where a NaN is.
 LAYER_COLUMNS = (
@@ -62,7 +62,7 @@ class TerminalReporter:
         if not report.steps:
             return  # nothing was measured; the error itself goes to stderr
         self.console.print(_header(report))
-        self.console.print(_steps_table(report, self.show_all))
+        self.console.print(steps_table(report, self.show_all))
         if report.anomalies or report.run.status == "completed":
             self.console.print(_findings(report.anomalies))
         self.console.print(_layer_table(report, _table_step(report), self.show_all, self.console.width))
@@ -100,50 +100,6 @@ def _header(report: Report) -> Text:
     if run.batch:
         text.append(f"\nbatch: {run.batch}", style="dim")
     return text
-
-
-def _steps_table(report: Report, show_all: bool) -> Stack:
-    steps = report.steps
-    clip = any(s.clip_coefficient is not None for s in steps)
-    amp = any(s.loss_scale is not None for s in steps)
-    rows = _visible_steps(report, show_all)
-    shown = sum(1 for r in rows if not isinstance(r, int))
-    title = "per step" + (f" ({shown} of {len(steps)} shown: first, last and flagged)" if shown < len(steps) else "")
-    table = Table(box=None, pad_edge=False)
-    columns = ["step", "loss", "grad norm"]
-    columns += ["clipped norm", "clip coef"] if clip else []
-    columns += ["loss scale", "update"] if amp else []
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=True)
-    for s in rows:
-        if isinstance(s, int):
-            table.add_row(Text("...", style="dim"), Text(f"{s} steps", style="dim"), *[""] * (len(columns) - 2))
-            continue
-        # A backward that raised left no gradient: there is no norm to show, not a NaN one.
-        norm = Text("no grad", style="yellow") if s.backward_error else _num(s.grad_norm_total)
-        row: list[Text | str] = [str(s.step), _num(s.loss), norm]
-        if clip:
-            row += [_num(s.grad_norm_total_clipped), _num(s.clip_coefficient)]
-        if amp:
-            row += [_num(s.loss_scale), "skipped" if s.skipped else "applied"]
-        table.add_row(*row)
-    return Stack(Text(title), table)  # a title above, wrapped at the screen's width, not the table's
-
-
-def _visible_steps(report: Report, show_all: bool) -> list[StepRecord | int]:
-    """Every step of a short run; of a long one the first and last few and every flagged step."""
-    steps = report.steps
-    if show_all or len(steps) <= STEP_HEAD + STEP_TAIL + 5:
-        return list(steps)
-    starts = {a.step for a in report.anomalies}
-    keep = {i for i, s in enumerate(steps) if i < STEP_HEAD or i >= len(steps) - STEP_TAIL or s.step in starts}
-    keep |= {i for i, s in enumerate(steps) if _step_flagged(s)}
-    return _with_gaps(list(steps), keep)
-
-
-def _step_flagged(s: StepRecord) -> bool:
-    loss_bad = s.loss is not None and not math.isfinite(s.loss)
-    return loss_bad or not math.isfinite(s.grad_norm_total) or s.skipped or s.backward_error is not None
 
 
 def _with_gaps(items: list, keep: set[int]) -> list:
@@ -296,16 +252,6 @@ def _status_line(report: Report) -> Text:
     done = f"{run.steps_completed} of {run.steps_requested} steps completed"
     why = f": {run.error}" if run.error else ""
     return Text(f"run {run.status} ({done}){why}", style="bold red")
-
-
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
-    if value == 0 or 1e-3 <= abs(value) < 1e4:
-        return f"{value:.4g}"
-    return f"{value:.3e}"
 
 
 def print_verdict(stream: IO[str], report: Report, code: int, fail_on: str, outputs: list[str | None]) -> None:
