@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from gradscope.report import Retained, RunTotals, StepRecord, StepSeries, tables
+from gradscope.report.stats import clean, fully_dead, median
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class _Series:
         self.norm.append(record.grad_norm_total)
         self.coefficient.append(_nan(record.clip_coefficient))
         self.scale.append(_nan(record.loss_scale))
-        self.clean.append(_clean(record))
+        self.clean.append(clean(record))
 
     def frozen(self) -> StepSeries:
         return StepSeries(
@@ -193,7 +194,7 @@ class History:
             clipped_steps=t.clipped_count,
             skipped_steps=t.skipped,
             clipped=tuple(t.clipped),
-            clip_coefficient_median=_median(t.coefficients),
+            clip_coefficient_median=median(t.coefficients) if t.coefficients else None,
             fully_dead=t.fully_dead,
         )
 
@@ -213,11 +214,9 @@ class History:
                 if len(t.clipped) < t.CLIPPED_LISTED:
                     pre = record.clip_norm if record.clip_norm is not None else record.grad_norm_total
                     t.clipped.append((record.step, pre, coefficient))
-        if _clean(record):
+        if clean(record):
             t.clean += 1
-            t.fully_dead = t.fully_dead or any(
-                a.kind == "relu" and a.fraction == 1.0 for a in record.activations.values()
-            )
+            t.fully_dead = t.fully_dead or fully_dead(record)
             arrived = set(got)
             t.missing.update(name for name in record.parameters if name not in arrived)
             lost = record.underflow or {}
@@ -231,23 +230,9 @@ def _flagged(record: StepRecord) -> bool:
     return bad or bool(record.backward_error or record.origin or record.skipped or record.stale or record.underflow)
 
 
-def _clean(record: StepRecord) -> bool:
-    """As the rules' clean steps: no error, no skip, a finite loss and finite gradients."""
-    bad = (record.loss is not None and not math.isfinite(record.loss)) or not math.isfinite(record.grad_norm_total)
-    return record.backward_error is None and not record.skipped and not bad
-
-
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
 def _none(value: float) -> float | None:
     return None if math.isnan(value) else value
-
-
-def _median(values: array) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else math.sqrt(ordered[mid - 1] * ordered[mid])

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Iterable
 
+from gradscope.report.report import StepRecord
 from gradscope.report.rows import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NORM, Readings
 from gradscope.report.tables import NO_GRADIENT, Layout, ModuleTable, ParamTable
 
-__all__ = ["NO_GRADIENT", "parameter_stats", "module_stats", "total_norm", "clip_norm", "combine_norms"]
+__all__ = [
+    "NO_GRADIENT",
+    "clean",
+    "clip_norm",
+    "combine_norms",
+    "fully_dead",
+    "median",
+    "module_stats",
+    "parameter_stats",
+    "total_norm",
+]
 
 
 def parameter_stats(layout: Layout, readings: Readings) -> ParamTable:
@@ -52,3 +65,23 @@ def clip_norm(readings: Readings, norm_type: float) -> float:
         return combine_norms([row[GRAD_NORM] for row in readings.rows])
     norms = [row[EXTRA_NORM] for row in readings.rows]
     return math.fsum(n**norm_type for n in norms) ** (1.0 / norm_type)
+
+
+def clean(step: StepRecord) -> bool:
+    """A step the rules judge by: no backward error, not skipped, a finite loss (or none) and finite gradients."""
+    bad = (step.loss is not None and not math.isfinite(step.loss)) or not math.isfinite(step.grad_norm_total)
+    return step.backward_error is None and not step.skipped and not bad
+
+
+def fully_dead(step: StepRecord) -> bool:
+    """Some ReLU of the step was dead for every unit (the batch itself is degenerate)."""
+    return any(a.kind == "relu" and a.fraction == 1.0 for a in step.activations.values())
+
+
+def median(values: Iterable[float]) -> float:
+    """The middle value; for an even count the mean of the middle two (``statistics.median``).
+
+    Raises:
+        statistics.StatisticsError: no values.
+    """
+    return statistics.median(values)

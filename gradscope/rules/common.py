@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gradscope.report import ParamInfo, Report, RunTotals, StepRecord, tables
+from gradscope.report.stats import clean, fully_dead, median  # noqa: F401 (the rules import them from here too)
 
 EMBEDDINGS = ("Embedding", "EmbeddingBag")
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def per_report(fn: Callable[[Report], T]) -> Callable[[Report], T]:
 
 @per_report
 def clean_steps(report: Report) -> list[StepRecord]:
-    return [s for s in report.steps if s.backward_error is None and not nonfinite_step(s) and not s.skipped]
+    return [s for s in report.steps if clean(s)]
 
 
 def nonfinite_step(step: StepRecord) -> bool:
@@ -76,18 +77,8 @@ def in_forward_order(report: Report) -> list[ParamInfo]:
     return sorted(report.parameters, key=lambda p: order.get(p.module, len(order)))
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else math.sqrt(ordered[mid - 1] * ordered[mid])
-
-
 def by_module(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
     groups: dict[str, list[ParamInfo]] = {}
     for p in params:
         groups.setdefault(p.module, []).append(p)
     return groups
-
-
-def fully_dead(step: StepRecord) -> bool:
-    return any(a.kind == "relu" and a.fraction == 1.0 for a in step.activations.values())
