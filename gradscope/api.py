@@ -40,13 +40,16 @@ def watch(
     retention: Retention | dict[str, int] | None = None,
     jsonl: str | None = None,
     json: str | None = None,
+    memory: bool = False,
+    quiet: bool = False,
 ) -> Watch:
     """Watch ``model``'s gradients in your own training loop.
 
     Args:
         model: the model being trained; left as it was when the block exits.
-        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook).
-            Without one, call ``scope.step(loss)`` after ``backward()``.
+        optimizer: steps are recorded at each ``optimizer.step()`` (through a step pre-hook), with
+            the loss each ``backward()`` was called on. Without one, call ``scope.step()`` after
+            ``backward()`` and any clipping (the rule of ``Watch.step``).
         scaler: your ``torch.amp.GradScaler``, so gradients are reported unscaled and steps it
             skips are recorded as skipped.
         logdir: write a TensorBoard run there, step by step.
@@ -66,6 +69,11 @@ def watch(
             every step's loss and norms, and the totals the rules need, are kept whatever it says.
         jsonl: stream every measured step's full record there, one JSON object a line.
         json: write the JSON report there when the block exits (``gradscope show`` reads it).
+        memory: the memory ledger of the first measured step: what autograd saves for backward per
+            module, the parameters, gradients and optimizer state, and checkpointing advice
+            (``report.memory``; the same as ``probes=("memory",)``).
+        quiet: say nothing; otherwise the ``gradscope`` logger gets each kind of warning or error
+            at the step it first appears, and a one-line summary when the block exits (rank 0).
 
     Returns:
         A ``Watch``: use as ``with gradscope.watch(...) as scope``; ``scope.report`` afterwards.
@@ -78,7 +86,7 @@ def watch(
         model,
         optimizer,
         scaler,
-        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json),
+        outputs=Outputs(logdir=logdir, plot=plot, jsonl=jsonl, json=json, speak=not quiet),
         reporters=build_reporters,
         raise_on=raise_on,
         checks=checks,
@@ -89,4 +97,5 @@ def watch(
         every=every,
         probes=probes,
         retention=retention,
+        memory=memory,
     )

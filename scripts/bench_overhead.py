@@ -1,33 +1,46 @@
 """How much a gradscope step costs next to a plain training step and next to the peer tools, in one process.
 
-    python scripts/bench_overhead.py                 # every model and mode, CPU or the first GPU
-    python scripts/bench_overhead.py --models lm5m many_tensors --rounds 7 --modes stats lightning
+    python scripts/bench_overhead.py --threads 1                 # every model and mode, CPU or the first GPU
+    python scripts/bench_overhead.py --models lm5m many_tensors --modes stats lightning --rounds 21
+    python scripts/bench_overhead.py --quick                     # a smoke run: 3 short rounds
 
-For each model it times, in interleaved rounds after warm-up, the median time
-per training step (zero_grad, forward, loss, backward, clip_grad_norm_, AdamW
-step) of each mode (``scripts/bench_peers.py``):
+A training step is zero_grad, forward, loss, backward, clip_grad_norm_ and an AdamW step. The
+modes (``scripts/bench_peers.py``):
   plain         the step with no tool;
   stats         inside gradscope.watch with gradient statistics only (per-parameter
                 norms, max |g|, zeros, parameter norms, the pre-clip norms and clip
                 coefficient, the NaN/Inf detector: one host transfer per step);
   all           everything on: statistics and activation statistics (dead and
                 saturated units, which modules ran);
-  all+tb        everything on, plus TensorBoard with every gradient's histogram every step;
+  all+tb        everything on, plus TensorBoard with every gradient's histogram every
+                step (the round waits, inside its timing, until its events are written);
+  first         everything on, timing the watch's first step alone (no untimed step first);
+  ledger        the same with the memory ledger, which measures that step (compare it with ``first``);
   lightning     Lightning's grad_norm(model, 2) after backward (norms only);
   wandb         wandb.watch(log="all", log_freq=1), offline, and a wandb.log of the loss;
   anomaly       torch.autograd.detect_anomaly;
   nan_detector  fairseq's NanDetector (forward and backward hooks on every module);
   hf_debug      transformers' DebugUnderflowOverflow (forward hooks on every module).
-A mode whose package is not installed (``pip install gradscope[bench]``) is
-reported and skipped. It prints ms/step and the ratio to plain. CUDA times are
-taken with torch.cuda.synchronize() around each round. With --memory it also
-runs each mode in a process of its own and prints its peak memory (max RSS on
-the CPU, torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
+A mode whose package is not installed (``pip install gradscope[bench]``) is reported and skipped.
+
+How it decides (``scripts/bench_stats.py``). Each round runs every mode once, in a random order,
+each for the same number of timed steps (enough for ``--seconds`` of plain steps, measured at
+warm-up), after one untimed step. A mode's ratio in a round is its time per step over plain's
+in that round, so what slowed the whole round divides out; the table gives the median of the
+per-round ratios and its bootstrap 95% interval. Pairs of modes (``--compare``) are judged by
+the median of their own per-round ratio: "cannot be told apart" when its interval holds 1.
+Intervals narrow with more rounds and a quieter machine: ``--threads 1`` on a shared machine
+(two threads spin-waiting against other processes measure contention rather than the code).
+CUDA times are taken with torch.cuda.synchronize() around each timed stretch. With --memory it
+also runs each mode in a process of its own and prints its peak memory (max RSS on the CPU,
+torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import resource
 import statistics
 import subprocess
@@ -41,6 +54,7 @@ from pathlib import Path
 
 import torch
 from bench_peers import MODES, finish, missing  # scripts/, next to this file
+from bench_stats import estimate, verdict
 from torch import nn
 
 from gradscope import zoo
@@ -113,16 +127,22 @@ class Plain:
 def _time(plain: Plain, batch: Batch, steps: int, device: torch.device, mode: str, folder: Path) -> float:
     """Seconds per step over ``steps`` steps; each round enters the mode afresh (outside the timing),
     since a watch's activation mode would otherwise see the other modes' steps too. Each round's
-    first step is not timed (in every mode): in a watch it is the step that finds the activation
-    sites, which a training run takes once."""
+    first step is not timed (in every mode but ``first`` and ``ledger``, which time it alone): in a
+    watch it is the step that finds the activation sites, which a training run takes once."""
     with MODES[mode][0](plain.model, plain.optimizer, folder) as hooks:
         plain.after_backward = hooks.after_backward
+        steps = 1 if hooks.first_only else steps
         try:
-            plain.step(batch)
+            if not hooks.first_only:
+                plain.step(batch)
+            if hooks.settle is not None:
+                hooks.settle()
             _sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 plain.step(batch)
+            if hooks.settle is not None:
+                hooks.settle()
             _sync(device)
             return (time.perf_counter() - start) / steps
         finally:
@@ -134,21 +154,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(case: Case, device: torch.device, rounds: int, steps: int, modes: list[str]) -> dict[str, float]:
-    """Median seconds per step of each mode, over interleaved rounds (one model, so the same weights)."""
+@dataclass(frozen=True)
+class Plan:
+    """How long each round is: ``rounds`` rounds, each mode timed for ``steps_for`` steps of a model
+    (``--seconds`` of plain steps, at least ``min_steps``)."""
+
+    rounds: int
+    seconds: float
+    min_steps: int
+    seed: int
+
+
+def bench(case: Case, device: torch.device, plan: Plan, modes: list[str]) -> tuple[int, dict[str, list[float]]]:
+    """Steps per round, and each mode's seconds per step in every round (one model, so the same
+    weights), the modes in a fresh random order each round."""
     torch.manual_seed(0)
     model = case.build().to(device)
     batch = case.batch(device)
     plain = Plain(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    order = random.Random(plan.seed)
     with tempfile.TemporaryDirectory(prefix="gradscope-bench-") as folder:
         for mode in modes:  # warm-up: allocator, optimizer state, kernels
             _time(plain, batch, 2, device, mode, Path(folder))
+        one = _time(plain, batch, 2, device, "plain", Path(folder))
+        steps = max(plan.min_steps, math.ceil(plan.seconds / one))
         times: dict[str, list[float]] = {mode: [] for mode in modes}
-        for _ in range(rounds):
-            for mode in modes:
+        for _ in range(plan.rounds):
+            for mode in order.sample(modes, len(modes)):
                 times[mode].append(_time(plain, batch, steps, device, mode, Path(folder)))
         finish()
-    return {mode: statistics.median(t) for mode, t in times.items()}
+    return steps, times
 
 
 def peak(case: Case, device: torch.device, mode: str, steps: int) -> float:
@@ -189,13 +224,42 @@ def peaks(key: str, device: torch.device, modes: list[str], steps: int) -> dict[
     return out
 
 
+PAIRS = [("stats", "lightning"), ("all", "stats"), ("all+tb", "all"), ("ledger", "first")]
+
+
+def report(
+    name: str, times: dict[str, list[float]], memory: dict[str, float], pairs: list[tuple[str, str]]
+) -> list[str]:
+    """Print one model's table and verdicts; return its markdown row (ratio [interval] per mode)."""
+    plain = times["plain"]
+    row = [name]
+    for mode, t in times.items():
+        e = estimate(t, plain)
+        line = f"  {mode:14} {1e3 * statistics.median(t):10.2f} ms  {e}"
+        if memory:
+            line += f" {memory[mode]:10.0f} MiB {memory[mode] / memory['plain']:6.3f}x"
+        print(line, flush=True)
+        if mode != "plain":
+            row.append(f"{e.median:.2f}x [{e.low:.2f}, {e.high:.2f}]")
+    for a, b in pairs:
+        if a in times and b in times:
+            print("  " + verdict(a, times[a], b, times[b]))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds of plain steps per mode and round")
+    parser.add_argument("--min-steps", type=int, default=3, help="timed steps per mode and round, at least")
+    parser.add_argument("--seed", type=int, default=0, help="of the modes' order in each round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 3 rounds of 2 steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="plain is always run")
+    parser.add_argument(
+        "--compare", nargs="+", default=[f"{a}:{b}" for a, b in PAIRS], help="pairs A:B to judge A against B"
+    )
     parser.add_argument("--memory", action="store_true", help="also measure each mode's peak memory")
     parser.add_argument(
         "--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is steadier on a shared machine"
@@ -212,24 +276,30 @@ def main() -> None:
         key, mode, steps = args.peak_of
         print(peak(CASES[key], device, mode, int(steps)))
         return
+    plan = Plan(3, 0.0, 2, args.seed) if args.quick else Plan(args.rounds, args.seconds, args.min_steps, args.seed)
     modes = ["plain"] + [m for m in args.modes if m != "plain"]
     for mode in [m for m in modes if missing(m)]:
-        print(f"skipped {mode}: the package {missing(mode)!r} is not installed (pip install gradscope[bench])")
+        print(f"skipped {mode}: needs {missing(mode)}")
         modes.remove(mode)
+    pairs = [tuple(p.split(":", 1)) for p in args.compare]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {where}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians")
+    print(f"device: {where}; torch {torch.__version__}; {plan.rounds} rounds, modes in random order (seed {plan.seed})")
+    print("per mode: median ms/step, median of per-round ratios to plain [bootstrap 95% interval]")
+    rows = []
     for key in args.models:
         case = CASES[key]
         n = sum(p.numel() for p in case.build().parameters())
         tensors = sum(1 for _ in case.build().parameters())
-        print(f"\n{case.name} ({n / 1e6:.1f}M parameters, {tensors} tensors)")
-        result = bench(case, device, args.rounds, args.steps, modes)
-        memory = peaks(key, device, modes, args.steps + 2) if args.memory else {}
-        for m in modes:
-            line = f"  {m:14} {1e3 * result[m]:10.2f} ms {result[m] / result['plain']:7.3f}x"
-            if memory:
-                line += f" {memory[m]:10.0f} MiB {memory[m] / memory['plain']:6.3f}x"
-            print(line, flush=True)
+        started = time.perf_counter()
+        steps, times = bench(case, device, plan, modes)
+        took = time.perf_counter() - started
+        print(f"\n{case.name} ({n / 1e6:.1f}M parameters, {tensors} tensors): {steps} steps per round, {took:.0f} s")
+        memory = peaks(key, device, modes, steps + 2) if args.memory else {}
+        rows.append(report(case.name, times, memory, pairs))
+    print("\n| model | " + " | ".join(modes[1:]) + " |")
+    print("|---" * len(modes) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

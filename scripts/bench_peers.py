@@ -4,14 +4,19 @@ A mode is a context manager factory ``(model, optimizer, folder) -> Hooks``:
 entered before a round (outside the timing), left after it. ``Hooks.after_backward``,
 when set, runs in each step between ``backward()`` and clipping, where the
 peer's documentation puts it (Lightning's ``on_before_optimizer_step``, the
-``wandb.log`` call of a training loop). A mode whose package is not installed
-is reported by ``missing`` and skipped.
+``wandb.log`` call of a training loop). With ``Hooks.first_only`` the round
+times the mode's first step alone (and no other). ``Hooks.settle``, when set, runs once
+after the last timed step, inside the timing: what a mode hands to a background
+thread (TensorBoard's events) is paid for within the round that made it. A mode
+whose package (or gradscope feature) is not there is reported by ``missing`` and
+skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +33,8 @@ class Hooks:
     """What a mode adds to the plain step."""
 
     after_backward: Callable[[torch.Tensor], None] | None = None
+    settle: Callable[[], None] | None = None
+    first_only: bool = False  # time the mode's first step alone (where a watch does its one-step work)
 
 
 Mode = Callable[[nn.Module, torch.optim.Optimizer, Path], contextlib.AbstractContextManager[Hooks]]
@@ -58,8 +65,24 @@ def everything(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path)
 @contextlib.contextmanager
 def tensorboard(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
     """Everything on, plus a TensorBoard run with every gradient's histogram at every step."""
-    with gradscope.watch(model, optimizer, logdir=str(folder / "tb"), histograms_every=1, retention=LONG_RUN):
-        yield Hooks()
+    with gradscope.watch(model, optimizer, logdir=str(folder / "tb"), histograms_every=1, retention=LONG_RUN) as scope:
+        writers = [r for r in scope.reporters.reporters if hasattr(r, "flush")]
+        yield Hooks(settle=lambda: [w.flush() for w in writers])
+
+
+@contextlib.contextmanager
+def first(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
+    """Everything on, timing the watch's first step alone: the step ``ledger`` measures."""
+    with gradscope.watch(model, optimizer, retention=LONG_RUN):
+        yield Hooks(first_only=True)
+
+
+@contextlib.contextmanager
+def ledger(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> Iterator[Hooks]:
+    """``first`` with the memory ledger (the bytes autograd saves for backward, per module, measured
+    on the watch's first step): its cost is this mode against ``first``."""
+    with gradscope.watch(model, optimizer, retention=LONG_RUN, memory=True):
+        yield Hooks(first_only=True)
 
 
 @contextlib.contextmanager
@@ -181,6 +204,8 @@ MODES: dict[str, tuple[Mode, str | None]] = {
     "stats": (stats, None),
     "all": (everything, None),
     "all+tb": (tensorboard, "tensorboard"),
+    "first": (first, None),
+    "ledger": (ledger, None),
     "lightning": (lightning_grad_norm, "lightning"),
     "wandb": (wandb_watch, "wandb"),
     "anomaly": (anomaly, None),
@@ -190,6 +215,10 @@ MODES: dict[str, tuple[Mode, str | None]] = {
 
 
 def missing(name: str) -> str | None:
-    """The package ``name``'s mode needs when it is not installed, else None."""
+    """What ``name``'s mode needs and does not find (a package, or a gradscope feature), else None."""
+    if name == "ledger" and "memory" not in inspect.signature(gradscope.watch).parameters:
+        return "gradscope's memory ledger (gradscope.watch(memory=True))"
     package = MODES[name][1]
-    return package if package is not None and importlib.util.find_spec(package) is None else None
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"the package {package!r} (pip install gradscope[bench])"
+    return None

@@ -46,7 +46,7 @@ def test_junit_check_that_ran_is_not_skipped(tmp_path):
 def test_junit_failure_lists_a_group_once(tmp_path):
     _, cases = junit_cases(tmp_path, str(FAULTS / "dead_relu.yaml"), "--fail-on", "warning")
     text = cases["dead_relu"].find("failure").text
-    assert text.count("\n") == 0 and text.startswith("[warning] blocks.{0-2}.act, step 0: 3 findings")
+    assert text.count("\n") == 0 and text.startswith("[error] blocks.{0-2}.act, step 0: 3 findings")
 
 
 def test_github_annotation_per_group(monkeypatch):

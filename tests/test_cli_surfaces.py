@@ -36,16 +36,16 @@ def test_the_verdict_is_the_last_line_after_the_files_written(tmp_path):
 def test_clean_run_and_findings_below_fail_on_say_so():
     clean = invoke("inspect", str(CONFIGS / "residual_mlp.yaml"), "--steps", "1")
     assert clean.stdout.rstrip().splitlines()[-1] == "no anomalies found; exit 0"
-    dead = invoke("inspect", str(FAULTS / "dead_relu.yaml"))
-    last = dead.stdout.rstrip().splitlines()[-1]
-    assert dead.exit_code == 0
-    assert last == "1 warning (below --fail-on error): dead_relu in 3 layers (zoo.py:63); exit 0"
+    saturated = invoke("inspect", str(FAULTS / "saturated_tanh.yaml"))
+    last = saturated.stdout.rstrip().splitlines()[-1]
+    assert saturated.exit_code == 0
+    assert last == "1 warning (below --fail-on error): saturated_activation in 4 layers (zoo.py:63); exit 0"
 
 
 def test_findings_of_one_kind_and_cause_are_one_group():
     result = invoke("inspect", str(FAULTS / "dead_relu.yaml"))
     assert "1 finding(s) (3 in the JSON report)" in result.stdout
-    assert result.stdout.count("WARNING") == 1
+    assert result.stdout.count("ERROR") == 1  # nothing upstream of the head gets a gradient: an error
     assert "dead_relu x3 [blocks.{0-2}.act, step 0]" in result.stdout
 
 

@@ -236,13 +236,12 @@ def test_a_rank_that_fails_does_not_hang_the_others(strategy: str, tmp_path: Pat
     config.write_text(
         f"model: {{target: {MODELS}:RaisesOnPoison}}\n"
         f"data: {{target: {MODELS}:batch, args: {{rows: 8, poison: 6}}}}\n"
-        "steps: 2\ndistributed: {timeout_s: 300}\n"
+        # Torn down by the failing rank, not by the timeout: a wait of timeout_s would outlast LIMIT_S
+        # and fail launch, whatever the machine's speed.
+        f"steps: 2\ndistributed: {{timeout_s: {2 * LIMIT_S}}}\n"
     )
     out = tmp_path / "report.json"
-    start = time.monotonic()
     results = launch(["inspect", str(config), "--distributed", strategy, "--json", str(out)])
-    # Torn down by the failing rank, not by the timeout (the margin is for start-up on a loaded machine).
-    assert time.monotonic() - start < 150
     (code0, _, err0), (code1, _, err1) = results
     assert code1 == 2 and "gradscope[rank 1]: error:" in err1 and "a poisoned row reached the model" in err1
     assert code0 == 2 and "another rank failed" in err0 and "Traceback" not in err0
@@ -258,9 +257,8 @@ def test_a_rank_that_stops_answering_times_out_the_others(tmp_path: Path) -> Non
         "steps: 2\ndistributed: {timeout_s: 5}\n"
     )
     out = tmp_path / "report.json"
-    start = time.monotonic()
     results = launch(["inspect", str(config), "--distributed", "ddp", "--json", str(out)])
-    assert time.monotonic() - start < 60
+    # Without the timeout the others would wait out the stall and the run would complete (exit 0).
     (code0, out0, err0), (code1, _, _) = results
     assert code0 == 2 and "another rank failed or stopped answering" in err0, (code0, out0[-1500:], err0[-1500:])
     assert "backward_error" not in out0  # a collective that timed out is not the model's backward failing

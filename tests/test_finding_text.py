@@ -22,22 +22,22 @@ def test_nan_made_after_the_model_in_a_user_loop_names_no_none():
     assert "after the model" in finding.message
 
 
-def test_a_nan_made_by_a_loss_the_watch_does_not_see_says_where_to_look():
-    """Recorded at optimizer.step(), without the loss: the finding must not claim a loss value it did
-    not see, nor point at "this op" when it has none to name."""
+def test_a_nan_made_only_in_the_losss_backward_says_so_with_the_finite_loss():
+    """The loss's value is finite (0) and its gradient is NaN: sqrt at 0 in the loss code. The watch's forward
+    count of the loss ops sees no non-finite value, so the finding must say the loss's backward made it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(16, 8), torch.arange(16) % 3
+    x = torch.randn(16, 8)
     with gradscope.watch(model, opt) as scope:
         opt.zero_grad()
-        probs = model(x).softmax(-1) * (torch.arange(3) != 0)  # a bug: class 0's probability zeroed
-        (-probs.gather(1, y[:, None]).log().mean()).backward()
+        out = model(x)
+        (out - out.detach()).pow(2).sum().sqrt().backward()  # a bug: the norm of a difference that is 0
         opt.step()
     (finding,) = [a for a in scope.report.anomalies if a.kind == "nonfinite_loss"]
-    assert scope.report.steps[0].loss is None
-    assert "made it, in its value or in its gradient" in finding.message
-    assert "Look in the loss code for log or sqrt" in finding.message and "this op" not in finding.message
+    assert scope.report.steps[0].loss == 0.0
+    assert "first appears in the loss's backward" in finding.message and "is finite (0)" in finding.message
+    assert "sqrt or pow(x, p<1) at 0" in finding.message and "this op" not in finding.message
 
 
 def test_scaler_that_skips_every_step_is_an_error():

@@ -75,3 +75,24 @@ def test_nonfinite_constant_empty_and_half_precision_gradients():
     assert (h.min, h.max, h.count, h.nonfinite, h.buckets[0], h.buckets[-1]) == (1.0, 3.0, 2, 3, 1, 1)
     constant = to_histogram(gradient_histograms([grads[3]])[0].tolist())
     assert constant.buckets[0] == 7 and constant.min == constant.max == 2.5
+
+
+def test_cpu_path_gives_the_chunked_paths_table_bit_for_bit():
+    # The CPU path stacks same-shape gradients and slices large ones; its buckets, bounds and
+    # counts must be those of the chunked path (which every other device takes) exactly.
+    from gradscope.probes.cpu_histograms import _SLICE, _SMALL
+    from gradscope.probes.histograms import _chunked
+
+    torch.manual_seed(0)
+    with_nan = torch.randn(40, 40)
+    with_nan[3, 7] = math.nan
+    grads = (
+        [torch.randn(32, 32) * (i + 1) for i in range(50)]
+        + [torch.randn(32) for _ in range(20)]
+        + [torch.randn(_SLICE * 2 + 17), torch.randn(_SMALL, dtype=torch.float64), torch.randn(300, 200).t()]
+        + [with_nan, torch.randn(40, 40), torch.full((9,), -1.5), torch.zeros(0), torch.randn(5).half()]
+    )
+    fast, chunked = gradient_histograms(grads), _chunked(grads)
+    exact = [0, 1, 2, 5] + list(range(6, 6 + BINS))
+    assert torch.equal(fast[:, exact], chunked[:, exact])
+    assert torch.allclose(fast[:, 3:5], chunked[:, 3:5], rtol=1e-4, atol=1e-3)

@@ -159,7 +159,7 @@ def test_a_watched_long_run_with_a_nan_for_60_steps_reads_right():
     sampled = [s.step for s in report.steps if s.step >= Retention().first and s.step % stride == 0]
     assert sampled and f"{len(sampled)} sampled, one every {stride} steps," in title[0]
     (alike,) = [r for r in rows if "alike" in r[-1]]  # the 60 NaN steps: one row
-    assert alike[0] == "120-179" and alike[-1] == "60 steps alike: grad norm NaN, update skipped"
+    assert alike[0] == "120-179" and alike[-1] == "60 steps alike: loss NaN, grad norm NaN, update skipped"
 
 
 def test_a_lightning_long_runs_table_and_heat_map_put_steps_where_they_are():

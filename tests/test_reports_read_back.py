@@ -110,11 +110,17 @@ def hugging_face(out: Path, **args: Any) -> Path:
     return out
 
 
-def ddp(out: Path) -> Path:
+def ddp(out: Path, own_loop: bool = True) -> Path:
+    """Two ranks on gloo: a user's DDP loop that clips under ``gradscope.watch``, or ``inspect --distributed ddp``."""
     from tests.test_distributed import launch
 
-    results = launch(["ddp", str(out)], module="tests.dist_watch")  # two ranks on gloo; the loop clips
-    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    if own_loop:
+        results = launch(["ddp", str(out)], module="tests.dist_watch")
+    else:
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(config(steps=2, clip={"max_norm": 0.01})))
+        results = launch(["inspect", str(path), "--distributed", "ddp", "--json", str(out)])
+    assert all(code in (0, 1) for code, _, _ in results), [err[-2000:] for _, _, err in results]
     return out
 
 
@@ -137,6 +143,7 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "Hugging Face, not clipped": lambda out: hugging_face(out, max_grad_norm=0.0),
     "Hugging Face, clipped": lambda out: hugging_face(out, max_grad_norm=0.01),
     "DDP": ddp,
+    "inspect, DDP": lambda out: ddp(out, own_loop=False),
 }
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.summary_pb2 import Summary
 from typer.testing import CliRunner
 
 import gradscope
@@ -32,7 +33,7 @@ def test_scalars_and_histograms_match_the_json_report(tmp_path):
     logdir, out = tmp_path / "tb", tmp_path / "r.json"
     config = str(CONFIGS / "faults" / "dead_relu.yaml")
     result = runner.invoke(app, ["inspect", config, "--steps", "3", "--logdir", str(logdir), "--json", str(out)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # dead_relu with no gradient upstream of the head: an error
     report = json.loads(out.read_text())
     acc = events(logdir)
     assert scalars(acc, "loss") == pytest.approx({s["step"]: s["loss"] for s in report["steps"]})
@@ -119,7 +120,7 @@ def test_one_event_per_step_holds_its_scalars_and_histograms():
     record = StepRecord(
         3, 0.5, 2.0, {}, {}, histograms={"w": Histogram(-1.0, 1.0, 4, 0.0, 2.0, 1, (1, 0, 3))}, clip_coefficient=0.25
     )
-    summary = step_summary(record)
+    summary = Summary.FromString(step_summary(record))
     tags = [v.tag for v in summary.value]
     assert tags == ["loss", "grad_norm/total", "clip/coefficient", "nonfinite/w", "gradients/w"]
     histogram = summary.value[-1].histo

@@ -144,4 +144,4 @@ def test_the_config_turns_the_probe_on_and_names_a_probe_it_does_not_know(tmp_pa
     result = CliRunner().invoke(app, ["inspect", str(bad)])
     assert result.exit_code == 2
     assert f"{bad}:{config.count(chr(10)) + 3}: probes[1]" in result.output
-    assert "expected one of: update_ratio, got 'update_ratios'" in result.output
+    assert "expected one of: memory, update_ratio, got 'update_ratios'" in result.output

@@ -183,3 +183,31 @@ def test_well_formed_checkpointing_globs_pass_the_config(pattern):
     from gradscope.config import CheckpointSpec
 
     assert CheckpointSpec(modules=[pattern]).modules == [pattern]
+
+
+def test_multihead_attention_out_proj_is_drawn_with_its_attention_block():
+    """``out_proj`` is never called as a module (MultiheadAttention uses its weight directly), so every
+    ``blocks.N.attn.out_proj.weight`` was drawn after the last MLP in the input -> output order."""
+    from gradscope.reporters.plot import _layers
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return x + self.mlp(x)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[Block() for _ in range(3)], torch.nn.Linear(16, 4))
+    with gradscope.watch(model) as scope:
+        model(torch.randn(2, 5, 16)).sum().backward()
+        scope.step()
+    assert "0.attn.out_proj" not in scope.report.called_modules  # what put it last
+    layers = _layers(scope.report)
+    for n in range(3):
+        at = layers.index(f"{n}.attn.out_proj.weight")
+        assert layers.index(f"{n}.attn.in_proj_weight") < at < layers.index(f"{n}.mlp.0.weight")
+    assert layers[-1] == "3.weight"

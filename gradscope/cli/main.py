@@ -28,12 +28,16 @@ from gradscope.errors import (
     EXIT_USAGE,
     ConfigError,
     GradscopeError,
+    ModelError,
 )
+from gradscope.report import Anomaly
+from gradscope.report.memory import parse_bytes
 from gradscope.reporters import Outputs, Reporters, build_reporters
 from gradscope.reporters.ci import error_command
 from gradscope.reporters.json import load_report
 from gradscope.reporters.plot import image_format
 from gradscope.reporters.terminal import print_verdict
+from gradscope.rules.consequences import consequence
 from gradscope.utils import outfiles
 from gradscope.utils.interrupts import Interrupts
 from gradscope.utils.piping import user_stdout
@@ -147,6 +151,15 @@ def inspect(
             help="Run under torchrun with none, ddp or fsdp (overrides the config's `distributed.strategy`).",
         ),
     ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            metavar="SIZE",
+            help="Fail a run whose parameters, gradients, optimizer state and saved activations exceed "
+            "SIZE (512MiB, 6GB, 6GiB), and say which modules to checkpoint to fit it.",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a config's model through instrumented forward/backward passes and report its gradients.
@@ -160,7 +173,7 @@ def inspect(
     piped = any(outfiles.is_stdout(path) for path in files.values())  # a report goes to stdout: nothing else may
     with Interrupts() as interrupts:  # SIGINT and SIGTERM, restored when the command ends
         try:
-            overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy)
+            overrides = _overrides(steps, device, gradcheck, check or [], logdir, strategy, memory_budget)
             inspection = _prepare(config, overrides, baseline, update_baseline, files, logdir, piped)
         except KeyboardInterrupt:
             print(f"{_name()}: interrupted before the first step; nothing was measured", file=sys.stderr)
@@ -200,6 +213,10 @@ def _prepare(
     saved = load_report(baseline) if baseline is not None and not update_baseline else None
     settings = load_config(config, overrides)
     _check_outputs(files, logdir, settings, config)
+    from gradscope.runner import fit  # torch: only once a config is valid
+
+    for key, text in fit.advice(settings):
+        print(f"{_name()}: warning: {fit.where(settings, key)}{key}: {text}", file=sys.stderr)
     with user_stdout(piped):
         from gradscope.runner.inspection import Inspection  # torch: only once a config is valid
 
@@ -285,7 +302,8 @@ def _run(
         code = EXIT_INTERRUPTED
         print(f"{_name()}: interrupted; writing the steps measured so far", file=sys.stderr)
     except GradscopeError as exc:
-        code = _fail(exc, verbose, EXIT_USAGE)
+        cause = consequence(inspection.report()) if isinstance(exc, ModelError) else None
+        code = _consequence(exc, cause, verbose) if cause is not None else _fail(exc, verbose, EXIT_USAGE)
     except Exception as exc:
         code = _fail(exc, verbose, EXIT_INTERNAL)
     interrupts.hold()  # a second Ctrl-C or SIGTERM waits for the report to be written
@@ -342,9 +360,16 @@ def _overrides(
     checks: list[str],
     logdir: str | None,
     strategy: Strategy | None,
+    memory_budget: str | None = None,
 ) -> dict[str, Any]:
     """Config keys the command line sets; ``load_config`` merges mappings into the file's sections."""
     out: dict[str, Any] = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+    if memory_budget is not None:
+        try:
+            parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise ConfigError([("--memory-budget", str(exc))]) from None
+        out["memory"] = {"budget": memory_budget}
     if strategy is not None:
         out["distributed"] = {"strategy": strategy.value}
     if gradcheck:
@@ -370,6 +395,19 @@ def _fail(exc: BaseException, verbose: bool, code: int) -> int:
         if not verbose:
             print("(rerun with -v for the full traceback)", file=sys.stderr)
     return code
+
+
+def _consequence(exc: BaseException, cause: Anomaly, verbose: bool) -> int:
+    """The run raised on the NaN/Inf an earlier finding wrote into the weights: a finding's
+    consequence (exit 1), not the user's code failing on its own (exit 2)."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    step = cause.evidence["consequence"]["step"]
+    print(
+        f"{_name()}: step {step} raised, a consequence of {cause.kind} at step {cause.step} (see the findings): {exc}",
+        file=sys.stderr,
+    )
+    return EXIT_FINDINGS
 
 
 def _name() -> str:

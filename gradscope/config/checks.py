@@ -76,6 +76,13 @@ class UpdateRatioCheck(_Check):
     min_steps: int = Field(default=3, ge=1)  # judged steps (after `skip`) before a verdict
 
 
+class MemoryGrowthCheck(_Check):
+    """A module whose saved-for-backward bytes grew from the baseline's (see rules/memory.py)."""
+
+    factor: float = Field(default=1.1, gt=1)  # now / baseline above this
+    min_bytes: int = Field(default=1 << 16, ge=0)  # growth smaller than this (64 KiB) is left alone
+
+
 class IgnoreEntry(_Strict):
     """Accept a known finding: ``kind`` plus globs over the module and parameter names."""
 
@@ -109,6 +116,13 @@ class Checks(_Strict):
     loss_spike: SpikeCheck = SpikeCheck()
     gradient_spike: SpikeCheck = SpikeCheck()
     update_ratio: UpdateRatioCheck = UpdateRatioCheck()
+    memory_growth: MemoryGrowthCheck = MemoryGrowthCheck()
+    memory_budget: _Check = _Check()
+    # The loop around the gradients (gradscope.watch and the trainer callbacks).
+    not_in_optimizer: _Check = _Check()
+    no_update: StepFractionCheck = StepFractionCheck()  # warning above this fraction of the steps; error: all
+    step_not_called: _Check = _Check()
+    eval_mode: _Check = _Check()
     ignore: list[IgnoreEntry] = Field(default_factory=list)
 
     @field_validator("ignore")

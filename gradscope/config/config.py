@@ -27,6 +27,7 @@ from gradscope.config.checks import Checks
 from gradscope.config.config_base import Strict as _Strict
 from gradscope.config.names import PROBE_NAMES
 from gradscope.errors import ConfigError
+from gradscope.report.memory import parse_bytes
 from gradscope.utils import yamlfile
 
 LOSS_NAMES = ("cross_entropy", "mse", "output")
@@ -175,6 +176,20 @@ class CheckpointSpec(_Strict):
     modules: list[Annotated[str, AfterValidator(_module_glob)]] = Field(min_length=1)
 
 
+class MemorySpec(_Strict):
+    """The memory ledger (on by default) and its checkpointing advice."""
+
+    ledger: bool = True  # what autograd saves for backward, per module, measured on the first step
+    budget: int | None = None  # params + grads + optimizer state + saved activations must fit: 6GiB, 512MiB
+    candidates: list[str] = Field(default_factory=list)  # modules to consider besides the repeated blocks
+    flops: bool = True  # count the candidates' forward FLOPs (the recompute cost)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return None if value is None else parse_bytes(value)
+
+
 class ClipSpec(_Strict):
     max_norm: float = Field(gt=0)
     norm_type: float = Field(default=2.0, allow_inf_nan=True)  # inf: the max-norm
@@ -219,6 +234,7 @@ class Settings(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     scaler: bool | None = None  # fp16's GradScaler (on unless false); also `precision: {dtype: fp16, scaler: false}`
     checkpointing: CheckpointSpec | None = None
+    memory: MemorySpec = MemorySpec()
     clip: ClipSpec | None = None
     checks: Checks = Checks()
     tensorboard: TensorBoardSpec = TensorBoardSpec()

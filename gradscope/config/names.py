@@ -4,4 +4,4 @@ A plain list, so that checking a config imports no torch; ``gradscope.probes.OPT
 one, and a test keeps the two the same.
 """
 
-PROBE_NAMES: tuple[str, ...] = ("update_ratio",)
+PROBE_NAMES: tuple[str, ...] = ("memory", "update_ratio")

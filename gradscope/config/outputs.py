@@ -5,6 +5,7 @@ Plain settings: ``gradscope.reporters.build_reporters`` makes the reporters they
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -30,6 +31,8 @@ class Outputs:
         jsonl: a JSON Lines file that gets every step as it is measured.
         csv: a CSV table of every kept step's per-parameter statistics.
         checks: the config's thresholds, for JUnit's checks that need a number of steps.
+        speak: say each kind of warning or error as it first appears, and a summary at the end
+            (``reporters.logs``), through ``say(level, text)`` (None: the ``gradscope`` logger).
     """
 
     terminal: IO[str] | None = None
@@ -48,3 +51,5 @@ class Outputs:
     jsonl: str | None = None
     csv: str | None = None
     checks: Checks | None = None  # the config's thresholds (JUnit skips the checks a run is too short for)
+    speak: bool = False
+    say: Callable[[int, str], None] | None = None

@@ -22,6 +22,8 @@ through ``training_step`` on the step's batches, so the origin is found in whate
 from __future__ import annotations
 
 import importlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +67,9 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
         locate: replay a step that shows a NaN/Inf to find where it was made.
         histograms_every: gradient histograms for TensorBoard every N steps (with ``logdir``).
         probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
+        quiet: say nothing; otherwise each kind of warning or error is raised as a warning through
+            Lightning's ``rank_zero_warn`` at the step it first appears, and a one-line summary goes
+            to ``rank_zero_info`` when training ends.
         log: send each measured step's numbers (``gradscope/grad_norm``, ``gradscope/grad_norm/<param>``,
             ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``, each probe's
             ``gradscope/<probe>/<param>``) to the module's logger.
@@ -85,6 +90,7 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
         locate: bool = True,
         histograms_every: int = 10,
         probes: tuple[str, ...] | list[str] = (),
+        quiet: bool = False,
         log: bool = True,
     ) -> None:
         super().__init__()
@@ -98,6 +104,7 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
             locate=locate,
             histograms_every=histograms_every,
             probes=tuple(probes),
+            quiet=quiet,
         )
         self._session = Session(options)
         self._log = log
@@ -117,7 +124,8 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = trainer.optimizers
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": unscaled before clipping
-        scope = self._session.open(pl_module, optimizers[0] if optimizers else None, scaler, self._measured)
+        optimizer = optimizers[0] if optimizers else None
+        scope = self._session.open(pl_module, optimizer, scaler, self._measured, say=_say(trainer))
         if len(optimizers) > 1:
             scope.notes.append(f"{len(optimizers)} optimizers: the steps of the first are recorded")
         self._global_step = trainer.global_step
@@ -176,6 +184,23 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
             return torch.stack([loss.float() for loss in losses if loss is not None]).sum()
 
         return Replay(forward, self._state, replay.batch_tensors([b for b, _ in batches], None))
+
+
+def _say(trainer: Any) -> Callable[[int, str], None]:
+    """Lightning's own channel: ``rank_zero_warn`` for a finding, ``rank_zero_info`` for the summary."""
+    utilities = importlib.import_module(type(trainer).__module__.rsplit(".", 2)[0] + ".utilities.rank_zero")
+
+    def say(level: int, text: str) -> None:
+        if level >= logging.WARNING:
+            utilities.rank_zero_warn(text, category=GradscopeWarning)
+        else:
+            utilities.rank_zero_info(text)
+
+    return say
+
+
+class GradscopeWarning(UserWarning):
+    """A finding gradscope says during ``fit`` (filter it with ``warnings.filterwarnings``)."""
 
 
 def _training_step(trainer: Any, batch: Any, index: int) -> Any:

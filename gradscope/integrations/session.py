@@ -32,6 +32,7 @@ class Options:
     locate: bool = True
     histograms_every: int = 10
     probes: tuple[str, ...] = ()
+    quiet: bool = False  # say nothing through the trainer's warnings and logs
 
     @classmethod
     def of(cls, checks: Checks | dict[str, Any] | None = None, **kwargs: Any) -> Options:
@@ -63,15 +64,17 @@ class Session:
         optimizer: Any,
         scaler: torch.amp.GradScaler | None,
         on_step: Callable[[StepRecord], None],
+        say: Callable[[int, str], None] | None = None,
     ) -> Watch:
-        """Start watching (a watch left open by an earlier run is closed first)."""
+        """Start watching (a watch left open by an earlier run is closed first); ``say(level, text)``
+        is the trainer's own channel for the findings the watch speaks (unless ``quiet``)."""
         self.close()
         o = self.options
         scope = Watch(
             model,
             optimizer,
             scaler,
-            outputs=Outputs(logdir=o.logdir, json=o.json),
+            outputs=Outputs(logdir=o.logdir, json=o.json, speak=not o.quiet and say is not None, say=say),
             reporters=build_reporters,
             raise_on=o.raise_on,
             checks=o.checks,

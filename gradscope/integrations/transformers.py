@@ -33,12 +33,14 @@ from gradscope.report import Report, StepRecord
 
 try:
     from transformers import TrainerCallback
+    from transformers.utils import logging as hf_logging
 except ImportError as exc:
     raise ImportError(
         "gradscope.integrations.transformers needs Hugging Face transformers: pip install transformers accelerate"
     ) from exc
 
 PREFIX = "gradscope/"  # beside the Trainer's own "grad_norm" in its logs
+LOGGER = hf_logging.get_logger(__name__)  # the Trainer's convention: a module logger through transformers' logging
 
 
 class GradscopeCallback(TrainerCallback):
@@ -56,6 +58,9 @@ class GradscopeCallback(TrainerCallback):
         locate: replay a step that shows a NaN/Inf to find where it was made.
         histograms_every: gradient histograms for TensorBoard every N steps (with ``logdir``).
         probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
+        quiet: say nothing; otherwise each kind of warning or error goes to this module's
+            transformers logger (``transformers.utils.logging``) at the step it first appears, and a
+            one-line summary when training ends (the main process only, as the Trainer logs).
         log: add each logged step's numbers to the Trainer's logs (``gradscope/grad_norm``,
             ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``): ``log_history`` and the
             ``on_log`` of the callbacks after this one.
@@ -76,6 +81,7 @@ class GradscopeCallback(TrainerCallback):
         locate: bool = True,
         histograms_every: int = 10,
         probes: tuple[str, ...] | list[str] = (),
+        quiet: bool = False,
         log: bool = True,
     ) -> None:
         options = Options.of(
@@ -88,6 +94,7 @@ class GradscopeCallback(TrainerCallback):
             locate=locate,
             histograms_every=histograms_every,
             probes=tuple(probes),
+            quiet=quiet,
         )
         self._session = Session(options)
         self._log = log
@@ -117,7 +124,8 @@ class GradscopeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
         self.close()
-        self._session.open(model, kwargs.get("optimizer"), None, self._measured)  # scaler: the wrapper's
+        say = LOGGER.log if state.is_world_process_zero else None
+        self._session.open(model, kwargs.get("optimizer"), None, self._measured, say=say)  # scaler: the wrapper's
         self._loss_hook = model.register_forward_hook(self._model_loss, with_kwargs=True)
         self._losses = []
 

@@ -205,6 +205,7 @@ class History:
         got = tables.received(record.parameters)
         if record.backward_error is None:
             t.received.update(got)
+            t.received.update(record.cleared)  # arrived in backward, cleared before the step
         if math.isfinite(record.grad_norm_total):
             t.finite += 1
             coefficient = record.clip_coefficient
@@ -219,6 +220,7 @@ class History:
             t.fully_dead = t.fully_dead or fully_dead(record)
             arrived = set(got)
             t.missing.update(name for name in record.parameters if name not in arrived)
+            t.missing.update(record.cleared)  # the optimizer got none: not a gradient that flows as zero
             lost = record.underflow or {}
             t.missing.update(name for name, fraction in lost.items() if fraction > 0 and name in record.parameters)
 
@@ -227,7 +229,8 @@ def _flagged(record: StepRecord) -> bool:
     """A step that is a finding's evidence by itself: a NaN/Inf, an error, a skip, stale gradients."""
     bad = record.loss is not None and not math.isfinite(record.loss)
     bad = bad or not math.isfinite(record.grad_norm_total)
-    return bad or bool(record.backward_error or record.origin or record.skipped or record.stale or record.underflow)
+    flags = (record.backward_error, record.origin, record.skipped, record.stale, record.cleared, record.underflow)
+    return bad or any(bool(f) for f in flags)
 
 
 def _nan(value: float | None) -> float:

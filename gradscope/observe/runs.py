@@ -64,3 +64,9 @@ def learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
     groups = optimizer.param_groups if optimizer is not None else []
     lr = groups[0].get("lr") if groups else None
     return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def nonfinite_parameters(model: nn.Module) -> tuple[str, ...]:
+    """The parameters holding a NaN or Inf now (one check per parameter: only after a run raised)."""
+    with torch.no_grad():
+        return tuple(name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all()))

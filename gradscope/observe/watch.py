@@ -3,6 +3,8 @@
 The same probes, statistics, rules and reporters as ``gradscope inspect``; here
 the user's loop drives the steps and gradscope observes them:
 
+- each ``backward()`` hands the watch its loss (``backwards``), so every step's loss is known
+  without ``scope.step(loss)``;
 - each backward ends with a callback that takes every gradient's L2 norm on the
   device (before any clipping, and before unscaling when a grad scaler is given);
 - at the optimizer step (a step pre-hook), or at ``scope.step()`` without an
@@ -30,7 +32,9 @@ from gradscope.config.outputs import Outputs
 from gradscope.errors import GradientAnomaly
 from gradscope.locate.capture import ForwardCapture, PrecisionSeen, record_scaler_skips
 from gradscope.locate.locating import OriginSearch, Replay
+from gradscope.locate.loss_ops import LossOps
 from gradscope.observe import distributed
+from gradscope.observe.backwards import Backwards
 from gradscope.observe.history import History, Retention
 from gradscope.observe.optimizer_hooks import StepHooks
 from gradscope.observe.runs import ReportCache, judged, learning_rate, run_info
@@ -39,9 +43,11 @@ from gradscope.probes.activation_counts import ActivationCounts
 from gradscope.probes.base import Probe, StepContext, Watched
 from gradscope.probes.gradients import GradientProbe
 from gradscope.probes.histograms import HistogramProbe
+from gradscope.probes.loop import LoopProbe
+from gradscope.probes.memory import MemoryOptions
 from gradscope.probes.ranks import RankViews
 from gradscope.probes.recording import Recorder
-from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, Report, RunInfo, StepRecord
+from gradscope.report import SEVERITIES, Anomaly, BackwardFailure, LoopFacts, Report, RunInfo, StepRecord
 from gradscope.rules.step_judge import StepJudge
 from gradscope.utils import outfiles
 from gradscope.utils.wrappers import is_compiled, unwrap, unwrap_optimizer
@@ -57,9 +63,13 @@ COMPILED_NOTE = (
 class Reporting(Protocol):
     """The reporters of a watched run (``gradscope.reporters.Reporters``): they see each step and the report."""
 
+    listening: bool  # some reporter takes each step's findings (``found``) as they appear
+
     def __len__(self) -> int: ...
 
     def on_step(self, step: StepRecord) -> None: ...
+
+    def found(self, findings: list[Anomaly]) -> None: ...
 
     def write(self, report: Report) -> None: ...
 
@@ -94,6 +104,8 @@ class Watch:
         ranks: distributed.Ranks | None = None,
         probes: tuple[str, ...] | list[str] = (),
         retention: Retention | None = None,
+        memory: bool | MemoryOptions = False,
+        loop: bool = True,
     ) -> None:
         if raise_on is not None and raise_on not in SEVERITIES:
             raise ValueError(f"raise_on must be one of {', '.join(SEVERITIES)} or None, got {raise_on!r}")
@@ -123,6 +135,15 @@ class Watch:
         self.activations = ActivationCounts(inner, self.ranks) if activations else None
         self.tracker = self.activations.tracker if self.activations is not None else None
         self.outputs = outputs or Outputs()
+        self._memory = memory if isinstance(memory, MemoryOptions) else None
+        probes = [*probes, "memory"] if memory and "memory" not in probes else probes
+        # The user's loop around the gradients (a driver of its own, the CLI, has no such bugs to find).
+        self.loop = LoopProbe(unwrap(inner, compiled=True), self.gradients, optimizer) if loop else None
+        self.backwards = Backwards(scaler)  # the loss of each backward() the loop runs
+        # The loss code's ops, for a NaN the user's loss makes (off where a mode would break a compiled graph).
+        self.loss_ops = LossOps(inner, _names(inner)) if locate and loop and not is_compiled(inner) else None
+        if self.loss_ops is not None:
+            self.backwards.starting.append(self.loss_ops.close)
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)
@@ -133,6 +154,7 @@ class Watch:
         self.reporters: Reporting | None = None  # made on entry (the maker decides which rank writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
         self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
+        self._listening = False  # a reporter takes each step's findings as they appear (set on entry)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
         self._report = ReportCache()
@@ -142,14 +164,17 @@ class Watch:
     def _probes(self, histograms_every: int, named: tuple[str, ...] | list[str]) -> list[Probe]:
         """The probes besides the gradient probe, in the order they measure (the same on every rank):
         the watch's own, then the optional ones ``named``."""
-        probes: list[Probe] = []
+        probes: list[Probe] = [self.loop] if self.loop is not None else []
         if histograms_every:
             probes.append(HistogramProbe(self.gradients, histograms_every, self._shards))
         if self.activations is not None:
             probes.append(self.activations)
         if self.ranks is not None:
             probes.append(RankViews(self.ranks, self.model, self.gradients.params, self.gradients.names, self.notes))
-        return probes + optional(named, Watched(self.probe_model, self.gradients, self.ranks, self._shards))
+        watched = Watched(self.probe_model, self.gradients, self.ranks, self._shards, self.optimizer, self._memory)
+        probes += optional(named, watched)
+        # Last: its forward hook pushes its mode after the activation mode's hook has popped its own.
+        return probes + ([self.loss_ops] if self.loss_ops is not None else [])
 
     @property
     def called(self) -> tuple[str, ...] | None:
@@ -160,6 +185,7 @@ class Watch:
 
     def __enter__(self) -> Watch:
         try:
+            self.backwards.attach(self._stack)
             self._stack.enter_context(self.gradients)
             if self._norms_at_backward_end:
                 self.gradients.on_backward_end = self._backward_end
@@ -179,6 +205,7 @@ class Watch:
             outfiles.check_files({"json=": o.json, "jsonl=": o.jsonl, "plot=": o.plot})
             if self._make_reporters is not None:
                 self.reporters = self._make_reporters(o, self.ranks.rank if self.ranks is not None else None)
+                self._listening = self.reporters.listening
         except BaseException:
             self._stack.close()
             raise
@@ -187,13 +214,32 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         try:
             self._stack.close()  # every hook and mode comes off, also when the loop raised
+            if self.loop is not None:
+                self.loop.settle()
         finally:
             if self.reporters:
                 self.reporters.write(self.report)
 
     def _pause(self, paused: bool) -> None:
+        self.backwards.paused = paused
         for probe in self.probes:
             probe.pause(paused)
+
+    @contextlib.contextmanager
+    def forward_window(self, inputs: Any = None) -> Iterator[None]:
+        """Enter around a driver's forward and loss on ``inputs`` (the batch): the probes that
+        measure one forward (the memory ledger) measure this one."""
+        with contextlib.ExitStack() as stack:
+            for probe in self.probes:
+                stack.enter_context(probe.forward_window(inputs))
+            yield
+
+    def report_fields(self) -> dict[str, Any]:
+        """The run-level ``Report`` fields the probes give (``memory``)."""
+        fields: dict[str, Any] = {}
+        for probe in self.probes:
+            fields.update(probe.report_fields())
+        return fields
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -207,12 +253,14 @@ class Watch:
     # --- steps ----------------------------------------------------------------------------------
 
     def step(self, loss: torch.Tensor | None = None, **extra: Any) -> StepRecord | None:
-        """Record a step now: call after ``backward()`` (and after ``scaler.unscale_(optimizer)``
-        when a grad scaler is given), before the weights change. Needed without an optimizer; with
-        one, it records the step before clipping (and ``optimizer.step()`` then adds nothing).
+        """Record a step now. The rule: call it after ``backward()`` and after any clipping (and
+        ``scaler.unscale_(optimizer)``), before ``optimizer.step()``. Needed only without an
+        optimizer; with one, ``optimizer.step()`` records the step and the loss is the one
+        ``backward()`` was called on (``optimizer.step()`` then adds nothing).
 
         Args:
-            loss: the step's loss (recorded; a non-finite loss is located).
+            loss: the step's loss, when it is not what ``backward()`` was called on (None: the
+                observed one); a non-finite loss is located.
             extra: ``replay=Replay(...)`` to replay the whole step (model and loss) when it shows a
                 NaN/Inf; other ``StepRecord`` fields to record with it (``underflow=...``).
 
@@ -260,6 +308,7 @@ class Watch:
     def _next_step(self) -> None:
         self._seen += 1
         self._pre = None
+        self.backwards.take()  # a step left out by `every` forgets its loss too
         self.gradients.begin_step()
         measured = self._measured_now()
         for probe in self.probes:
@@ -267,6 +316,8 @@ class Watch:
 
     def _after_optimizer_step(self, *_: Any) -> None:
         self._updates += 1
+        if self.loop is not None:
+            self.loop.updated()
         self._end_step()
 
     def _end_step(self) -> None:
@@ -283,16 +334,21 @@ class Watch:
         self, loss: torch.Tensor | None, skipped: bool = False, replay: Replay | None = None, **extra: Any
     ) -> StepRecord:
         """Measure the gradients as the optimizer will see them, fetch once, record, judge."""
+        observed = self.backwards.take()
+        loss = loss if loss is not None else observed
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass its activation mode
             record = self.recorder.measure(StepContext(self._seen, loss), self.probes, self._pre, skipped)
         origin = self.search.find(record, replay)
+        if origin is not None and origin.phase == "loss" and origin.op is None and self.loss_ops is not None:
+            origin = self.loss_ops.found or origin  # made after the model: the loss code's op (or its input)
         overflow = self.search.find_overflow(record, replay) if origin is None else None
         record = replace(record, origin=origin, overflow=overflow, **extra)
         return self._append(record)
 
     def _append(self, record: StepRecord) -> StepRecord:
         # raise_on judges a spike against the steps before this one: before it joins them.
-        spikes = self.judge.spikes(record, self.history) if self.raise_on is not None else []
+        judged = self.raise_on is not None or self._listening
+        spikes = self.judge.spikes(record, self.history) if judged else []
         self.history.add(record)
         self.precision.settle()
         for probe in self.probes:
@@ -300,6 +356,9 @@ class Watch:
         self._next_step()
         if self.reporters is not None:
             self.reporters.on_step(record)
+            if self._listening:
+                loop = self._loop_facts()
+                self.reporters.found(self.judge.settled(record, spikes) + self.judge.of_loop(record, loop))
         if self.on_step is not None:
             self.on_step(record)
         self._raise_if_found(record, spikes)
@@ -314,7 +373,8 @@ class Watch:
         """The report of one step alone, for the rules that judge a step by itself."""
         key = (len(self.notes), self.precision.name, learning_rate(self.optimizer), self.recorder.seen.spec)
         if self._step_run is None or self._step_run[0] != key:
-            self._step_run = (key, self._run_info())  # built once per change, not at every step
+            # Built once per change, not at every step; the loop rules judge the whole run, not a step.
+            self._step_run = (key, replace(self._run_info(), loop=None))
         return Report(self._step_run[1], self._infos, (record,), called_modules=self.called)
 
     def _raise_if_found(self, record: StepRecord, spikes: list[Anomaly]) -> None:
@@ -327,13 +387,20 @@ class Watch:
     @property
     def report(self) -> Report:
         """Everything recorded so far, with the anomalies the rules find in it (judged once per change)."""
-        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec)
+        stepped = bool(getattr(self.optimizer, "state", None))  # the memory ledger counts the optimizer's state
+        key = (len(self.history), len(self.notes), self.precision.name, self.recorder.seen.spec, stepped)
+        key = (*key, self._loop_facts())
         return self._report.get(key, self._judged)
 
     def _judged(self) -> Report:
         infos = tuple(self.gradients.infos)
-        report = Report(self._run_info(), infos, self.history.steps(), called_modules=self.called)
+        report = Report(
+            self._run_info(), infos, self.history.steps(), called_modules=self.called, **self.report_fields()
+        )
         return judged(replace(report, retained=self.history.retained()), self.checks)
+
+    def _loop_facts(self) -> LoopFacts | None:
+        return self.loop.with_backwards(self.backwards.count) if self.loop is not None else None
 
     def _run_info(self) -> RunInfo:
         param = next(self.model.parameters(), None)
@@ -350,4 +417,9 @@ class Watch:
             lr=learning_rate(self.optimizer),
             clip=clip.model_dump() if clip is not None else None,
             notes=tuple(self.notes),
+            loop=self._loop_facts(),
         )
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}

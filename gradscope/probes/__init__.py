@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gradscope.probes import update_ratio
+from gradscope.probes import memory, update_ratio
 from gradscope.probes.base import Probe, Watched
 
 OPTIONAL: dict[str, Callable[[Watched], Probe]] = {
+    "memory": memory.MemoryProbe,
     "update_ratio": update_ratio.UpdateRatioProbe,
 }
 

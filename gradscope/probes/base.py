@@ -42,12 +42,16 @@ class Watched:
         gradients: the watch's ``GradientProbe`` (the trainable parameters, their names, arrivals).
         ranks: a distributed run's ``distributed.Ranks``, or None.
         shards: the same under FSDP (each rank holds a shard of every parameter), else None.
+        optimizer: the optimizer the watch observes, or None.
+        memory: the memory probe's options (``probes.memory.MemoryOptions``), or None for its defaults.
     """
 
     model: nn.Module
     gradients: Any
     ranks: Any = None
     shards: Any = None
+    optimizer: Any = None
+    memory: Any = None
 
 
 class Probe:
@@ -92,6 +96,14 @@ class Probe:
 
     def pause(self, paused: bool) -> None:
         """Stop (or resume) recording while gradscope replays a step of its own."""
+
+    def forward_window(self, inputs: Any = None) -> contextlib.AbstractContextManager[Any]:
+        """A context a driver enters around its forward and loss on ``inputs`` (the batch)."""
+        return contextlib.nullcontext()
+
+    def report_fields(self) -> dict[str, Any]:
+        """The ``Report`` fields this probe gives (run-level facts, not per step)."""
+        return {}
 
 
 class Fetch:

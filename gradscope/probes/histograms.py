@@ -8,7 +8,10 @@ in chunks of at most ``CHUNK`` entries (small gradients share a chunk, a large
 one spans several), and each chunk costs the same dozen or so kernels however
 many gradients it holds (segment reductions, one ``bincount`` for all their
 buckets). A model with a thousand small tensors pays a few chunks, not a few
-dozen kernels per tensor; temporaries stay a chunk's size.
+dozen kernels per tensor; temporaries stay a chunk's size. On the CPU, whose
+values need no device sync to be read, the finite gradients take a faster path
+(``gradscope.probes.cpu_histograms``): the same bucket arithmetic on same-shape
+gradients stacked into rows, with no per-entry gather of each piece's bounds.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from typing import Any
 import torch
 
 from gradscope.probes.base import Probe, StepContext
+from gradscope.probes.cpu_histograms import BINS, WIDTH, cpu_histograms
 from gradscope.probes.gradients import to_local
 from gradscope.report import Histogram, StepRecord
+from gradscope.report.tables import HistogramTable, histogram_of
 
-BINS = 30
-WIDTH = 6 + BINS  # min, max, count, sum, sum of squares, non-finite count, then the bucket counts
 CHUNK = 1 << 18  # entries per chunk
 _INF = float("inf")
 
@@ -38,6 +41,13 @@ def gradient_histograms(grads: list[torch.Tensor], shards: Any = None) -> torch.
     """
     if not grads:
         return torch.zeros((0, WIDTH), dtype=torch.float64)
+    if shards is None and grads[0].device.type == "cpu":
+        return cpu_histograms(grads, _chunked)
+    return _chunked(grads, shards)
+
+
+def _chunked(grads: list[torch.Tensor], shards: Any = None) -> torch.Tensor:
+    """``gradient_histograms`` of any gradients on one device, in chunks (see the module's docstring)."""
     home = grads[0].device
     dtype = torch.float32 if home.type == "mps" else torch.float64
     chunks = _chunks([g.detach().reshape(-1) for g in grads])
@@ -143,8 +153,7 @@ def _sums(chunk: _Chunk, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 def to_histogram(row: list[float]) -> Histogram:
     """One fetched table row as a ``Histogram``."""
-    lo, hi, count, total, squares, nonfinite = row[:6]
-    return Histogram(lo, hi, int(count), total, squares, int(nonfinite), tuple(int(c) for c in row[6:]))
+    return histogram_of(row)
 
 
 class HistogramProbe(Probe):
@@ -176,4 +185,4 @@ class HistogramProbe(Probe):
     def contribute(self, values: list[float], record: StepRecord) -> dict[str, Any]:
         if not self._names:
             return {}
-        return {"histograms": {n: to_histogram(values[i * WIDTH : (i + 1) * WIDTH]) for i, n in enumerate(self._names)}}
+        return {"histograms": HistogramTable(self._names, values, WIDTH)}

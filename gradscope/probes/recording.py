@@ -64,10 +64,12 @@ class Recorder:
         self.collect(fetch, step.loss, pre)
         for probe in probes:
             fetch.add(probe.name, *probe.collect(step))
+        # Gradients that arrived in backward but are None now: a zero_grad() between backward and step.
+        gone = [i for i in self.gradients.arrived() if self.gradients.params[i].grad is None]
         readings = self.gradients.fetch(self.gradients.measure(), fetch.tensors)
         values = fetch.split(readings.scalars)
         pre_index = pre[0] if pre is not None else None
-        record = self.record(step.index, readings, values, pre_index, step.loss is not None, skipped)
+        record = self.record(step.index, readings, values, pre_index, step.loss is not None, skipped, gone)
         for probe in probes:
             record = replace(record, **probe.contribute(values[probe.name], record))
         return record
@@ -80,6 +82,7 @@ class Recorder:
         pre_index: list[int] | None,
         loss_known: bool,
         skipped: bool = False,
+        gone: list[int] | None = None,
     ) -> StepRecord:
         """The step's record (its rows of ``readings`` are divided by the clip factor in place).
 
@@ -90,6 +93,7 @@ class Recorder:
             pre_index: the parameters of the end-of-backward norms (None: none were taken).
             loss_known: the loss was given (else the record's loss is None).
             skipped: the grad scaler skipped this step's update.
+            gone: the parameters whose gradient arrived in backward but is None now.
         """
         scale = values[SCALE][0] if SCALE in values else 1.0
         pre = dict(zip(pre_index, values[PRE])) if pre_index is not None else None
@@ -97,6 +101,9 @@ class Recorder:
         # The end-of-backward norms are before any clipping (and before unscaling, by `scale`).
         before = stats.combine_norms([pre.get(i, 0.0) / scale for i in readings.index]) if pre is not None else post
         measured = post / before if before and math.isfinite(before) else 1.0
+        # Every gradient zero now that was not at the end of backward: zeroed, not clipped.
+        zeroed = pre is not None and post == 0.0 and measured == 0.0
+        measured = 1.0 if zeroed else measured
         clipped = abs(measured - 1.0) > 1e-6  # the user's clipping ran before this record
         if clipped and measured > 0:
             unclip(readings, measured)
@@ -114,8 +121,16 @@ class Recorder:
             parameters=params,
             modules=stats.module_stats(params),
             stale=tuple(self.gradients.names[i] for i in sorted(self.gradients.stale)),
+            cleared=self._cleared(gone or [], pre if zeroed else None),
             **extra,
         )
+
+    def _cleared(self, gone: list[int], zeroed: dict[int, float] | None) -> tuple[str, ...]:
+        """The names of the gradients cleared since backward: None now, or zeros that were not."""
+        index = set(gone)
+        if zeroed is not None:
+            index.update(i for i, norm in zeroed.items() if norm > 0)
+        return tuple(self.gradients.names[i] for i in sorted(index))
 
     def _clipping(
         self, readings: Readings, total: float, post: float, measured: float, clipped: bool

@@ -73,13 +73,12 @@ def _large_stats(gs: list[torch.Tensor], ps: list[torch.Tensor], extra_norm: flo
     small kernels each)."""
     dtype = norm_dtype(gs[0])
     rows = [g.reshape(1, -1) for g in gs]
-    norms = [torch.linalg.vector_norm(g, dim=1, dtype=dtype) for g in rows]
-    bounds = [_bounds_and_count(g) for g in gs]
-    low, high = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
+    read = [_one_read(g, dtype) for g in gs]
+    low, high = torch.stack([r[0] for r in read]), torch.stack([r[1] for r in read])
     columns = [
-        torch.cat(norms),
+        torch.stack([r[3] for r in read]),
         torch.maximum(low.abs(), high.abs()).to(dtype),
-        torch.stack([b[2] for b in bounds]),
+        torch.stack([r[2] for r in read]),
         torch.cat([torch.linalg.vector_norm(p.reshape(1, -1), dim=1, dtype=dtype) for p in ps]),
     ]
     if extra_norm is not None:
@@ -93,22 +92,31 @@ _SLICE = 1 << 16
 _SLICED_ABOVE = 1 << 18
 
 
-def _bounds_and_count(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The min, max (``aminmax``: one read, no |g| copy) and non-zero count of ``g``, 0-d each.
+def _one_read(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The min, max (``aminmax``: no |g| copy), non-zero count and L2 norm (in ``dtype``) of ``g``, 0-d each.
 
-    A contiguous tensor of more than ``_SLICED_ABOVE`` entries is read slice by slice, the count right after
-    ``aminmax`` while the slice is in cache: on gradients larger than the cache the count
-    then costs a third less. The slices' minima, maxima and counts combine exactly."""
+    A contiguous tensor of more than ``_SLICED_ABOVE`` entries is read from memory once, slice by
+    slice, the count and the norm taken right after ``aminmax`` while the slice is in cache: on
+    gradients larger than the cache that is one pass over memory instead of three. The slices'
+    minima, maxima and counts combine exactly; their norms combine in float64."""
     if g.numel() <= _SLICED_ABOVE or not g.is_contiguous():
         low, high = torch.aminmax(g)
-        return low, high, torch.count_nonzero(g)
-    lows, highs, counts = [], [], []
+        return low, high, torch.count_nonzero(g), torch.linalg.vector_norm(g, dtype=dtype)
+    # A half-precision slice's norm comes out a few 1e-5 off the whole tensor's: those keep their own pass.
+    sliced_norm = g.dtype in (torch.float32, torch.float64)
+    lows, highs, counts, norms = [], [], [], []
     for part in g.view(-1).split(_SLICE):
         low, high = torch.aminmax(part)
         lows.append(low)
         highs.append(high)
         counts.append(torch.count_nonzero(part))
-    return torch.stack(lows).amin(), torch.stack(highs).amax(), torch.stack(counts).sum()
+        if sliced_norm:
+            norms.append(torch.linalg.vector_norm(part, dtype=dtype))
+    if sliced_norm:
+        norm = torch.stack(norms).double().square().sum().sqrt().to(dtype)
+    else:
+        norm = torch.linalg.vector_norm(g, dtype=dtype)
+    return torch.stack(lows).amin(), torch.stack(highs).amax(), torch.stack(counts).sum(), norm
 
 
 def _row_max_abs(g: torch.Tensor) -> torch.Tensor:

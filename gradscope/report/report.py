@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from gradscope.report.memory import MemoryReport
+
 SCHEMA_VERSION = 1
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[str, ...] = get_args(Severity)
@@ -208,8 +210,10 @@ class StepRecord:
     overflow: NonfiniteOrigin | None = None  # fp16: where the scaled gradients of a skipped step overflowed
     backward_error: BackwardFailure | None = None  # PyTorch raised in backward
     underflow: dict[str, float] | None = None  # low precision: fraction of each gradient flushed to zero
-    histograms: dict[str, Histogram] = field(default_factory=dict)  # every `histograms_every` steps
+    # Every `histograms_every` steps; a ``tables.HistogramTable`` when measured, a dict when read from JSON.
+    histograms: Mapping[str, Histogram] = field(default_factory=dict)
     stale: tuple[str, ...] = ()  # parameters whose gradient was added onto the previous step's (no zero_grad)
+    cleared: tuple[str, ...] = ()  # got a gradient in backward, gone (None or zeros) at the optimizer step
     ranks: tuple[RankStep, ...] = ()  # distributed runs: each rank's own loss and gradients
     # Optional probes' values (``watch(probes=...)``): probe name -> key (a parameter...) -> number.
     probes: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -274,6 +278,33 @@ class Anomaly:
 
 
 @dataclass(frozen=True)
+class LoopFacts:
+    """What a watch saw of the user's training loop around the gradients (``gradscope.watch`` and
+    the trainer callbacks; None for the CLI, which drives its own steps).
+
+    Counts of steps are of the optimizer steps the watch checked (every measured step).
+    """
+
+    optimizer: bool  # an optimizer was watched
+    backwards: int  # backward() calls observed
+    updates: int  # optimizer.step() calls that ran (a grad scaler skips some)
+    checked: int  # optimizer steps whose state was checked before the update
+    outside: tuple[str, ...] = ()  # got a gradient, but are in no param group of the optimizer
+    inside: int = 0  # parameters that got a gradient and are in the optimizer (at most steps' count)
+    lr_zero_steps: int = 0  # steps with a learning rate of 0 in every param group
+    lr_zero_first: int | None = None  # the first of them
+    cleared_steps: int = 0  # steps whose gradients were cleared between backward() and step()
+    cleared_to: str | None = None  # "None" (zero_grad(set_to_none=True)) or "zeros"
+    no_gradient_steps: int = 0  # steps at which no parameter of the optimizer had a gradient
+    moved_checked: int = 0  # steps whose update was measured on a sample of the weights
+    unmoved_steps: int = 0  # of them, steps in which no sampled weight moved
+    sampled: tuple[str, ...] = ()  # the weights sampled
+    eval_steps: int = 0  # steps with the model (the root module) in eval mode
+    eval_first: int | None = None
+    eval_affected: tuple[str, ...] = ()  # its modules that differ in training, as "name (type)"
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """Facts about the run that produced the report."""
 
@@ -299,6 +330,9 @@ class RunInfo:
     duration_s: float | None = None
     notes: tuple[str, ...] = ()  # what could not be observed, and why
     distributed: dict[str, Any] | None = None  # strategy, world_size, backend
+    loop: LoopFacts | None = None  # a watched loop's optimizer, backward and mode facts
+    # A failed run: the parameters that held NaN/Inf when it raised (an earlier step's update wrote them).
+    nonfinite_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,6 +348,7 @@ class Report:
     gradchecks: tuple[GradcheckResult, ...] = ()  # with --gradcheck: each custom autograd.Function
     schema_version: int = SCHEMA_VERSION
     retained: Retained | None = None  # a run that kept only some steps in full (None: every step is here)
+    memory: MemoryReport | None = None  # what autograd saved for backward in one step, per module (``memory``)
 
     def at_or_above(self, severity: str) -> list[Anomaly]:
         """Anomalies whose severity is ``severity`` or worse (``never``: none)."""

@@ -6,7 +6,9 @@ statistic, a step of a model with a thousand tensors costs a few thousand
 Python objects (time at every step, memory for the whole run). ``ParamTable``
 keeps a step's readings as one ``array`` of doubles and makes a ``ParamStats``
 only when one is looked up; ``ModuleTable`` aggregates the modules the first
-time it is read. Both are ``Mapping``s, equal to the dicts they stand for.
+time it is read; ``HistogramTable`` keeps a step's gradient histograms as the rows fetched and
+makes a ``Histogram`` when one is looked up (a writer can read the rows as they are). All are
+``Mapping``s, equal to the dicts they stand for.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import math
 from array import array
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
-from gradscope.report import ModuleStats, ParamInfo, ParamStats
+from gradscope.report import Histogram, ModuleStats, ParamInfo, ParamStats
 from gradscope.report.rows import GRAD_MAX_ABS, GRAD_NONZERO, GRAD_NORM, PARAM_NORM
 
 NO_GRADIENT = ParamStats(None, None, None, 0, 0, None, None)
@@ -96,6 +98,46 @@ class ParamTable(Mapping[str, ParamStats]):
     def nonfinite(self) -> list[ParamStats]:
         """The statistics of the parameters whose gradient holds a NaN or Inf (no scan of the others)."""
         return [self._at(i) for i in self._nonfinite]
+
+
+class HistogramTable(Mapping[str, Histogram]):
+    """One step's gradient histograms by parameter name, stored as rows of doubles.
+
+    Args:
+        names: the parameter of each row.
+        values: the rows end to end, ``width`` each: min, max, finite count, sum, sum of squares,
+            non-finite count, then the bucket counts.
+        width: the length of a row.
+    """
+
+    __slots__ = ("names", "values", "width", "_position")
+
+    def __init__(self, names: list[str], values: list[float], width: int) -> None:
+        self.names = tuple(names)
+        self.values = array("d", values)
+        self.width = width
+        self._position: dict[str, int] | None = None
+
+    def __getitem__(self, name: str) -> Histogram:
+        if self._position is None:
+            self._position = {n: i for i, n in enumerate(self.names)}
+        at = self._position[name] * self.width
+        return histogram_of(self.values[at : at + self.width])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"HistogramTable({dict(self.items())!r})"
+
+
+def histogram_of(row: Sequence[float]) -> Histogram:
+    """One table row (min, max, count, sum, sum of squares, non-finite count, buckets) as a ``Histogram``."""
+    lo, hi, count, total, squares, nonfinite = row[:6]
+    return Histogram(lo, hi, int(count), total, squares, int(nonfinite), tuple(map(int, row[6:])))
 
 
 class ModuleTable(Mapping[str, ModuleStats]):

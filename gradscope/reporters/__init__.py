@@ -13,7 +13,7 @@ from typing import Protocol
 
 from gradscope.config.outputs import Outputs  # re-exported: `from gradscope.reporters import Outputs`
 from gradscope.errors import GradscopeError
-from gradscope.report import Report, StepRecord
+from gradscope.report import Anomaly, Report, StepRecord
 
 __all__ = ["Outputs", "Reporter", "Reporters", "WriteFailures", "build_reporters"]
 
@@ -46,6 +46,17 @@ class Reporters:
     def on_step(self, step: StepRecord) -> None:
         for reporter in self.reporters:
             reporter.on_step(step)
+
+    @property
+    def listening(self) -> bool:
+        """Some reporter takes the findings of each step as they appear (``found``)."""
+        return any(hasattr(r, "found") for r in self.reporters)
+
+    def found(self, anomalies: list[Anomaly]) -> None:
+        """A step's findings, to the reporters that take them as they appear."""
+        for reporter in self.reporters:
+            if hasattr(reporter, "found"):
+                reporter.found(anomalies)
 
     def write(self, report: Report) -> None:
         """Write the report with each reporter, closing each after it has written; one that fails
@@ -119,4 +130,8 @@ def _make(outputs: Outputs) -> list[Reporter]:
         from gradscope.reporters.json import JsonReporter
 
         made.append(JsonReporter(outputs.baseline, "--update-baseline"))
+    if outputs.speak:
+        from gradscope.reporters.logs import LogReporter
+
+        made.append(LogReporter(outputs.say))
     return made

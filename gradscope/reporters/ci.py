@@ -150,6 +150,12 @@ def not_run(report: Report, baseline: bool, checks: Checks | None = None) -> dic
         "dead_relu": "no ReLU ran in the measured forward passes",
         "saturated_activation": "no sigmoid or tanh ran in the measured forward passes",
         "update_ratio": "the update_ratio probe was off (`probes: [update_ratio]`)",
+        "memory_budget": "no memory budget (`memory: {budget: 6GiB}` or --memory-budget)",
+        "memory_growth": "no --baseline report with a memory ledger to compare with",
+        "not_in_optimizer": "no optimizer was watched (gradscope.watch(model, optimizer) or a trainer callback)",
+        "no_update": "no optimizer was watched (gradscope.watch(model, optimizer) or a trainer callback)",
+        "step_not_called": "not a watched training loop (gradscope.watch or a trainer callback)",
+        "eval_mode": "not a watched training loop (gradscope.watch or a trainer callback)",
     }
     for kind in ("loss_spike", "gradient_spike"):  # a step is judged against at least min_steps before it
         need = checks.rule(kind).min_steps
@@ -164,8 +170,14 @@ def not_run(report: Report, baseline: bool, checks: Checks | None = None) -> dic
         "dead_relu": "relu" in kinds,
         "saturated_activation": bool(kinds & {"sigmoid", "tanh"}),
         "update_ratio": any("update_ratio" in s.probes for s in steps),
+        "memory_budget": report.memory is not None and report.memory.plan is not None,
+        "memory_growth": baseline and report.memory is not None,
         "loss_spike": clean > checks.loss_spike.min_steps,
         "gradient_spike": clean > checks.gradient_spike.min_steps,
+        "not_in_optimizer": run.loop is not None and run.loop.optimizer,
+        "no_update": run.loop is not None and run.loop.optimizer,
+        "step_not_called": run.loop is not None,
+        "eval_mode": run.loop is not None,
     }
     return {kind: why for kind, why in out.items() if not ran[kind]}
 

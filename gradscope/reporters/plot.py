@@ -15,6 +15,7 @@ from typing import Any
 
 from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
+from gradscope.rules.common import forward_position
 from gradscope.utils import outfiles
 
 SEVERITY_COLOR = {"error": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
@@ -67,7 +68,7 @@ def _layers(report: Report) -> list[str]:
     """Weights and kernels (2-D and up), in forward order where known."""
     order = {name: i for i, name in enumerate(report.called_modules or ())}
     names = [p for p in report.parameters if p.trainable and len(p.shape) >= 2]
-    names.sort(key=lambda p: order.get(p.module, len(order)))
+    names.sort(key=lambda p: forward_position(order, p.module))
     return [p.name for p in names]
 
 

@@ -5,7 +5,8 @@ Tags follow what Lightning and wandb users know: ``loss``, ``grad_norm/total``
 histograms (finite values; non-finite ones counted as ``nonfinite/<param>``),
 ``dead_fraction/<site>``, ``saturated_fraction/<site>``, ``clip/coefficient``,
 ``amp/loss_scale``, in distributed runs ``rank_loss/<rank>`` and ``rank_grad_norm/<rank>``
-(DDP: before the all-reduce), each anomaly as text at its step, the config as text, and a
+(DDP: before the all-reduce), the memory ledger's ``memory/<total>_bytes`` and
+``memory/saved/<block>`` at the step it measured, each anomaly as text at its step, the config as text, and a
 custom-scalars layout that groups layers by their top-level module.
 """
 
@@ -19,9 +20,15 @@ import queue
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
-from gradscope.report import Report, StepRecord
+import numpy as np
+
+from gradscope.report import Histogram, Report, StepRecord
+from gradscope.report.memory import MemoryReport
+from gradscope.report.tables import HistogramTable
+from gradscope.reporters.tb_events import EventFile, equal_limits, event, histogram_values, scalar_value, summary
 
 # Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
 QUEUE_STEPS = 16
@@ -29,10 +36,10 @@ _DONE = object()
 
 
 class TensorBoardReporter:
-    """Writes scalars, histograms and text with one ``SummaryWriter``.
+    """Writes scalars, histograms and text into one event file (``tb_events.EventFile``).
 
-    Steps are handed to a background thread through a bounded queue: building the
-    protobufs and writing the event file happen off the training thread. Each step
+    Steps are handed to a background thread through a bounded queue: encoding the
+    events and writing the file happen off the training thread. Each step
     is one event holding all its scalars and histograms; the file is flushed
     whenever the queue runs empty, and ``write``/``close`` (also at interpreter
     exit) wait until every queued step is written. An error of the writer thread
@@ -44,12 +51,10 @@ class TensorBoardReporter:
     """
 
     def __init__(self, logdir: str, config_text: str | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # heavy import, only when asked for
-
-        self.writer = SummaryWriter(log_dir=logdir)
+        self.writer = EventFile(logdir)
         self.written: set[int] = set()
         if config_text:
-            self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+            self.writer.add_summary(_text("config", "```\n" + config_text + "\n```"), 0)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_STEPS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="gradscope-tensorboard", daemon=True)
@@ -73,8 +78,11 @@ class TensorBoardReporter:
         for a in report.anomalies:
             where = " ".join(x for x in (a.module or "", a.parameter or "") if x)
             text = f"**{a.severity}** `{a.kind}` {where}: {a.message}"
-            self.writer.add_text(f"anomalies/{a.kind}", text, a.step if a.step is not None else 0)
-        self.writer.add_custom_scalars(layout(report))
+            self.writer.add_summary(_text(f"anomalies/{a.kind}", text), a.step if a.step is not None else 0)
+        if report.memory is not None:
+            values = [scalar_value(tag, value) for tag, value in memory_scalars(report.memory)]
+            self.writer.write(event(report.memory.step or 0, summary(values)))
+        self.writer.add_summary(_custom_scalars(layout(report)), 0)
         self._picture(report)
         self.writer.flush()
 
@@ -96,8 +104,14 @@ class TensorBoardReporter:
         finally:
             require_matplotlib().close(drawn)
         image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png.getvalue())
-        summary = Summary(value=[Summary.Value(tag="gradient_flow", image=image)])
-        self.writer._get_file_writer().add_summary(summary, report.steps[-1].step)
+        picture = Summary(value=[Summary.Value(tag="gradient_flow", image=image)])
+        self.writer.add_summary(picture, report.steps[-1].step)
+
+    def flush(self) -> None:
+        """Wait until every queued step is written and the file flushed."""
+        self._queue.join()
+        self._raise_if_failed()
+        self.writer.flush()
 
     def close(self) -> None:
         """Write every queued step, stop the thread and close the file (a second call does nothing)."""
@@ -122,7 +136,7 @@ class TensorBoardReporter:
                     self.writer.flush()
                     return
                 if self._error is None:
-                    self.writer._get_file_writer().add_summary(step_summary(item), item.step)
+                    self.writer.write(event(item.step, step_summary(item)))
                     if self._queue.empty():
                         self.writer.flush()
             except Exception as error:  # kept for the training thread; the queue keeps draining
@@ -131,30 +145,45 @@ class TensorBoardReporter:
                 self._queue.task_done()
 
 
-def step_summary(step: StepRecord) -> Any:
-    """One step's scalars and histograms as a single ``Summary`` protobuf."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+def step_summary(step: StepRecord) -> bytes:
+    """One step's scalars and histograms as a single serialized ``Summary``."""
+    values = [scalar_value(tag, value) for tag, value in _scalars(step) if value is not None and math.isfinite(value)]
+    for names, rows, limits in histogram_rows(step.histograms):
+        values += [scalar_value(f"nonfinite/{names[i]}", rows[i, 5]) for i in np.flatnonzero(rows[:, 5])]
+        drawn = np.flatnonzero(rows[:, 2])  # a gradient with no finite value has no histogram
+        values += histogram_values([f"gradients/{names[i]}" for i in drawn], rows[drawn], limits[drawn])
+    return summary(values)
 
-    values = [
-        Summary.Value(tag=tag, simple_value=value)
-        for tag, value in _scalars(step)
-        if value is not None and math.isfinite(value)
-    ]
-    for name, h in step.histograms.items():
-        if h.nonfinite:
-            values.append(Summary.Value(tag=f"nonfinite/{name}", simple_value=h.nonfinite))
-        if h.count:
-            histogram = HistogramProto(
-                min=h.min,
-                max=h.max,
-                num=h.count,
-                sum=h.sum,
-                sum_squares=h.sum_squares,
-                bucket_limit=h.limits(),
-                bucket=h.buckets,
-            )
-            values.append(Summary.Value(tag=f"gradients/{name}", histo=histogram))
-    return Summary(value=values)
+
+def histogram_rows(histograms: Mapping[str, Histogram]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """The histograms as groups of as many buckets each: names, rows and bucket limits (see
+    ``tb_events.histogram_values``). A ``HistogramTable`` is one group, read where it lies."""
+    if isinstance(histograms, HistogramTable):
+        rows = np.frombuffer(histograms.values, dtype=np.float64).reshape(-1, histograms.width)
+        return [(list(histograms.names), rows, equal_limits(rows))]
+    groups: dict[int, list[tuple[str, Histogram]]] = defaultdict(list)
+    for name, h in histograms.items():
+        groups[len(h.buckets)].append((name, h))
+    out = []
+    for members in groups.values():
+        hs = [h for _, h in members]
+        rows = np.array([[h.min, h.max, h.count, h.sum, h.sum_squares, h.nonfinite, *h.buckets] for h in hs])
+        out.append(
+            ([n for n, _ in members], rows.astype(np.float64), np.array([h.limits() for h in hs], dtype=np.float64))
+        )
+    return out
+
+
+def _text(tag: str, text: str) -> Any:
+    from torch.utils.tensorboard.summary import text as text_summary  # heavy import, only when asked for
+
+    return text_summary(tag, text)
+
+
+def _custom_scalars(charts: dict[str, Any]) -> Any:
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    return custom_scalars(charts)
 
 
 def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
@@ -180,6 +209,21 @@ def _scalars(step: StepRecord) -> list[tuple[str, float | None]]:
     return out
 
 
+def memory_scalars(memory: MemoryReport) -> list[tuple[str, float]]:
+    """The memory ledger's totals in bytes (``memory/...``), and each candidate block's saved bytes
+    (``memory/saved/<module>``, in forward order)."""
+    out = [
+        ("memory/saved_bytes", float(memory.saved_bytes)),
+        ("memory/parameter_bytes", float(sum(memory.parameter_bytes.values()))),
+        ("memory/gradient_bytes", float(sum(memory.gradient_bytes.values()))),
+        ("memory/optimizer_bytes", float(sum((memory.optimizer_bytes or {}).values()))),
+        ("memory/total_bytes", float(memory.total_bytes)),
+    ]
+    blocks = sorted((m.order, name, m.saved_bytes) for name, m in memory.modules.items() if m.candidate)
+    out += [(f"memory/saved/{name}", float(saved)) for _, name, saved in blocks]
+    return out
+
+
 def layout(report: Report) -> dict[str, Any]:
     """Custom-scalars layout: the totals, then one chart per top-level module of its parameters' norms."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -195,6 +239,7 @@ def layout(report: Report) -> dict[str, Any]:
         "total grad norm": ["Multiline", ["grad_norm/total", "grad_norm/total_clipped"]],
         "clipping and loss scale": ["Multiline", ["clip/coefficient", "amp/loss_scale"]],
         "dead / saturated": ["Multiline", ["dead_fraction/.*", "saturated_fraction/.*"]],
+        "memory (bytes)": ["Multiline", ["memory/[a-z_]*_bytes"]],
     }
     return {"gradscope": overview, "grad norm by module": charts}
 

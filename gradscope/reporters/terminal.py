@@ -20,6 +20,7 @@ from gradscope.report import Anomaly, ParamInfo, ParamStats, Report, StepRecord
 from gradscope.reporters.cells import num as _num
 from gradscope.reporters.findings import group
 from gradscope.reporters.layout import Column, fit
+from gradscope.reporters.memory import memory_section
 from gradscope.reporters.steps import steps_table
 from gradscope.reporters.verdict import verdict, written
 
@@ -66,6 +67,8 @@ class TerminalReporter:
         if report.anomalies or report.run.status == "completed":
             self.console.print(_findings(report.anomalies))
         self.console.print(_layer_table(report, _table_step(report), self.show_all, self.console.width))
+        if report.memory is not None:
+            self.console.print(memory_section(report.memory), no_wrap=True, overflow="ignore")
         if report.run.status != "completed":
             self.console.print(_status_line(report))
 
@@ -251,6 +254,12 @@ def _status_line(report: Report) -> Text:
     run = report.run
     done = f"{run.steps_completed} of {run.steps_requested} steps completed"
     why = f": {run.error}" if run.error else ""
+    cause = next((a for a in report.anomalies if "consequence" in a.evidence), None)
+    if cause is not None:
+        step = cause.evidence["consequence"]["step"]
+        return Text(
+            f"step {step} raised, a consequence of {cause.kind} at step {cause.step} ({done}){why}", style="red"
+        )
     return Text(f"run {run.status} ({done}){why}", style="bold red")
 
 

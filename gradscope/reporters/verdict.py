@@ -28,13 +28,19 @@ def verdict(report: Report, code: int, fail_on: str | None = None) -> str:
     counts = _counts(groups)
     run = report.run
     parts = []
-    if run.status != "completed":
+    cause = next((a for a in report.anomalies if "consequence" in a.evidence), None)
+    if run.status != "completed" and cause is None:
         parts.append(f"run {run.status} after {run.steps_completed} of {run.steps_requested} steps")
     if groups:
         below = f" (below --fail-on {fail_on})" if fail_on and code == 0 and run.status == "completed" else ""
         parts.append(f"{counts}{below}: {headline(groups[0])}")
     elif run.status == "completed":
         parts.append("no anomalies found")
+    if cause is not None:  # the run raised on what an earlier finding wrote into the weights
+        step = cause.evidence["consequence"]["step"]
+        parts.append(
+            f"then step {step} raised, its consequence ({run.steps_completed} of {run.steps_requested} steps ran)"
+        )
     return "; ".join(parts) + f"; exit {code}"
 
 

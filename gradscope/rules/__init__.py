@@ -18,7 +18,10 @@ from gradscope.report import Anomaly, Report
 from gradscope.rules.activations import dead_relu, saturated_activation
 from gradscope.rules.baseline import baseline_drift
 from gradscope.rules.broken import backward_error, nonfinite, wrong_gradient
+from gradscope.rules.consequences import raised_after
 from gradscope.rules.flow import exploding_gradient, stale_gradient, vanishing_gradient
+from gradscope.rules.loop import eval_mode, no_update, not_in_optimizer, step_not_called
+from gradscope.rules.memory import memory_budget, memory_growth
 from gradscope.rules.precision import gradient_clipping, gradient_underflow, loss_scale_overflow
 from gradscope.rules.ranks import rank_divergence
 from gradscope.rules.spikes import early_scale, gradient_spike, loss_spike, spike_against, spike_finding, with_causes
@@ -48,7 +51,15 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss_spike", loss_spike),
     ("gradient_spike", gradient_spike),
     ("update_ratio", update_ratio),
+    ("memory_budget", memory_budget),
+    ("not_in_optimizer", not_in_optimizer),
+    ("no_update", no_update),
+    ("step_not_called", step_not_called),
+    ("eval_mode", eval_mode),
 )
+
+# The rules of the loop around the gradients (``run.loop``): a watch also judges them while it runs.
+LOOP_KINDS = ("not_in_optimizer", "no_update", "step_not_called", "eval_mode")
 
 
 # Kinds a single step shows by itself; the others look across steps (or need a window of them).
@@ -64,11 +75,13 @@ STEP_KINDS = (
 )
 
 __all__ = [
+    "LOOP_KINDS",
     "RULES",
     "STEP_KINDS",
     "diagnose",
     "early_scale",
     "findings",
+    "loop_findings",
     "settle",
     "spike_against",
     "spike_finding",
@@ -80,6 +93,11 @@ def step_findings(report: Report, checks: Checks) -> list[Anomaly]:
     """The findings of the rules that judge each step by itself (``STEP_KINDS``), severity ``off`` left out."""
     found = [a for kind, rule in RULES if kind in STEP_KINDS for a in rule(report, checks.rule(kind))]
     return [a for a in found if checks.rule(a.kind).severity != "off"]
+
+
+def loop_findings(report: Report, checks: Checks) -> list[Anomaly]:
+    """The findings of the loop rules (``LOOP_KINDS``) as the rules make them (before ``settle``)."""
+    return [a for kind, rule in RULES if kind in LOOP_KINDS for a in rule(report, checks.rule(kind))]
 
 
 def diagnose(
@@ -104,7 +122,8 @@ def findings(report: Report, checks: Checks, baseline: Report | None = None) -> 
     found = [anomaly for kind, rule in RULES for anomaly in rule(report, checks.rule(kind))]
     if baseline is not None:
         found.extend(baseline_drift(report, baseline, checks.baseline_drift))
-    return found
+        found.extend(memory_growth(report, baseline, checks.memory_growth))
+    return raised_after(report, found)
 
 
 def settle(found: list[Anomaly], checks: Checks) -> tuple[tuple[Anomaly, ...], tuple[Anomaly, ...]]:

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gradscope.report import Anomaly, Report
-from gradscope.rules.common import clean_steps
+from gradscope.rules.applied import updates
+from gradscope.rules.common import clean_steps, in_forward_order, weights_in_order
 
 
 def dead_relu(report: Report, check: Any) -> list[Anomaly]:
@@ -19,23 +20,25 @@ def dead_relu(report: Report, check: Any) -> list[Anomaly]:
     only when the silent fraction exceeds that by more than sampling noise (three standard
     deviations of a binomial over the units). In a training loop the steps' samples add up (a unit
     silent throughout is silent in each step, so the steps' smallest dead fraction is judged); the
-    CLI runs every step on one batch, whose samples count once.
+    CLI runs every step on one batch, whose samples count once. Units alive at first that are dead
+    in every step from some step on died there: the finding says when, and names the update before.
     """
     found = []
-    for site, seen in _relu_sites(report).items():
-        a, step, samples, dead = seen
-        if samples < check.min_samples or dead < check.fraction:
+    for site, series in _relu_series(report).items():
+        judged = _dead_since(series, check, report.run.model_target is not None)
+        if judged is None:
             continue
-        expected, limit = _sparsity_limit(a, dead, samples)
-        if dead <= limit:
-            continue
+        k, samples, dead, expected = judged
+        step, a = series[k]
+        starved = _starved(report, step) if dead == 1.0 else None
+        died = _died(report, series, k, dead) if k else ""
         found.append(
             Anomaly(
                 kind="dead_relu",
-                severity="warning",
+                severity="error" if starved else "warning",
                 module=a.module,
                 step=step,
-                message=_dead_message(a, dead, samples, expected),
+                message=died + _dead_message(a, dead, samples, expected) + _starved_message(starved, step),
                 evidence={
                     "fraction": dead,
                     "units": a.units,
@@ -44,28 +47,116 @@ def dead_relu(report: Report, check: Any) -> list[Anomaly]:
                     "site": site,
                     "live_density": _live_density(a, dead),
                     "silent_by_sparsity": expected,
+                    **({"starved": starved} if starved else {}),
+                    **({"died_at": step, "alive_at": series[0][0]} if k else {}),
                 },
             )
         )
     return found
 
 
-def _relu_sites(report: Report) -> dict[str, tuple[Any, int, int, float]]:
-    """Per ReLU site over the clean steps: its first stats, first step, samples seen in all, and the
-    smallest dead fraction of any step."""
-    sites: dict[str, tuple[Any, int, int, float]] = {}
-    repeated = report.run.model_target is not None  # the CLI: every step on the same batch
+def _relu_series(report: Report) -> dict[str, list[tuple[int, Any]]]:
+    """Each ReLU site's (step, stats) over the clean steps."""
+    sites: dict[str, list[tuple[int, Any]]] = {}
     for step in clean_steps(report):
         for site, a in step.activations.items():
-            if a.kind != "relu":
-                continue
-            if site not in sites:
-                sites[site] = (a, step.step, a.samples, a.fraction)
-            else:
-                first, at, samples, dead = sites[site]
-                more = 0 if repeated else a.samples
-                sites[site] = (first, at, samples + more, min(dead, a.fraction))
+            if a.kind == "relu":
+                sites.setdefault(site, []).append((step.step, a))
     return sites
+
+
+def _dead_since(series: list[tuple[int, Any]], check: Any, repeated: bool) -> tuple[int, int, float, float] | None:
+    """The earliest index from which the site is dead in every step (its units silent beyond what
+    sparsity explains), with the samples seen since, the smallest dead fraction and the fraction
+    sparsity alone would leave; None when it never is. ``repeated``: every step saw the same batch."""
+    best = None
+    dead, samples = 1.0, 0
+    for k in range(len(series) - 1, -1, -1):
+        a = series[k][1]
+        dead = min(dead, a.fraction)
+        if dead < check.fraction:
+            break  # earlier suffixes only lower it
+        samples = a.samples if repeated else samples + a.samples
+        if samples < check.min_samples:
+            continue
+        expected, limit = _sparsity_limit(a, dead, samples)
+        if dead > limit:
+            best = (k, samples, dead, expected)
+    return best
+
+
+def _feeding(report: Report, module: str) -> str | None:
+    """The weight that feeds a ReLU: the first weight inside its module (a functional relu in a
+    block), else the last weight of a module called before it."""
+    weights = weights_in_order(report)
+    inside = [p.name for p in weights if p.module.startswith(module + ".") or p.module == module]
+    if inside:
+        return inside[0]
+    order = {name: i for i, name in enumerate(report.called_modules or ())}
+    at = order.get(module)
+    before = [p.name for p in weights if at is not None and order.get(p.module, at) < at]
+    return before[-1] if before else None
+
+
+CAUSE = 0.1  # an update that moved a weight by this share of its norm or more: a likely cause
+
+
+def _died(report: Report, series: list[tuple[int, Any]], k: int, dead: float) -> str:
+    """``Units of `layers.1` died at step 3, after the step-2 update moved ...``: when they died,
+    and the largest update applied just before."""
+    step, a = series[k]
+    before_step, before = series[k - 1]
+    text = (
+        f"units of {a.module} died at step {step} ({before.fraction:.0%} dead at step {before_step}, "
+        f"{dead:.0%} from step {step} on)"
+    )
+    previous = next((s for s in reversed(clean_steps(report)) if s.step < step), None)
+    moved = updates(report, previous, [p.name for p in weights_in_order(report)]) if previous else []
+    if not moved:
+        return text[0].upper() + text[1:] + ". "
+    feeding = _feeding(report, a.module)
+    top = next((u for u in moved if u.name == feeding), moved[0])
+    how = "measured" if top.measured else f"lr x |grad|/|weight| {top.gradient:.3g}"
+    clipped = f", clip coefficient {top.coefficient:.3g}" if top.coefficient < 1 else ""
+    cause = ", its likely cause" if top.ratio >= CAUSE else ""
+    return (
+        f"{text[0].upper() + text[1:]}, after the step-{previous.step} update moved {top.name} by "  # type: ignore[union-attr]
+        f"{top.ratio:.3g}x its norm ({how}{clipped}){cause}. "
+    )
+
+
+STARVED = 0.01  # at most this share of the entries upstream of the head with a non-zero gradient
+
+
+def _starved(report: Report, at: int) -> dict[str, Any] | None:
+    """At step ``at``, (almost) nothing upstream of the head gets a gradient: the head, the module
+    nearest the loss, is all that can learn. The counts by entries, or None."""
+    step = next((s for s in report.steps if s.step == at), None)
+    params = [p for p in in_forward_order(report) if p.trainable]
+    if step is None or len(params) < 2:
+        return None
+    head = params[-1].module
+    upstream = [p for p in params if p.module != head]
+    total = sum(p.numel for p in upstream)
+    moving = 0.0
+    for p in upstream:
+        s = step.parameters.get(p.name)
+        if s is not None and s.grad_norm:
+            moving += p.numel * (1.0 - (s.zero_fraction or 0.0))
+    if not total or moving > STARVED * total:
+        return None
+    return {"head": head, "upstream_entries": total, "with_gradient": int(moving), "parameters": len(upstream)}
+
+
+def _starved_message(starved: dict[str, Any] | None, step: int) -> str:
+    if not starved:
+        return ""
+    share = starved["with_gradient"] / starved["upstream_entries"]
+    return (
+        f" Nothing upstream of {starved['head'] or 'the head'} learns: at step {step}, {share:.1%} of the "
+        f"{starved['upstream_entries']:,} entries of its {starved['parameters']} parameters get a non-zero gradient, "
+        f"so only the head trains."
+    )
 
 
 def _live_density(a: Any, dead: float) -> float | None:

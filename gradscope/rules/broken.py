@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -41,7 +42,7 @@ def nonfinite(report: Report, check: Any) -> list[Anomaly]:
             module=o.module,
             parameter=o.tensors[0] if o.phase == "parameter" and o.tensors else None,
             step=first.step,
-            message=on_rank + _origin_message(o, value) + _samples(o) + spread + " " + _fix(o),
+            message=on_rank + _origin_message(o, value, first.loss) + _samples(o) + spread + " " + _fix(o, first.loss),
             evidence=evidence,
             rank=o.rank,
         )
@@ -61,7 +62,11 @@ def first_bad_rank(step: StepRecord) -> int | None:
     return next((r.rank for r in step.ranks if r.bad), None)
 
 
-def _origin_message(o: Any, value: str) -> str:
+def _finite(loss: float | None) -> bool:
+    return loss is not None and math.isfinite(loss)
+
+
+def _origin_message(o: Any, value: str, loss: float | None = None) -> str:
     count = f"{o.count} of {o.numel} values" if o.numel else f"{o.count} values"
     where = f" in {o.module}" if o.module else ""
     at = f" Source: {o.source}." if o.source else ""
@@ -78,6 +83,12 @@ def _origin_message(o: Any, value: str) -> str:
         )
     if o.op is None and o.phase == "loss":
         # gradscope.watch replays only the model: an origin outside it has no op to name.
+        if _finite(loss):
+            return (
+                f"{value} first appears in the loss's backward: the model's outputs are finite and its backward "
+                f"makes no {value} from a finite gradient, the loss's value is finite ({loss:.4g}), but the "
+                f"gradient it sends into the model holds {value}."
+            )
         return (
             f"{value} first appears after the model: its outputs are finite and its backward makes no {value} from "
             f"a finite gradient, so the loss computed from them (between the model's forward and backward) made it, "
@@ -117,12 +128,17 @@ def _spread(first: StepRecord, bad: list[StepRecord], kind: str) -> str:
     return text + "." if text else ""
 
 
-def _fix(o: Any) -> str:
+def _fix(o: Any, loss: float | None = None) -> str:
     op = (o.op or "").lower()
     if o.phase == "input":
         return "Fix the data (or filter non-finite samples) before it reaches the model."
     if o.phase == "parameter":
         return "Check the initialisation or the update that wrote it (learning rate, a NaN gradient earlier)."
+    if o.phase == "loss" and o.op is None and _finite(loss):
+        return (
+            "An op of the loss code has an infinite derivative where it was evaluated: sqrt or pow(x, p<1) at 0, "
+            "or the norm of a zero vector (a difference that is exactly 0). Add an epsilon inside it."
+        )
     if o.phase == "loss" and o.op is None:  # gradscope.watch sees the model, not the loss code
         return (
             "Look in the loss code for log or sqrt of values <= 0, a division by 0, or exp overflowing; a NaN only in "

@@ -74,7 +74,21 @@ def in_forward_order(report: Report) -> list[ParamInfo]:
     order = {name: i for i, name in enumerate(report.called_modules or ())}
     if not order:
         return list(report.parameters)
-    return sorted(report.parameters, key=lambda p: order.get(p.module, len(order)))
+    return sorted(report.parameters, key=lambda p: forward_position(order, p.module))
+
+
+def forward_position(order: dict[str, int], module: str) -> int:
+    """Where a module's parameters go in forward order: its own call, or for a module never called
+    as one (``nn.MultiheadAttention``'s ``out_proj``, whose weight the parent uses directly) its
+    nearest called parent's; modules with no called parent go last."""
+    if module in order:
+        return order[module]
+    name = module.rpartition(".")[0]
+    while name:  # the model itself is every module's parent: not a place to put one
+        if name in order:
+            return order[name]
+        name = name.rpartition(".")[0]
+    return len(order)
 
 
 def by_module(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:

@@ -17,6 +17,7 @@ too is no partner: nothing will ever open it, and ``zero_gradient`` reports it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,9 +48,11 @@ def zero_partners(report: Report) -> list[Partner]:
     trainable = [p for p in report.parameters if p.trainable]
     partners = []
     for p in trainable:
-        s = first.parameters.get(p.name)
-        if p.name.endswith("bias") or p.module_type in ("Embedding", "EmbeddingBag") or s is None:
+        if p.name.endswith("bias") or p.module_type in ("Embedding", "EmbeddingBag"):
             continue  # biases start at zero everywhere; embedding rows are sparse by nature
+        s = first.parameters.get(p.name)
+        if s is None:
+            continue
         if s.param_norm is None or not s.grad_norm or not math.isfinite(s.grad_norm):
             continue
         if s.param_norm > NEAR_ZERO * math.sqrt(max(p.numel, 1)):
@@ -83,6 +86,7 @@ def _inside(module: str, scope: str) -> bool:
     return not scope or module == scope or module.startswith(scope + ".")
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the same modules at every step of a run
 def block_of(module: str) -> str:
     """The block a module belongs to: its path through the first list index (``h.0`` in
     ``transformer.h.0.attn.c_attn``), or the module itself outside any list."""

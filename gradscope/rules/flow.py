@@ -11,13 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from gradscope.report import Anomaly, ParamInfo, Report, StepRecord, tables
+from gradscope.rules.applied import REFERENCE_LR, Update, aftermath, scale_free, updates
 from gradscope.rules.common import clean_steps, median, per_report, weights_in_order
 from gradscope.rules.depth import Partner, by_block, explained, zero_partners
-
-# Optimizers whose update does not scale with the gradient (per-element normalised steps):
-# a constant factor on the loss, or a huge |grad|/|weight|, changes nothing they do.
-SCALE_FREE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb", "sophia", "came")
-REFERENCE_LR = 0.01  # what ``exploding_gradient.relative`` assumes when the learning rate is not known
 
 Blocks = list[tuple[str, float, list[str]]]
 
@@ -148,62 +144,115 @@ def _held_back(report: Report, name: str, ratio: float, medians: dict[int, float
 
 
 def exploding_gradient(report: Report, check: Any) -> list[Anomaly]:
-    """Relative gradients that grow toward the input (block by block), or updates the optimizer in use
-    would make larger than the weights themselves."""
+    """Relative gradients that grow toward the input (block by block), or an update that the step
+    applied (after clipping, at the optimizer's learning rate) larger than the weight itself, judged
+    by what followed it: an error when the loss, the gradients or the units suffered, an info when
+    the loss fell anyway, a warning when the run ended before anything could follow."""
     weights, modules, _ = _judged(report)
-    optimizer = (report.run.optimizer or "").lower()
-    scale_free = any(name in optimizer for name in SCALE_FREE)
-    lr = report.run.lr if report.run.lr is not None and not scale_free else None
+    names = [p.name for p in weights]
+    large: list[Anomaly] = []  # a finding per step whose update was too large, the first harmful one wins
     for step in clean_steps(report):
         rel = _relative(step, weights)
         if not rel:
             continue
-        name, top = max(rel, key=lambda item: item[1])
         blocks = by_block(rel, modules)
-        first, last = _ends([m for _, m, _ in blocks]) if len(blocks) >= 2 else (top, top)
-        if len(blocks) >= 2 and first / last > check.ratio:
-            message = (
-                f"gradients grow toward the input: the median |grad|/|weight| of a block's weights is {first:.2e} "
-                f"at {blocks[0][0]} but {last:.2e} at {blocks[-1][0]} ({first / last:.1e}x larger)."
-            )
-        elif not scale_free and top * (lr or REFERENCE_LR) / REFERENCE_LR > check.relative:
-            message = _huge_message(name, top, lr, optimizer, check)
-        else:
-            continue
-        fix = " Usual fixes: smaller init (He/Xavier scale), normalisation, residual scaling, gradient clipping, a lower learning rate."
-        evidence = {
-            "relative_gradient": dict(rel),
-            "grad_norm_total": step.grad_norm_total,
-            "optimizer": optimizer or None,
-        }
-        if lr is not None:
-            evidence["lr"] = lr
-        return [
-            Anomaly(
-                kind="exploding_gradient",
-                severity="error",
-                module=name.rpartition(".")[0],
-                parameter=name,
-                step=step.step,
-                message=message + fix,
-                evidence=evidence,
-            )
-        ]
-    return []
+        if len(blocks) >= 2:
+            first, last = _ends([m for _, m, _ in blocks])
+            if first / last > check.ratio:
+                return [_growing(report, step, rel, blocks, first, last)]
+        moved = updates(report, step, names)
+        if moved and moved[0].ratio > check.relative * REFERENCE_LR:
+            large.append(_too_large(report, step, rel, moved[0], check))
+            if large[-1].severity == "error":
+                return [large[-1]]
+    return large[:1]
 
 
-def _huge_message(name: str, top: float, lr: float | None, optimizer: str, check: Any) -> str:
-    if lr is not None:
-        return (
-            f"gradients are huge for {optimizer or 'the optimizer'} at lr {lr:g}: |grad| is {top:.3g}x |weight| at "
-            f"{name}, so one step changes it by about {lr * top:.3g}x its own norm (threshold "
-            f"{check.relative * REFERENCE_LR:g}, from exploding_gradient.relative at lr {REFERENCE_LR:g}); "
-            f"momentum makes it larger."
+FIX = " Usual fixes: smaller init (He/Xavier scale), normalisation, residual scaling, gradient clipping, a lower learning rate."
+
+
+def _evidence(report: Report, step: StepRecord, rel: list[tuple[str, float]]) -> dict[str, Any]:
+    evidence = {
+        "relative_gradient": dict(rel),
+        "grad_norm_total": step.grad_norm_total,
+        "optimizer": (report.run.optimizer or "").lower() or None,
+    }
+    if report.run.lr is not None and not scale_free(report):
+        evidence["lr"] = report.run.lr
+    return evidence
+
+
+def _growing(
+    report: Report, step: StepRecord, rel: list[tuple[str, float]], blocks: Blocks, first: float, last: float
+) -> Anomaly:
+    name = max(rel, key=lambda item: item[1])[0]
+    return Anomaly(
+        kind="exploding_gradient",
+        severity="error",
+        module=name.rpartition(".")[0],
+        parameter=name,
+        step=step.step,
+        message=(
+            f"gradients grow toward the input: the median |grad|/|weight| of a block's weights is {first:.2e} "
+            f"at {blocks[0][0]} but {last:.2e} at {blocks[-1][0]} ({first / last:.1e}x larger)." + FIX
+        ),
+        evidence=_evidence(report, step, rel),
+    )
+
+
+def _too_large(report: Report, step: StepRecord, rel: list[tuple[str, float]], top: Update, check: Any) -> Anomaly:
+    after = aftermath(report, step)
+    harm = after.harm()
+    severity = "error" if harm else ("info" if after.fell else "warning")
+    moved = _moved(report, step, top, check)
+    if harm:
+        outcome = f" What followed: {harm}." + FIX
+    elif after.fell:
+        outcome = (
+            f" Yet the run absorbs it: the loss fell from {after.loss:.4g} to {after.later_loss:.4g} (the median of "
+            f"the {after.compared} step(s) after; a normalisation after the layer makes its scale irrelevant, for one). "
+            f"Nothing to fix unless the loss stalls; a lower learning rate or clipping would shrink the step."
+        )
+    elif after.steps:
+        outcome = " The loss did not fall after it (or was not seen): watch it over more steps." + FIX
+    else:
+        outcome = " The run ended before a later step could show what it did: run more steps to see." + FIX
+    evidence = {
+        **_evidence(report, step, rel),
+        "update_ratio": top.ratio,
+        "measured": top.measured,
+        "clip_coefficient": top.coefficient,
+        "threshold": check.relative * REFERENCE_LR,
+        "aftermath": {"loss": after.loss, "later_loss": after.later_loss, "steps": after.steps, "harm": harm},
+    }
+    return Anomaly(
+        kind="exploding_gradient",
+        severity=severity,
+        module=top.name.rpartition(".")[0],
+        parameter=top.name,
+        step=step.step,
+        message=moved + outcome,
+        evidence=evidence,
+    )
+
+
+def _moved(report: Report, step: StepRecord, top: Update, check: Any) -> str:
+    """What was measured: the update the step applied to the weight, and how it was known."""
+    optimizer = report.run.optimizer or "the optimizer"
+    threshold = check.relative * REFERENCE_LR
+    clipped = f" x clip coefficient {top.coefficient:.3g}" if top.coefficient < 1 else ", not clipped"
+    if top.measured:
+        how = f"measured by the update_ratio probe; |grad|/|weight| was {top.gradient:.3g}"
+    elif report.run.lr is not None:
+        how = f"{optimizer} at lr {report.run.lr:g} x |grad|/|weight| {top.gradient:.3g}{clipped}; momentum adds to it"
+    else:
+        how = (
+            f"|grad|/|weight| {top.gradient:.3g}{clipped}, at an assumed SGD lr of {REFERENCE_LR:g}: the optimizer "
+            f"is not known, and Adam-family optimizers ignore the gradient's scale"
         )
     return (
-        f"gradients are huge: |grad| is {top:.3g}x |weight| at {name} (threshold {check.relative:g}); with no "
-        f"optimizer known this assumes SGD at lr {REFERENCE_LR:g}, where one step would change it by more than its "
-        f"own norm (Adam-family optimizers ignore the gradient's scale)."
+        f"the update applied at step {step.step} moved {top.name} by about {top.ratio:.3g}x its own norm ({how}; "
+        f"threshold {threshold:g}x, from exploding_gradient.relative at lr {REFERENCE_LR:g})."
     )
 
 

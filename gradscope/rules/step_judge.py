@@ -5,11 +5,14 @@ gradient spike included, judged against the steps before it as OLMo-core's and M
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from gradscope import rules
 from gradscope.config import Checks
-from gradscope.report import SEVERITIES, Anomaly, Report, StepRecord
+from gradscope.report import SEVERITIES, Anomaly, LoopFacts, Report, StepRecord
+
+LOOP_AFTER = 3  # steps before the loop's findings are judged mid-run (a warm-up's first lr is 0)
 
 
 class History(Protocol):
@@ -28,10 +31,21 @@ class StepJudge:
     def __init__(self, checks: Checks, single: Callable[[StepRecord], Report]) -> None:
         self.checks, self.single = checks, single
         self._last: tuple[StepRecord, list[Anomaly]] | None = None  # the last record's spikes
+        self._own: tuple[StepRecord, list[Anomaly]] | None = None  # the last record's own findings
 
     def has_finding(self, record: StepRecord, history: History) -> bool:
         """The record shows a finding of its own, or spikes against the steps of ``history`` before it."""
-        return bool(rules.step_findings(self.single(record), self.checks) or self.spikes(record, history))
+        return bool(self.own(record) or self.spikes(record, history))
+
+    def own(self, record: StepRecord) -> list[Anomaly]:
+        """The findings of the rules that judge the step by itself (judged once per record)."""
+        if self._own is None or self._own[0] is not record:
+            self._own = (record, rules.step_findings(self.single(record), self.checks))
+        return self._own[1]
+
+    def settled(self, record: StepRecord, spikes: list[Anomaly]) -> list[Anomaly]:
+        """The step's own findings and ``spikes``, with the config's severities, less those it accepts."""
+        return list(rules.settle([*self.own(record), *spikes], self.checks)[0])
 
     def spikes(self, record: StepRecord, history: History) -> list[Anomaly]:
         """The record's loss and gradient-norm spikes against the steps of ``history`` before it (judged
@@ -50,6 +64,15 @@ class StepJudge:
                 found.append(rules.spike_finding(kind, spike, record, list(history.steps()), check))
         self._last = (record, found)
         return found
+
+    def of_loop(self, record: StepRecord, loop: LoopFacts | None) -> list[Anomaly]:
+        """The loop's findings so far (``loop``: what the watch saw of it up to ``record``), settled, once
+        ``LOOP_AFTER`` steps tell a warm-up that starts at lr 0 from a run stuck there."""
+        if loop is None or loop.checked < LOOP_AFTER:
+            return []
+        single = self.single(record)
+        report = replace(single, run=replace(single.run, loop=loop))
+        return list(rules.settle(rules.loop_findings(report, self.checks), self.checks)[0])
 
     def worst(self, record: StepRecord, floor: str, spikes: list[Anomaly]) -> Anomaly | None:
         """The most severe finding of the step (``spikes``: its spikes) at ``floor`` severity or above, or None."""

@@ -25,7 +25,11 @@ def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
         received = set(run.received)
         never = [p for p in report.parameters if p.trainable and p.name not in received]
     else:
-        never = [p for p in report.parameters if p.trainable and not any(s.parameters[p.name].received for s in steps)]
+        never = [
+            p
+            for p in report.parameters
+            if p.trainable and not any(s.parameters[p.name].received or p.name in s.cleared for s in steps)
+        ]
     idle = _idle_experts(report, never, steps)
     never = [p for p in never if p.name not in idle]
     called = set(report.called_modules or ())
@@ -120,6 +124,7 @@ def zero_gradient(report: Report, check: Any) -> list[Anomaly]:
     skip = explained(zero_partners(report))
     if run is not None:  # a long run: judged on the kept steps, and on every step for a missing gradient
         skip = skip | set(run.missing)
+    skip = skip | {name for s in steps for name in s.cleared}  # cleared before the step: no_update says so
     floors: dict[int, float | None] = {}
     zero = [p for p in params if p.trainable and p.name not in skip and _always_zero(p.name, steps, floors)]
     if not zero:

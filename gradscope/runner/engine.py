@@ -26,6 +26,7 @@ from gradscope.observe import distributed
 from gradscope.observe.history import Retention
 from gradscope.observe.watch import Watch
 from gradscope.probes import functions
+from gradscope.probes.memory import MemoryOptions
 from gradscope.report import BackwardFailure, GradcheckResult, StepRecord
 from gradscope.runner.loading import Batch, LossFn, call_model
 from gradscope.utils.optional import optional
@@ -50,6 +51,7 @@ class StepPlan:
     every: int = 1  # measure every N-th step only
     scaler: bool = True  # fp16: scale the loss with a GradScaler (off: gradients as fp16 makes them)
     probes: tuple[str, ...] = ()  # optional probes by name (``gradscope.probes.OPTIONAL``)
+    memory: MemoryOptions | None = None  # the memory ledger of the first step (None: off)
 
 
 class Engine:
@@ -97,10 +99,12 @@ class Engine:
             clip=plan.clip,
             on_step=on_step,
             recorded_before_clipping=True,
+            loop=False,  # its own loop
             every=plan.every,
             ranks=ranks,
             retention=retention,
             probes=plan.probes,
+            memory=plan.memory or False,
         )
         self.stopped = False
         self.gradchecks: tuple[GradcheckResult, ...] = ()
@@ -109,7 +113,8 @@ class Engine:
         """One forward/backward/update; what it measured (None on a step ``every`` leaves out)."""
         state = replay.rng_state()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._first_forward(batch) if index == 0 else self.forward(batch)
+        with self.watch.forward_window((batch.inputs, batch.labels)):  # the memory ledger sees model and loss
+            loss = self._first_forward(batch) if index == 0 else self.forward(batch)
         failure = self._backward(loss, batch, state)
         if failure is not None:
             self.stopped = True

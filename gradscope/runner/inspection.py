@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from gradscope.config import Settings, load_config, settings_from_dict
-from gradscope.errors import ConfigError, GradscopeError, RankFailure, peer_failed
+from gradscope.errors import ConfigError, GradscopeError, ModelError, RankFailure, peer_failed
 from gradscope.observe import distributed
 from gradscope.observe.history import Retention
-from gradscope.observe.runs import ReportCache, judged, run_info
+from gradscope.observe.runs import ReportCache, judged, nonfinite_parameters, run_info
 from gradscope.probes.gradients import describe_parameters
+from gradscope.probes.memory import MemoryOptions
+from gradscope.probes.memory_facts import named_candidates
 from gradscope.report import ParamInfo, Report, RunInfo, StepRecord
-from gradscope.runner import loading, parallel
+from gradscope.runner import fit, loading, parallel
 from gradscope.runner.checkpointing import checkpointing
 from gradscope.runner.engine import Engine, StepPlan
 from gradscope.utils.tensors import tensors_in
@@ -42,6 +44,7 @@ class Inspection:
         self._report = ReportCache()
         self.status = "not started"
         self.error: str | None = None
+        self.nonfinite: tuple[str, ...] = ()  # a failed run: parameters holding NaN/Inf when it raised
         self.checkpointed: list[str] = []
         self._duration = 0.0
         self.engine: Engine | None = None
@@ -61,6 +64,7 @@ class Inspection:
     def _build(self) -> None:
         settings = self.settings
         self.model = loading.build_model(settings).to(self.device)  # the user's module
+        named_candidates(self.model, settings.memory.candidates)  # a name matching no module: an error now
         self.trained = parallel.wrap(self.model, self.ranks) if self.ranks is not None else self.model
         self.batch = self._rank_batch(loading.build_batch(settings)).to(self.device)
         self.loss_fn = loading.build_loss(settings)
@@ -110,6 +114,7 @@ class Inspection:
             every=settings.every,
             scaler=settings.uses_scaler,
             probes=tuple(settings.probes),
+            memory=_memory_options(settings),
         )
         start = time.perf_counter()
         self.status = "running"
@@ -132,7 +137,18 @@ class Inspection:
         except BaseException as exc:
             if self.ranks is not None and not isinstance(exc, GradscopeError) and peer_failed(exc):
                 exc = RankFailure(self.ranks.rank, exc)  # not a fault of this rank's model
+            misfit = (
+                fit.overflow(self.model, self.batch.inputs, exc.cause, self.settings.data.target is None)
+                if (isinstance(exc, ModelError) and exc.key == "model")
+                else None
+            )
+            if misfit is not None:  # a bare IndexError of an embedding: the data does not fit the model
+                exc = misfit.located(self.settings.origin.source, self.settings.origin.lines)
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ModelError) and self.steps:  # a raise after steps whose updates may have left NaN
+                self.nonfinite = nonfinite_parameters(self.model)
+            if misfit is not None:
+                raise exc from None
             raise exc
         finally:
             self._duration = time.perf_counter() - start
@@ -154,8 +170,9 @@ class Inspection:
         called = self.engine.watch.called if self.engine is not None else None
         gradchecks = self.engine.gradchecks if self.engine is not None else ()
         steps = tuple(self.steps)
+        fields = self.engine.watch.report_fields() if self.engine is not None else {}
         report = Report(
-            self._run_info(infos), tuple(infos), steps, called_modules=called or None, gradchecks=gradchecks
+            self._run_info(infos), tuple(infos), steps, called_modules=called or None, gradchecks=gradchecks, **fields
         )
         return judged(report, self.settings.checks, self.baseline)
 
@@ -171,6 +188,7 @@ class Inspection:
             steps_requested=settings.steps,
             status=self.status,
             error=self.error,
+            nonfinite_parameters=self.nonfinite,
             config=settings.origin.source,
             model_target=settings.model.target,
             seed=settings.seed,
@@ -190,6 +208,7 @@ class Inspection:
                 "fp16 without a grad scaler (scaler: false): the loss is not scaled, so gradients below fp16's "
                 "smallest subnormal (6e-8) flush to zero; gradient_underflow says where"
             )
+        notes.extend(f"{key}: {text}" for key, text in fit.advice(self.settings))
         if self.ranks is not None and self.settings.precision != "fp32":
             notes.append("distributed run: the gradient underflow check (an fp32 replay of one rank) is off")
         if self.ranks is not None and self.ranks.sharded:
@@ -231,6 +250,13 @@ class _located:
         if isinstance(exc, GradscopeError):
             raise exc.located(self.origin.source, self.origin.lines) from exc.__cause__
         return False
+
+
+def _memory_options(settings: Settings) -> MemoryOptions | None:
+    spec = settings.memory
+    if not spec.ledger:
+        return None
+    return MemoryOptions(tuple(spec.candidates), spec.flops, spec.budget)
 
 
 def _patterns(settings: Settings) -> list[str]:

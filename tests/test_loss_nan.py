@@ -1,0 +1,119 @@
+"""A NaN/Inf made by the user's own loss code, located inside gradscope.watch: the op and the line
+that made it, or the batch's targets when they held it. Counts are checked against the same loss
+computed by the test itself."""
+
+import inspect
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def batches(n: int = 3, nan_target: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x, t = torch.randn(16, 8, generator=gen), torch.randn(16, 2, generator=gen)
+        if nan_target:
+            t[5, 1] = math.nan
+        out.append((x, t))
+    return out
+
+
+def log_of_zero(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    p = out.softmax(-1)
+    p = torch.where(torch.arange(len(p))[:, None] == 3, torch.zeros_like(p), p)  # one row's probabilities are 0
+    return -torch.log(p[:, 0]).mean()
+
+
+def zero_norm(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    direction = out - out.detach()  # a zero vector with a gradient
+    return (direction / direction.norm(dim=-1, keepdim=True)).sum() + out.square().mean()
+
+
+def mse(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out, t)
+
+
+def watched(loss_fn, data) -> gradscope.Report:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for x, t in data:
+            opt.zero_grad()
+            loss_fn(model(x), t).backward()
+            opt.step()
+    return scope.report
+
+
+def line_of(fn, text: str) -> int:
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_a_log_of_zero_in_a_hand_written_loss_is_named_with_its_line():
+    report = watched(log_of_zero, batches())
+    (a,) = report.at_or_above("error")
+    origin = report.steps[0].origin
+    model = net()
+    x, t = batches()[0]
+    with torch.no_grad():  # independent: the same loss, by hand
+        p = model(x).softmax(-1)
+        p = torch.where(torch.arange(len(p))[:, None] == 3, torch.zeros_like(p), p)
+        made = torch.log(p[:, 0])
+    assert (origin.phase, origin.op, origin.kind) == ("loss", "torch.log", "inf")
+    assert origin.count == int(made.isinf().sum()) == 1 and origin.numel == made.numel()
+    assert origin.source.startswith(f"{__file__}:{line_of(log_of_zero, 'torch.log(')} in log_of_zero")
+    assert a.kind == "nonfinite_loss" and "torch.log returned Inf" in a.message and "epsilon" in a.message
+
+
+def test_a_division_by_a_zero_norm_is_named_with_its_line():
+    report = watched(zero_norm, batches())
+    origin = report.steps[0].origin
+    with torch.no_grad():
+        v = torch.zeros(16, 2)
+        made = v / v.norm(dim=-1, keepdim=True)
+    assert (origin.phase, origin.op, origin.kind) == ("loss", "Tensor.div", "nan")
+    assert origin.count == int(made.isnan().sum()) == 32
+    assert origin.source.startswith(f"{__file__}:{line_of(zero_norm, 'direction / direction')} in zero_norm")
+    assert "A division by zero" in report.anomalies[0].message
+
+
+def test_a_nan_in_the_batchs_targets_is_said_to_be_in_the_batch_not_an_op():
+    report = watched(mse, batches(nan_target=True))
+    origin = report.steps[0].origin
+    assert origin.phase == "input" and origin.op is None and origin.count == 1
+    assert "F.mse_loss takes" in origin.tensors[0] and "not the model's output" in origin.tensors[0]
+    (a,) = report.at_or_above("error")
+    assert "already in the batch" in a.message and "Fix the data" in a.message
+
+
+def test_a_nan_in_the_models_input_is_still_found_by_the_models_replay():
+    data = batches()
+    data[0][0][2, 4] = math.nan
+    origin = watched(mse, data).steps[0].origin
+    assert origin.phase == "input" and origin.samples == (2,)
+
+
+def test_a_finite_loss_leaves_no_origin_and_no_mode_on_the_stack():
+    report = watched(mse, batches())
+    assert all(s.origin is None for s in report.steps) and report.at_or_above("warning") == []
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_the_mode_comes_off_when_the_loss_code_raises():
+    model = net()
+    with pytest.raises(ValueError), gradscope.watch(model, quiet=True):
+        out = model(torch.randn(4, 8))
+        assert torch._C._len_torch_function_stack() == 1  # the loss code is watched
+        raise ValueError(out.shape)
+    assert torch._C._len_torch_function_stack() == 0
+    assert not model._forward_hooks and not model._forward_pre_hooks
