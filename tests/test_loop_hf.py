@@ -6,9 +6,12 @@ run between steps. The Trainer calls ``model.train()``, ``zero_grad`` and ``opti
 eval mode, a forgotten ``zero_grad`` and a step never taken cannot happen in it. Which weights moved is
 measured apart from gradscope, on copies of every parameter before and after each optimizer step."""
 
+import logging
+
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from gradscope.integrations.transformers import GradscopeCallback
 from tests.test_transformers import gpt2, tokens
@@ -114,3 +117,42 @@ def test_hf_an_evaluation_between_steps_is_not_eval_mode(tmp_path):
     report, moved = train(tmp_path, callbacks=[Seen()], eval_data=tokens(8), eval_strategy="steps", eval_steps=2)
     assert evaluated == [False, False, False] and all(moved)
     assert loud(report) == {} and report.run.loop.eval_steps == 0
+
+
+class ClearsTheEmbeddings(TrainerCallback):
+    """Keeps the position embeddings fixed by clearing their gradient before the step: a warning."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.transformer.wpe.weight.grad = None
+
+
+@pytest.fixture
+def verbosity():
+    """The Trainer sets transformers' verbosity for the whole process from its log level: put it back."""
+    before = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(before)
+
+
+@pytest.mark.usefixtures("verbosity")
+@pytest.mark.parametrize("log_level", ["warning", "error"])
+def test_hf_says_a_warning_at_the_trainers_log_level_and_names_the_cleared_parameter(tmp_path, caplog, log_level):
+    watch = GradscopeCallback()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, optim="sgd", report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, log_level=log_level,
+    )  # fmt: skip
+    model = gpt2()
+    wpe = model.transformer.wpe.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="gradscope"):
+        trainer = Trainer(model=model, args=args, train_dataset=tokens(16), callbacks=[watch, ClearsTheEmbeddings()])
+        trainer.train()
+    assert torch.equal(wpe, model.transformer.wpe.weight)  # independent: it never moved
+    (a,) = loud(watch.report)["no_update"]
+    assert (a.severity, a.evidence["parameters"]) == ("warning", ["transformer.wpe.weight"])
+    said = [r for r in caplog.records if r.name == "gradscope.integrations.transformers"]
+    if log_level == "error":  # the Trainer's log level silences gradscope's warnings as its own
+        assert said == []
+    else:
+        assert said[0].levelno == logging.WARNING
+        assert said[0].getMessage().startswith("gradscope: warning no_update at transformer.wpe: the gradients of 1")

@@ -5,6 +5,7 @@ step, manual optimization that clears, skips backward or forgets ``zero_grad``, 
 validation run mid-epoch). Which weights moved is measured apart from gradscope: every parameter is
 copied before each batch and compared after it."""
 
+import logging
 import warnings
 
 import lightning.pytorch as L
@@ -257,3 +258,16 @@ def test_lightning_says_the_partial_clearing_through_its_own_warning():
         trainer_for(callback).fit(ClearsTheBody(), data())
     said = [str(w.message) for w in caught if "gradscope" in str(w.message)]
     assert said[0].startswith("gradscope: warning no_update at body.0: the gradients of 4 parameter(s) were cleared")
+
+
+def test_lightning_a_healthy_fit_says_only_an_info_summary_through_rank_zero_info(caplog):
+    callback = GradscopeCallback()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer_for(callback, accumulate_grad_batches=4).fit(Net(), data())
+    assert not [w for w in caught if "gradscope" in str(w.message)]
+    said = [r for r in caplog.records if "gradscope" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in said] == [
+        (logging.INFO, "gradscope: 4 steps watched, no warnings or errors.")
+    ]
+    assert said[0].name.endswith("utilities.rank_zero")  # Lightning's own logger
