@@ -149,6 +149,20 @@ def test_zero_grad_between_backward_and_step_is_named_as_such(set_to_none):
     assert all(s.clip_coefficient is None for s in scope.report.steps)
 
 
+def test_a_learning_rate_too_small_to_change_a_weight_is_an_update_that_moved_nothing():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)  # a mis-typed exponent: lr x grad rounds away in float32
+    before = weights(model)
+    report = plain_loop(model, opt, n=10)
+    # Independent: only BatchNorm's bias moved, from 0, where even a step of 1e-30 is representable.
+    assert set(before) - unchanged(before, model) == {"1.bias"}
+    found = loud(report)
+    assert set(found) == {"no_update"}
+    (a,) = found["no_update"]
+    assert (a.severity, a.evidence["cause"], a.evidence["unmoved_steps"]) == ("error", "unmoved", 9)
+    assert "lr 1e-30 in the first group" in a.message and "too small to change the weights" in a.message
+
+
 def test_accumulation_done_right_is_not_a_finding():
     model = net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -117,8 +117,11 @@ def no_update(report: Report, check: Any) -> list[Anomaly]:
                 loop.moved_checked,
                 "unmoved",
                 f"the optimizer stepped but no sampled weight moved in {loop.unmoved_steps} of {loop.moved_checked} "
-                f"measured updates ({_names(loop.sampled)}), with gradients present and a learning rate above 0: "
-                f"check what the optimizer holds (a copy of the model?) and its settings",
+                f"measured updates ({_names(loop.sampled)}), with gradients present and a learning rate above 0"
+                f"{_lr(report)}: an update too small to change the weights at their precision (a mis-typed or "
+                f"decayed learning rate: lr x gradient below ~1e-7 of a weight in float32, ~1e-3 in bfloat16), "
+                f"weights put back after each step (a load_state_dict or copy in the loop), or an optimizer "
+                f"setting that cancels the update. Check the learning rate the optimizer uses at the step",
                 evidence,
             )
         )
@@ -143,6 +146,11 @@ def _part_cleared(loop: LoopFacts, steps: int, evidence: dict[str, Any]) -> Anom
         ),
         evidence={**evidence, "cause": "cleared_part", "count": loop.cleared_steps, "parameters": list(names)},
     )
+
+
+def _lr(report: Report) -> str:
+    lr = report.run.lr
+    return f" (lr {lr:g} in the first group)" if lr is not None else ""
 
 
 def _judged(count: int, steps: int, check: Any) -> bool:
