@@ -92,9 +92,9 @@ def no_update(report: Report, check: Any) -> list[Anomaly]:
                 n,
                 "lr_zero",
                 f"the learning rate is 0 in every param group at {loop.lr_zero_steps} of {n} optimizer steps "
-                f"(from step {loop.lr_zero_first}){moved}: the weights do not change at those steps. A schedule that yields 0 "
-                f"(total_steps / num_training_steps smaller than the run, a lambda that returns 0) or lr=0 passed "
-                f"to the optimizer; a warm-up that starts at 0 is fine, a run that stays at 0 is not",
+                f"(from step {loop.lr_zero_first}){moved}: the weights do not change at those steps. A schedule "
+                f"that yields 0 (total_steps / num_training_steps smaller than the run, a lambda that returns 0) or "
+                f"lr=0 passed to the optimizer; a warm-up that starts at 0 is fine, a run that stays at 0 is not",
                 evidence,
             )
         )
