@@ -121,7 +121,7 @@ def test_lightning_a_head_made_after_configure_optimizers_is_named():
     assert set(loud(report)) == {"not_in_optimizer"}
     assert a.severity == "warning" and a.evidence["parameters"] == ["head.weight", "head.bias"]
     assert "built before they were created or replaced" in a.message
-    # Independent: the new head never moved, the body did (its first bias, before BatchNorm, has no gradient to speak of).
+    # Independent: the new head never moved, the body did (its first bias, before BatchNorm, has next to no gradient).
     assert all(not m & {"head.weight", "head.bias"} and {"body.0.weight", "body.1.weight"} <= m for m in moved)
 
 
