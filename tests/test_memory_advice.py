@@ -8,7 +8,7 @@ import copy
 import pytest
 
 import gradscope
-from gradscope.report_memory import MemoryReport, ModuleMemory, parse_bytes
+from gradscope.report.memory import MemoryReport, ModuleMemory, parse_bytes
 from gradscope.reporters.memory import WIDTH, memory_section, paste_lines
 from gradscope.rules.checkpoint_advice import advise, compact
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.tensors import tensors_in
+from gradscope.utils.tensors import tensors_in
 
 # A storage: (data pointer, device type); its bytes and dtype.
 Key = tuple[int, str]
