@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 import gradscope
+from gradscope.checkpointing import checkpointing
 from gradscope.report_memory import MemoryReport, ModuleMemory, parse_bytes
 from gradscope.reporters.memory import WIDTH, memory_section, paste_lines
 from gradscope.rules.checkpoint_advice import advise, compact
+from tests import memory_models as mm
 
 GPT2 = {
     "model": {
@@ -57,6 +63,42 @@ def test_each_candidate_frees_what_the_advice_predicts(raw):
         assert abs(_freed(raw, memory.saved_bytes, [a.module]) - a.frees_bytes) <= 0.1 * a.frees_bytes, a.module
     per_gflop = [a.bytes_per_gflop for a in advice]
     assert per_gflop == sorted(per_gflop, reverse=True)  # best first
+
+
+def _gpt2_step() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**GPT2["model"]["args"]["config"]["args"])).train()
+    tokens = torch.randint(0, 256, (4, 64))
+    return model, lambda m: m(input_ids=tokens, labels=tokens).loss
+
+
+def _widening_step() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    return mm.widening(), lambda m: nn.functional.cross_entropy(m(x), labels)
+
+
+def _counted(step: Callable[[], tuple[nn.Module, Any]], modules: list[str]) -> int:
+    """What the test's own pack hook sees saved in one step with ``modules`` checkpointed."""
+    model, run = step()
+    with checkpointing(model, modules):
+        seen, _ = mm.count_saved(model, lambda: run(model), keeping=modules)
+    return sum(n for n, _ in seen.values())
+
+
+@pytest.mark.parametrize(
+    ("raw", "step"), [(GPT2, _gpt2_step), (WIDENING, _widening_step)], ids=["gpt2", "blocks of different sizes"]
+)
+def test_what_the_advice_predicts_is_freed_by_an_independent_count(raw, step):
+    advice = gradscope.inspect(raw).memory.checkpointing
+    full = _counted(step, [])
+    for a in advice:
+        freed = full - _counted(step, [a.module])
+        assert abs(freed - a.frees_bytes) <= 0.1 * a.frees_bytes, (a.module, freed, a.frees_bytes)
+    chosen = [a.module for a in advice[:2]]
+    freed = full - _counted(step, chosen)
+    predicted = sum(a.frees_bytes for a in advice[:2])
+    assert abs(freed - predicted) <= 0.1 * predicted, (chosen, freed, predicted)
 
 
 def test_blocks_of_different_sizes_are_ranked_by_bytes_per_flop():
