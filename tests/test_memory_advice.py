@@ -193,3 +193,17 @@ def test_the_section_stays_within_80_columns_and_the_paste_lines_are_yaml():
     lines = paste_lines(names)
     assert all(len(line) <= WIDTH - 4 for line in lines)
     assert yaml.safe_load("\n".join(lines)) == {"checkpointing": {"modules": names}}
+
+
+def test_the_section_keeps_the_checkpointed_mark_and_whole_notes_within_80_columns():
+    from tests.test_memory import MODELS, ledger_and_count
+
+    build, inputs, _ = MODELS["gpt2"]
+    memory, _, _ = ledger_and_count(lambda: build(checkpointing="plain"), inputs, keeping=("transformer.h.0",))
+    text = memory_section(memory).plain
+    lines = text.splitlines()
+    assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
+    assert [line for line in lines if "transformer.h.0 " in line][0].endswith("% ckpt")
+    note = memory.notes[0]
+    assert len(note) > WIDTH and " ".join(" ".join(lines).split()).find(note) >= 0  # wrapped whole
+    assert not [line for line in lines if line.endswith("...")]
