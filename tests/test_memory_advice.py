@@ -195,11 +195,12 @@ def test_the_section_stays_within_80_columns_and_the_paste_lines_are_yaml():
     assert yaml.safe_load("\n".join(lines)) == {"checkpointing": {"modules": names}}
 
 
-def test_the_section_keeps_the_checkpointed_mark_and_whole_notes_within_80_columns():
+def test_the_section_keeps_the_checkpointed_mark_the_dtypes_and_whole_notes_within_80_columns():
     from tests.test_memory import MODELS, ledger_and_count
 
     build, inputs, _ = MODELS["gpt2"]
-    memory, _, _ = ledger_and_count(lambda: build(checkpointing="plain"), inputs, keeping=("transformer.h.0",))
+    memory, _, _ = ledger_and_count(lambda: build(checkpointing="plain"), inputs, keeping=(), autocast=True)
+    assert len(memory.saved_by_dtype) == 3  # bfloat16, float32 and int64: too long for the first line
     text = memory_section(memory).plain
     lines = text.splitlines()
     assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
@@ -207,3 +208,12 @@ def test_the_section_keeps_the_checkpointed_mark_and_whole_notes_within_80_colum
     note = memory.notes[0]
     assert len(note) > WIDTH and " ".join(" ".join(lines).split()).find(note) >= 0  # wrapped whole
     assert not [line for line in lines if line.endswith("...")]
+    assert all(f"{dtype} " in text for dtype in memory.saved_by_dtype)
+
+
+def test_a_long_list_of_saved_dtypes_goes_on_its_own_line():
+    by = {"bfloat16": 1_572_864, "float32": 1_289_748, "int64": 2_304, "float16": 1_000_000}
+    memory = MemoryReport(0, sum(by.values()), modules={}, saved_by_dtype=by, parameter_bytes={"float32": 10})
+    lines = memory_section(memory).plain.splitlines()
+    assert all(len(line) <= WIDTH and not line.endswith("...") for line in lines), lines
+    assert all(f"{dtype} " in " ".join(lines[2:4]) for dtype in by)

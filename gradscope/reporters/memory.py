@@ -34,9 +34,15 @@ def memory_section(memory: MemoryReport) -> Text:
 
 def _totals(m: MemoryReport) -> list[str]:
     opt = format_bytes(sum(m.optimizer_bytes.values())) if m.optimizer_bytes else "none yet"
+    saved = [f"  saved for backward {format_bytes(m.saved_bytes)}"]
+    if len(m.saved_by_dtype) > 1:
+        by = _dtypes(m.saved_by_dtype)
+        if len(saved[0]) + len(by) + 3 <= WIDTH:
+            saved = [f"{saved[0]} ({by})"]
+        else:
+            saved += textwrap.wrap(by, WIDTH, initial_indent="    by dtype: ", subsequent_indent="      ")
     out = [
-        f"  saved for backward {format_bytes(m.saved_bytes)}"
-        + (f" ({_dtypes(m.saved_by_dtype)})" if len(m.saved_by_dtype) > 1 else ""),
+        *saved,
         f"  parameters {format_bytes(sum(m.parameter_bytes.values()))}, gradients "
         f"{format_bytes(sum(m.gradient_bytes.values()))}, optimizer state {opt}",
         f"  batch {format_bytes(m.batch_bytes)}; total without the batch {format_bytes(m.total_bytes)}",
