@@ -24,7 +24,7 @@ import torch
 from bench_stats import Estimate, estimate  # scripts/, next to this file
 
 from gradscope.config import settings_from_dict
-from gradscope.inspection import Inspection
+from gradscope.runner.inspection import Inspection
 
 GPT2_ARGS = {"n_layer": 6, "n_embd": 256, "n_head": 8, "vocab_size": 4096, "n_positions": 256}
 CONFIGS: dict[str, dict[str, Any]] = {

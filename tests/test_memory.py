@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradscope
-from gradscope.checkpointing import checkpointing
 from gradscope.report import Report
 from gradscope.report_check import check_report
+from gradscope.runner.checkpointing import checkpointing
 from tests import memory_models as mm
 
 TOKENS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.checkpointing import checkpointing
-from gradscope.report_memory import MemoryReport, ModuleMemory, parse_bytes
+from gradscope.report.memory import MemoryReport, ModuleMemory, parse_bytes
 from gradscope.reporters.memory import WIDTH, memory_section, paste_lines
 from gradscope.rules.checkpoint_advice import advise, compact
+from gradscope.runner.checkpointing import checkpointing
 from tests import memory_models as mm
 
 GPT2 = {

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointFunction
 
-from gradscope.tensors import tensors_in
+from gradscope.utils.tensors import tensors_in
 
 # A storage: (data pointer, device type); its bytes and dtype.
 Key = tuple[int, str]

@@ -8,7 +8,7 @@ import textwrap
 
 from rich.text import Text
 
-from gradscope.report_memory import MemoryReport, ModuleMemory, format_bytes
+from gradscope.report.memory import MemoryReport, ModuleMemory, format_bytes
 
 WIDTH = 80
 TOP_MODULES = 8
