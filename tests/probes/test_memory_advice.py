@@ -196,7 +196,7 @@ def test_the_section_stays_within_80_columns_and_the_paste_lines_are_yaml():
 
 
 def test_the_section_keeps_the_checkpointed_mark_the_dtypes_and_whole_notes_within_80_columns():
-    from tests.test_memory import MODELS, ledger_and_count
+    from tests.probes.test_memory import MODELS, ledger_and_count
 
     build, inputs, _ = MODELS["gpt2"]
     memory, _, _ = ledger_and_count(lambda: build(checkpointing="plain"), inputs, keeping=(), autocast=True)
