@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear
 from transformers.utils import logging as hf_logging
 
 from gradscope.integrations.transformers import GradscopeCallback
-from tests.test_transformers import gpt2, tokens
+from tests.integrations.test_transformers import gpt2, tokens
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

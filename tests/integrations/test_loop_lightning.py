@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gradscope.integrations.lightning import GradscopeCallback
-from tests.test_lightning import trainer_for
+from tests.integrations.test_lightning import trainer_for
 
 BATCHES = 16
 
