@@ -2,7 +2,7 @@
 
 import gradscope
 from tests.conftest import TESTS
-from tests.test_auxiliary import lm
+from tests.locate.test_auxiliary import lm
 
 MODELS = str(TESTS / "real_faults.py")
 

@@ -73,8 +73,8 @@ class Reference(TrainerCallback):
 
 def lightning() -> tuple[Report, list[dict[str, float]]]:
     from gradscope.integrations.lightning import GradscopeCallback
-    from tests.test_lightning import Reference as LightningReference
-    from tests.test_lightning import Regressor, fit
+    from tests.integrations.test_lightning import Reference as LightningReference
+    from tests.integrations.test_lightning import Regressor, fit
 
     callback, reference = GradscopeCallback(), LightningReference()
     fit(Regressor(), callback, reference, epochs=STEPS // 4)  # 4 batches an epoch
@@ -83,7 +83,7 @@ def lightning() -> tuple[Report, list[dict[str, float]]]:
 
 def hugging_face(tmp_path) -> tuple[Report, list[dict[str, float]]]:
     from gradscope.integrations.transformers import GradscopeCallback
-    from tests.test_transformers import gpt2, trainer
+    from tests.integrations.test_transformers import gpt2, trainer
 
     callback, reference = GradscopeCallback(), Reference()
     # 100 steps, past the first sampled one (64): the Trainer takes ~0.1 s a step on a CPU

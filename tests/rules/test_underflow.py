@@ -7,8 +7,8 @@ import torch
 import gradscope
 from tests import real_faults
 from tests.corpus import recipes
-from tests.test_auxiliary import MODELS, flushed, lm
-from tests.test_corpus import corpus_report
+from tests.locate.test_auxiliary import MODELS, flushed, lm
+from tests.rules.test_corpus import corpus_report
 
 PRECISIONS = {
     "bf16": "bf16",

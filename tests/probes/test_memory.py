@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import gradscope
-from gradscope.checkpointing import checkpointing
 from gradscope.report import Report
 from gradscope.report_check import check_report
+from gradscope.runner.checkpointing import checkpointing
 from tests import memory_models as mm
 
 TOKENS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -93,7 +94,14 @@ def test_the_ledger_equals_an_independent_count_on_real_models(name):
 
 @pytest.mark.parametrize(
     ("model", "mode"),
-    [("gpt2", "plain"), ("gpt2", "reentrant"), ("gpt2", "gradscope"), ("llama", "plain"), ("llama", "reentrant")],
+    [
+        ("gpt2", "plain"),
+        ("gpt2", "reentrant"),
+        ("gpt2", "gradscope"),
+        ("llama", "plain"),
+        ("llama", "reentrant"),
+        ("llama", "gradscope"),
+    ],
 )
 def test_under_checkpointing_the_ledger_counts_what_the_checkpoints_keep(model, mode):
     build, inputs, blocks = MODELS[model]
@@ -115,12 +123,61 @@ def test_gradscope_checkpointing_of_blocks_that_differ_in_size():
     _same_blocks(memory, seen, blocks)
 
 
-def test_bf16_autocast_saves_bf16_tensors_and_the_ledger_counts_them():
-    build, inputs, blocks = MODELS["gpt2"]
-    memory, seen, _ = ledger_and_count(build, inputs, autocast=True)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["plain", "reentrant"])
+def test_diffusers_checkpointing_in_both_modes_names_each_checkpointed_resnet(reentrant):
+    # Diffusers calls checkpoint(resnet.__call__, ...): the resnet's own hooks run inside the
+    # checkpoint (under no_grad in the reentrant mode); the test's function records what it checkpoints.
+    called: list[str] = []
+
+    def build() -> nn.Module:
+        model = mm.unet()
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def run(module: nn.Module, *args: Any) -> Any:
+            called.append(names[id(module)])
+            return checkpoint(module.__call__, *args, use_reentrant=reentrant)
+
+        model.enable_gradient_checkpointing(run)
+        return model
+
+    _, inputs, _ = MODELS["unet"]
+    build()(**inputs)
+    kept = tuple(dict.fromkeys(called))
+    assert len(kept) >= 4
+    full, _, _ = ledger_and_count(mm.unet, inputs)
+    memory, seen, _ = ledger_and_count(build, inputs, keeping=kept)
     assert memory.saved_bytes == sum(n for n, _ in seen.values())
+    _same_blocks(memory, seen, list(kept))
+    assert {n for n, m in memory.modules.items() if m.checkpointed} == set(kept)
+    assert memory.saved_bytes < 0.6 * full.saved_bytes
+
+
+def test_gradscope_checkpointing_of_unet_blocks():
+    build, inputs, _ = MODELS["unet"]
+    chosen = ("down_blocks.1", "up_blocks.0")
+    memory, seen, _ = ledger_and_count(build, inputs, keeping=chosen, ours=chosen)
+    assert memory.saved_bytes == sum(n for n, _ in seen.values())
+    _same_blocks(memory, seen, list(chosen))
+    assert {n for n, m in memory.modules.items() if m.checkpointed} == set(chosen)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_autocast_saves_bf16_tensors_and_the_ledger_counts_them(name):
+    build, inputs, blocks = MODELS[name]
+    memory, seen, walked = ledger_and_count(build, inputs, autocast=True)
+    assert memory.saved_bytes == sum(n for n, _ in seen.values()) == walked
     _same_blocks(memory, seen, blocks)
     assert memory.saved_by_dtype.get("bfloat16", 0) > memory.saved_bytes / 3
+
+
+def test_bf16_autocast_under_hugging_face_checkpointing():
+    build, inputs, blocks = MODELS["llama"]
+    memory, seen, _ = ledger_and_count(
+        lambda: build(checkpointing="plain"), inputs, keeping=tuple(blocks), autocast=True
+    )
+    assert memory.saved_bytes == sum(n for n, _ in seen.values())
+    _same_blocks(memory, seen, blocks)
+    assert memory.saved_by_dtype.get("bfloat16", 0) > 0
 
 
 def test_parameters_gradients_and_adam_state_by_dtype():

@@ -14,8 +14,8 @@ from transformers import Trainer, TrainingArguments
 from gradscope.integrations.lightning import GradscopeCallback as LightningCallback
 from gradscope.integrations.lightning import GradscopeWarning
 from gradscope.integrations.transformers import GradscopeCallback as HFCallback
-from tests.test_lightning import trainer_for
-from tests.test_transformers import gpt2, tokens
+from tests.integrations.test_lightning import trainer_for
+from tests.integrations.test_transformers import gpt2, tokens
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 

@@ -23,7 +23,7 @@ from gradscope.parallel import shard
 from gradscope.report import Anomaly, NonfiniteOrigin, RankStep, Report, RunInfo, StepRecord
 from gradscope.rules.ranks import rank_divergence
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "tests" / "dist_models.py"
 LIMIT_S = 180  # no rank may take longer: a hang fails the test instead of the suite
 

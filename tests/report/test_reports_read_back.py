@@ -96,7 +96,7 @@ def saved(out: Path) -> Path:
 
 def lightning(out: Path, **trainer: Any) -> Path:
     from gradscope.integrations.lightning import GradscopeCallback
-    from tests.test_lightning import Regressor, fit
+    from tests.integrations.test_lightning import Regressor, fit
 
     fit(Regressor(), GradscopeCallback(json=str(out)), **trainer)
     return out
@@ -104,7 +104,7 @@ def lightning(out: Path, **trainer: Any) -> Path:
 
 def hugging_face(out: Path, **args: Any) -> Path:
     from gradscope.integrations.transformers import GradscopeCallback
-    from tests.test_transformers import gpt2, trainer
+    from tests.integrations.test_transformers import gpt2, trainer
 
     trainer(out.parent, gpt2(), GradscopeCallback(json=str(out)), **args).train()
     return out
@@ -112,7 +112,7 @@ def hugging_face(out: Path, **args: Any) -> Path:
 
 def ddp(out: Path, own_loop: bool = True) -> Path:
     """Two ranks on gloo: a user's DDP loop that clips under ``gradscope.watch``, or ``inspect --distributed ddp``."""
-    from tests.test_distributed import launch
+    from tests.observe.test_distributed import launch
 
     if own_loop:
         results = launch(["ddp", str(out)], module="tests.dist_watch")

@@ -10,8 +10,8 @@ from torch import nn
 import gradscope
 from gradscope.reporters import Outputs, build_reporters
 from gradscope.reporters.logs import LogReporter, summary_line
-from tests.test_syncs import count_syncs
-from tests.test_tensorboard import events, scalars
+from tests.probes.test_syncs import count_syncs
+from tests.reporters.test_tensorboard import events, scalars
 
 
 def net() -> nn.Sequential:

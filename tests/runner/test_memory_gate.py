@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import gradscope
 from gradscope.cli import app
 from tests import memory_models as mm
-from tests.test_memory import _memory_hooks
+from tests.probes.test_memory import _memory_hooks
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_named_candidates_join_the_advice(tmp_path):
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_the_hugging_face_callback_takes_the_memory_probe_under_gradient_checkpointing(tmp_path):
     from gradscope.integrations.transformers import GradscopeCallback
-    from tests.test_transformers import gpt2, trainer
+    from tests.integrations.test_transformers import gpt2, trainer
 
     model = gpt2()
     model.gradient_checkpointing_enable({"use_reentrant": False})

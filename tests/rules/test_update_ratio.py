@@ -10,7 +10,7 @@ import torch
 import gradscope
 import gradscope.config
 from gradscope.report import Report
-from tests.test_syncs import count_syncs
+from tests.probes.test_syncs import count_syncs
 
 
 def train(model, steps, **watch_args):

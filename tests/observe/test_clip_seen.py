@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import gradscope
-from tests.test_lightning import Regressor, fit
-from tests.test_transformers import gpt2, trainer
+from tests.integrations.test_lightning import Regressor, fit
+from tests.integrations.test_transformers import gpt2, trainer
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 

@@ -9,8 +9,8 @@ from torch import nn
 import gradscope
 from gradscope.integrations.lightning import GradscopeCallback as LightningCallback
 from gradscope.integrations.transformers import GradscopeCallback as HFCallback
-from tests.test_lightning import trainer_for
-from tests.test_transformers import trainer
+from tests.integrations.test_lightning import trainer_for
+from tests.integrations.test_transformers import trainer
 from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
 
 STEPS, BATCH = 4, 4

@@ -8,7 +8,7 @@ import gradscope
 from gradscope.config import load_config
 from gradscope.errors import ConfigError
 from tests.conftest import CONFIGS
-from tests.test_auxiliary import lm
+from tests.locate.test_auxiliary import lm
 
 OVERFLOW = CONFIGS / "faults" / "fp16_overflow.yaml"
 

@@ -111,7 +111,7 @@ def test_the_word_language_model_loop_of_pytorch_examples_stays_quiet():
 def test_an_efficientnet_trained_with_sgd_is_at_most_an_info_while_its_loss_falls(tmp_path):
     """BatchNorm after each conv makes a depthwise kernel's scale irrelevant: |grad|/|weight| 112 at lr
     0.1 was an ERROR, though the loss fell from 2.24 to about 1.6."""
-    from tests.test_corpus import corpus_report
+    from tests.rules.test_corpus import corpus_report
 
     report = corpus_report(
         "efficientnet", optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-5}, steps=6

@@ -11,7 +11,7 @@ from gradscope.cli import app
 from tests.conftest import ROOT
 
 runner = CliRunner()
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 TINY = """model: {target: gradscope.zoo:mlp, args: {in_features: 4, hidden: 4, depth: 2, classes: 2}}
 data: {batch_size: 4, input: {shape: [4]}, labels: {classes: 2}}
 steps: 1

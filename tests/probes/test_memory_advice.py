@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 import gradscope
 from gradscope.report.memory import MemoryReport, ModuleMemory, parse_bytes
 from gradscope.reporters.memory import WIDTH, memory_section, paste_lines
 from gradscope.rules.checkpoint_advice import advise, compact
+from gradscope.runner.checkpointing import checkpointing
+from tests import memory_models as mm
 
 GPT2 = {
     "model": {
@@ -57,6 +63,42 @@ def test_each_candidate_frees_what_the_advice_predicts(raw):
         assert abs(_freed(raw, memory.saved_bytes, [a.module]) - a.frees_bytes) <= 0.1 * a.frees_bytes, a.module
     per_gflop = [a.bytes_per_gflop for a in advice]
     assert per_gflop == sorted(per_gflop, reverse=True)  # best first
+
+
+def _gpt2_step() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**GPT2["model"]["args"]["config"]["args"])).train()
+    tokens = torch.randint(0, 256, (4, 64))
+    return model, lambda m: m(input_ids=tokens, labels=tokens).loss
+
+
+def _widening_step() -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    return mm.widening(), lambda m: nn.functional.cross_entropy(m(x), labels)
+
+
+def _counted(step: Callable[[], tuple[nn.Module, Any]], modules: list[str]) -> int:
+    """What the test's own pack hook sees saved in one step with ``modules`` checkpointed."""
+    model, run = step()
+    with checkpointing(model, modules):
+        seen, _ = mm.count_saved(model, lambda: run(model), keeping=modules)
+    return sum(n for n, _ in seen.values())
+
+
+@pytest.mark.parametrize(
+    ("raw", "step"), [(GPT2, _gpt2_step), (WIDENING, _widening_step)], ids=["gpt2", "blocks of different sizes"]
+)
+def test_what_the_advice_predicts_is_freed_by_an_independent_count(raw, step):
+    advice = gradscope.inspect(raw).memory.checkpointing
+    full = _counted(step, [])
+    for a in advice:
+        freed = full - _counted(step, [a.module])
+        assert abs(freed - a.frees_bytes) <= 0.1 * a.frees_bytes, (a.module, freed, a.frees_bytes)
+    chosen = [a.module for a in advice[:2]]
+    freed = full - _counted(step, chosen)
+    predicted = sum(a.frees_bytes for a in advice[:2])
+    assert abs(freed - predicted) <= 0.1 * predicted, (chosen, freed, predicted)
 
 
 def test_blocks_of_different_sizes_are_ranked_by_bytes_per_flop():
@@ -151,3 +193,27 @@ def test_the_section_stays_within_80_columns_and_the_paste_lines_are_yaml():
     lines = paste_lines(names)
     assert all(len(line) <= WIDTH - 4 for line in lines)
     assert yaml.safe_load("\n".join(lines)) == {"checkpointing": {"modules": names}}
+
+
+def test_the_section_keeps_the_checkpointed_mark_the_dtypes_and_whole_notes_within_80_columns():
+    from tests.probes.test_memory import MODELS, ledger_and_count
+
+    build, inputs, _ = MODELS["gpt2"]
+    memory, _, _ = ledger_and_count(lambda: build(checkpointing="plain"), inputs, keeping=(), autocast=True)
+    assert len(memory.saved_by_dtype) == 3  # bfloat16, float32 and int64: too long for the first line
+    text = memory_section(memory).plain
+    lines = text.splitlines()
+    assert all(len(line) <= WIDTH for line in lines), max(lines, key=len)
+    assert [line for line in lines if "transformer.h.0 " in line][0].endswith("% ckpt")
+    note = memory.notes[0]
+    assert len(note) > WIDTH and " ".join(" ".join(lines).split()).find(note) >= 0  # wrapped whole
+    assert not [line for line in lines if line.endswith("...")]
+    assert all(f"{dtype} " in text for dtype in memory.saved_by_dtype)
+
+
+def test_a_long_list_of_saved_dtypes_goes_on_its_own_line():
+    by = {"bfloat16": 1_572_864, "float32": 1_289_748, "int64": 2_304, "float16": 1_000_000}
+    memory = MemoryReport(0, sum(by.values()), modules={}, saved_by_dtype=by, parameter_bytes={"float32": 10})
+    lines = memory_section(memory).plain.splitlines()
+    assert all(len(line) <= WIDTH and not line.endswith("...") for line in lines), lines
+    assert all(f"{dtype} " in " ".join(lines[2:4]) for dtype in by)
