@@ -17,13 +17,56 @@ or inside your own training loop::
     print(scope.report.anomalies)
 """
 
-from gradscope.config import Settings, load_config
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
 from gradscope.errors import ConfigError, GradientAnomaly, GradscopeError, ModelError
-from gradscope.history import Retention
-from gradscope.inspection import Inspection, inspect
-from gradscope.report import Anomaly, Report
+from gradscope.utils import moved
 from gradscope.version import __version__
-from gradscope.watch import Watch, watch
+
+moved.install()  # old module paths (gradscope.watch, gradscope.zoo, ...) keep importing
+moved.keep_functions(sys.modules[__name__])
+
+# Loaded on first use (PEP 562), so `gradscope --help`, `gradscope show` and a config error import no torch.
+_LAZY = {
+    "Anomaly": "gradscope.report",
+    "Report": "gradscope.report",
+    "Settings": "gradscope.config",
+    "load_config": "gradscope.config",
+    "Retention": "gradscope.observe.history",
+    "Watch": "gradscope.api",
+    "watch": "gradscope.api",
+    "Inspection": "gradscope.api",
+    "inspect": "gradscope.api",
+}
+
+# what `import gradscope` once imported with it, reached as attributes (`gradscope.report.Report`)
+_SUBPACKAGES = ("api", "config", "locate", "observe", "probes", "report", "reporters", "rules", "runner", "utils")
+
+if TYPE_CHECKING:
+    from gradscope.api import Inspection, Watch, inspect, watch
+    from gradscope.config import Settings, load_config
+    from gradscope.observe.history import Retention
+    from gradscope.report import Anomaly, Report
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is not None:
+        value = getattr(importlib.import_module(where), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES or f"gradscope.{name}" in moved.MOVED:  # `gradscope.report.Report`, `gradscope.zoo.mlp`
+        return importlib.import_module(f"gradscope.{name}")
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Anomaly",

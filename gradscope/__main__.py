@@ -1,3 +1,3 @@
-from gradscope.cli import main
+from gradscope.cli.main import main
 
 main()

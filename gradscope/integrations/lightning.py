@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from gradscope import replay
 from gradscope.config import Checks
 from gradscope.integrations.session import Options, Session, numbers
-from gradscope.locating import Replay
+from gradscope.locate import replay
+from gradscope.locate.locating import Replay
 from gradscope.report import Report, StepRecord
 
 PREFIX = "gradscope/"  # the metric names' prefix in the module's logger

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from gradscope.config import Checks
+from gradscope.observe.watch import Watch
 from gradscope.probes import OPTIONAL
 from gradscope.report import SEVERITIES, Report, StepRecord
-from gradscope.reporters import Outputs
-from gradscope.watch import Watch
+from gradscope.reporters import Outputs, build_reporters
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class Session:
             optimizer,
             scaler,
             outputs=Outputs(logdir=o.logdir, json=o.json, speak=not o.quiet and say is not None, say=say),
+            reporters=build_reporters,
             raise_on=o.raise_on,
             checks=o.checks,
             activations=o.activations,

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradscope.frames import user_site
 from gradscope.probes.modules import ModuleTracker, describe_call, in_backward
 from gradscope.report import ActivationStats
+from gradscope.utils.frames import user_site
 
 KINDS: dict[Any, str] = {
     F.relu: "relu",

@@ -23,9 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope.probes.reductions import cpu_columns, device_columns, l2_norms, real_values
 from gradscope.report import ParamInfo
-
-# Columns of the per-parameter readings, in order (EXTRA_NORM only when asked for).
-GRAD_NORM, GRAD_MAX_ABS, GRAD_NONZERO, PARAM_NORM, EXTRA_NORM = range(5)
+from gradscope.report.rows import EXTRA_NORM, GRAD_MAX_ABS, GRAD_NONZERO, GRAD_NORM, PARAM_NORM, Readings  # noqa: F401 (the row layout, importable here too)
 
 
 @dataclass(frozen=True)
@@ -34,22 +32,6 @@ class Measurement:
 
     index: list[int]
     table: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Readings:
-    """Per-parameter statistics of one step, on the host.
-
-    ``rows[i]`` belongs to ``params[index[i]]``; parameters that got no
-    gradient have no row. ``nonfinite`` maps the index of each parameter
-    whose gradient holds NaN or Inf to its (NaN count, Inf count); its row's
-    max |g| is then over the finite entries.
-    """
-
-    index: list[int]
-    rows: list[list[float]]
-    scalars: list[float]
-    nonfinite: dict[int, tuple[int, int]]
 
 
 class GradientProbe:

@@ -25,7 +25,7 @@ from gradscope.probes.base import Probe, StepContext
 from gradscope.probes.cpu_histograms import BINS, WIDTH, cpu_histograms
 from gradscope.probes.gradients import to_local
 from gradscope.report import Histogram, StepRecord
-from gradscope.tables import HistogramTable, histogram_of
+from gradscope.report.tables import HistogramTable, histogram_of
 
 CHUNK = 1 << 18  # entries per chunk
 _INF = float("inf")

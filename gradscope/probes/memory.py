@@ -24,10 +24,10 @@ from gradscope.probes import memory_facts as facts
 from gradscope.probes.base import Probe, Watched
 from gradscope.probes.memory_ledger import Ledger, in_backward
 from gradscope.report import StepRecord
-from gradscope.report_memory import CudaMemory, MemoryReport
+from gradscope.report.memory import CudaMemory, MemoryReport
 from gradscope.rules.checkpoint_advice import advise
-from gradscope.tensors import tensors_in
-from gradscope.wrappers import is_compiled
+from gradscope.utils.tensors import tensors_in
+from gradscope.utils.wrappers import is_compiled
 
 
 @dataclass(frozen=True)

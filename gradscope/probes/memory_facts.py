@@ -14,8 +14,8 @@ from torch import nn
 
 from gradscope.errors import ConfigError
 from gradscope.probes.memory_ledger import Key, Ledger, storage_of
-from gradscope.report_memory import ModuleMemory
-from gradscope.tensors import tensors_in
+from gradscope.report.memory import ModuleMemory
+from gradscope.utils.tensors import tensors_in
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:

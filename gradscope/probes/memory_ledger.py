@@ -11,11 +11,15 @@ with the tensor's version: autograd checks a saved tensor for in-place changes o
 packed it, so the unpack hook does that check itself.
 
 What a checkpoint keeps instead, its inputs (positional ones saved through the pack hook; keyword
-ones held by the checkpoint's closure), is added for the module that ran under it.
+ones held by the checkpoint's closure), is added for the module that ran under it. A reentrant
+checkpoint runs its function under ``no_grad`` inside ``CheckpointFunction.forward``: a module
+entered there (``checkpoint(block, x)`` runs the block's hooks inside it) finds that frame and
+names the module the checkpoint runs; one whose hooks ran outside is found by its output's node.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,8 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointFunction
 
-from gradscope.tensors import tensors_in
+from gradscope.utils.tensors import tensors_in
 
 # A storage: (data pointer, device type); its bytes and dtype.
 Key = tuple[int, str]
@@ -138,6 +143,8 @@ class Ledger:
         if not self.active or name is None or in_backward():
             return
         self._checkpoint_region(module, name)
+        if not torch.is_grad_enabled():
+            self._reentrant_region()
         self.order.setdefault(name, len(self.order))
         self.stack.append(name)
         if name in self.candidates:
@@ -173,6 +180,23 @@ class Ledger:
         keeper = owner_name if owner_name is not None else parent
         self.checkpointed.add(keeper)
         for tensor in inputs:
+            self._record(tensor, keeper, kept_by=keeper)
+
+    def _reentrant_region(self) -> None:
+        """Inside a reentrant checkpoint's forward: its inputs are what it keeps, for the module it runs."""
+        frame = _reentrant_frame()
+        if frame is None:
+            return
+        node = frame.f_locals.get("ctx")  # the checkpoint's own node (``CheckpointFunctionBackward``)
+        if node is None or id(node) in self._regions:
+            return
+        self._regions.add(id(node))
+        self._held.append(node)
+        owner, held = _function_owner(frame.f_locals.get("run_function"))
+        keeper = self.names.get(id(owner)) if owner is not None else None
+        keeper = keeper if keeper is not None else (self.stack[-1] if self.stack else "")
+        self.checkpointed.add(keeper)
+        for tensor in tensors_in([frame.f_locals.get("args", ()), held]):
             self._record(tensor, keeper, kept_by=keeper)
 
     def _reentrant(self, name: str, output: Any) -> None:
@@ -220,15 +244,38 @@ def _checkpoint_inputs(pack: Any) -> tuple[list[torch.Tensor], nn.Module | None]
     if recompute is None or recompute.__closure__ is None:
         return [], None
     cells = {name: _cell(c) for name, c in zip(recompute.__code__.co_freevars, recompute.__closure__)}
-    fn = cells.get("fn")
+    owner, held = _function_owner(cells.get("fn"))
+    tensors = tensors_in([cells.get("args") or (), cells.get("kwargs") or {}, held])
+    return tensors, owner
+
+
+def _function_owner(fn: Any) -> tuple[nn.Module | None, list[Any]]:
+    """The module whose forward a checkpointed function runs (the module, a bound method, or Hugging
+    Face's ``functools.partial(forward, module, **kwargs)``), and what a partial holds besides it."""
+    if isinstance(fn, nn.Module):
+        return fn, []
     owner = getattr(fn, "__self__", None)
-    if owner is None and hasattr(fn, "func"):  # functools.partial(forward, module, ...): Hugging Face
+    held: list[Any] = []
+    if owner is None and hasattr(fn, "func"):
         owner = fn.args[0] if fn.args else getattr(fn.func, "__self__", None)
         held = [*fn.args[1:], *fn.keywords.values()]
-    else:
-        held = []
-    tensors = tensors_in([cells.get("args") or (), cells.get("kwargs") or {}, held])
-    return tensors, owner if isinstance(owner, nn.Module) else None
+    return (owner if isinstance(owner, nn.Module) else None), held
+
+
+def _reentrant_frame() -> Any:
+    """The innermost running ``CheckpointFunction.forward`` frame, if one (a few frames up)."""
+    frame = sys._getframe(2)
+    for _ in range(_FRAMES):
+        if frame is None or frame.f_code is _REENTRANT_CODE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+# CheckpointFunction.forward -> run_function -> Module._call_impl -> hooks -> the probe -> the ledger;
+# a user's function may wrap a few calls of its own around the module.
+_FRAMES = 24
+_REENTRANT_CODE = CheckpointFunction.forward.__code__
 
 
 def _cell(cell: Any) -> Any:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from gradscope.tensors import tensors_in
+from gradscope.utils.tensors import tensors_in
 
 
 class ModuleTracker:

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope import stats
 from gradscope.probes.base import Probe, StepContext
 from gradscope.probes.reductions import l2_norms
-from gradscope.report import RankStep, StepRecord
+from gradscope.report import RankStep, StepRecord, stats
 
 # A DDP model takes one comm hook for its lifetime: the hook gradscope registered on each model,
 # kept here (not on the model) for the next watch of the same model to reuse.

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree as ET
 
-from gradscope import outfiles
 from gradscope.config import Checks
 from gradscope.report import Anomaly, Report, StepRecord
 from gradscope.reporters.findings import Group, compress_names, group
 from gradscope.rules.common import clean_steps, totals
+from gradscope.utils import outfiles
 
 KINDS = tuple(name for name in Checks.model_fields if name != "ignore")
 _LEVEL = {"error": "error", "warning": "warning", "info": "notice"}

@@ -13,8 +13,8 @@ import csv
 import dataclasses
 import io
 
-from gradscope import outfiles
 from gradscope.report import GradStats, Report, StepRecord
+from gradscope.utils import outfiles
 
 STEP_COLUMNS = ("step", "loss", "grad_norm_total", "clip_coefficient")
 PARAM_COLUMNS = tuple(f.name for f in dataclasses.fields(GradStats))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gradscope import outfiles
 from gradscope.errors import GradscopeError
 from gradscope.report import SCHEMA_VERSION, Report, StepRecord
-from gradscope.report_check import ReportError
+from gradscope.report.report_check import ReportError
+from gradscope.report.report_json import report_text
+from gradscope.utils import outfiles
 
 
 class JsonReporter:
@@ -25,8 +26,7 @@ class JsonReporter:
         return None  # writes the whole report at the end
 
     def write(self, report: Report) -> None:
-        text = json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n"
-        outfiles.write_text(self.option, self.path, text)  # atomic: never a half-written report
+        outfiles.write_text(self.option, self.path, report_text(report))  # atomic: never a half-written report
 
     def close(self) -> None:
         return None

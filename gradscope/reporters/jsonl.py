@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from gradscope import outfiles
 from gradscope.report import Report, StepRecord
-from gradscope.report_json import step_dict
+from gradscope.report.report_json import step_dict
+from gradscope.utils import outfiles
 
 
 class JsonlReporter:

@@ -4,9 +4,11 @@ most 80 columns. Reads the report's ``memory`` only."""
 
 from __future__ import annotations
 
+import textwrap
+
 from rich.text import Text
 
-from gradscope.report_memory import MemoryReport, ModuleMemory, format_bytes
+from gradscope.report.memory import MemoryReport, ModuleMemory, format_bytes
 
 WIDTH = 80
 TOP_MODULES = 8
@@ -20,7 +22,10 @@ def memory_section(memory: MemoryReport) -> Text:
     lines += _modules(memory)
     lines += _advice(memory)
     lines += _plan(memory)
-    lines += [(f"  note: {note}", "dim") for note in memory.notes]
+    for note in memory.notes:  # wrapped, not cut: a note says what the numbers leave out
+        lines += [
+            (line, "dim") for line in textwrap.wrap(note, WIDTH, initial_indent="  note: ", subsequent_indent="    ")
+        ]
     text = Text()
     for i, (line, style) in enumerate(lines):
         text.append(("\n" if i else "") + _fit(line), style=style)
@@ -29,9 +34,15 @@ def memory_section(memory: MemoryReport) -> Text:
 
 def _totals(m: MemoryReport) -> list[str]:
     opt = format_bytes(sum(m.optimizer_bytes.values())) if m.optimizer_bytes else "none yet"
+    saved = [f"  saved for backward {format_bytes(m.saved_bytes)}"]
+    if len(m.saved_by_dtype) > 1:
+        by = _dtypes(m.saved_by_dtype)
+        if len(saved[0]) + len(by) + 3 <= WIDTH:
+            saved = [f"{saved[0]} ({by})"]
+        else:
+            saved += textwrap.wrap(by, WIDTH, initial_indent="    by dtype: ", subsequent_indent="      ")
     out = [
-        f"  saved for backward {format_bytes(m.saved_bytes)}"
-        + (f" ({_dtypes(m.saved_by_dtype)})" if len(m.saved_by_dtype) > 1 else ""),
+        *saved,
         f"  parameters {format_bytes(sum(m.parameter_bytes.values()))}, gradients "
         f"{format_bytes(sum(m.gradient_bytes.values()))}, optimizer state {opt}",
         f"  batch {format_bytes(m.batch_bytes)}; total without the batch {format_bytes(m.total_bytes)}",
@@ -75,7 +86,7 @@ def _modules(m: MemoryReport) -> list[tuple[str, str]]:
         share = 100 * mod.saved_bytes / m.saved_bytes if m.saved_bytes else 0.0
         mark = " ckpt" if mod.checkpointed else ""
         out.append(
-            (f"    {_left(name, 40):40} {mod.type[:16]:16} {format_bytes(mod.saved_bytes):>9} {share:5.1f}%{mark}", "")
+            (f"    {_left(name, 36):36} {mod.type[:16]:16} {format_bytes(mod.saved_bytes):>9} {share:5.1f}%{mark}", "")
         )
     return out
 

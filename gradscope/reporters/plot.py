@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gradscope import outfiles
 from gradscope.errors import GradscopeError
 from gradscope.report import Report, StepRecord
 from gradscope.rules.common import forward_position
+from gradscope.utils import outfiles
 
 SEVERITY_COLOR = {"error": "tab:red", "warning": "tab:orange", "info": "tab:blue"}
 LEGEND_STEPS = 10  # more steps than this: a colour bar instead of a legend, and a heat map panel

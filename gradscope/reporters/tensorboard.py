@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from gradscope.report import Histogram, Report, StepRecord
-from gradscope.report_memory import MemoryReport
+from gradscope.report.memory import MemoryReport
+from gradscope.report.tables import HistogramTable
 from gradscope.reporters.tb_events import EventFile, equal_limits, event, histogram_values, scalar_value, summary
-from gradscope.tables import HistogramTable
 
 # Steps waiting for the writer thread; a training loop that outruns it waits (nothing is dropped).
 QUEUE_STEPS = 16

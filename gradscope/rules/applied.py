@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradscope import tables
-from gradscope.report import Report, StepRecord
+from gradscope.report import Report, StepRecord, tables
 from gradscope.rules.common import clean_steps, loss_is_bad, nonfinite_step
 
 # Optimizers whose update does not scale with the gradient (per-element normalised steps):

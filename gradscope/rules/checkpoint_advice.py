@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gradscope.report_memory import CheckpointAdvice, CheckpointPlan, MemoryReport, ModuleMemory
+from gradscope.report.memory import CheckpointAdvice, CheckpointPlan, MemoryReport, ModuleMemory
 
 BACKWARD_TO_FORWARD = 2.0  # a backward costs about twice the forward's FLOPs
 

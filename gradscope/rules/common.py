@@ -8,8 +8,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gradscope import tables
-from gradscope.report import ParamInfo, Report, RunTotals, StepRecord
+from gradscope.report import ParamInfo, Report, RunTotals, StepRecord, tables
+from gradscope.report.stats import clean, fully_dead, median  # noqa: F401 (the rules import them from here too)
 
 EMBEDDINGS = ("Embedding", "EmbeddingBag")
 T = TypeVar("T")
@@ -43,7 +43,7 @@ def per_report(fn: Callable[[Report], T]) -> Callable[[Report], T]:
 
 @per_report
 def clean_steps(report: Report) -> list[StepRecord]:
-    return [s for s in report.steps if s.backward_error is None and not nonfinite_step(s) and not s.skipped]
+    return [s for s in report.steps if clean(s)]
 
 
 def nonfinite_step(step: StepRecord) -> bool:
@@ -91,18 +91,8 @@ def forward_position(order: dict[str, int], module: str) -> int:
     return len(order)
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else math.sqrt(ordered[mid - 1] * ordered[mid])
-
-
 def by_module(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
     groups: dict[str, list[ParamInfo]] = {}
     for p in params:
         groups.setdefault(p.module, []).append(p)
     return groups
-
-
-def fully_dead(step: StepRecord) -> bool:
-    return any(a.kind == "relu" and a.fraction == 1.0 for a in step.activations.values())

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradscope import tables
-from gradscope.report import Anomaly, ParamInfo, Report, StepRecord
+from gradscope.report import Anomaly, ParamInfo, Report, StepRecord, tables
 from gradscope.rules.applied import REFERENCE_LR, Update, aftermath, scale_free, updates
 from gradscope.rules.common import clean_steps, median, per_report, weights_in_order
 from gradscope.rules.depth import Partner, by_block, explained, zero_partners

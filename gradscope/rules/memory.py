@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradscope.report import Anomaly, Report
-from gradscope.report_memory import format_bytes
+from gradscope.report.memory import format_bytes
 
 
 def memory_budget(report: Report, check: Any) -> list[Anomaly]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gradscope.report import Anomaly, Report, StepRecord
+from gradscope.report.stats import median as median_of
 from gradscope.rules.common import clean_steps
 
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
@@ -57,8 +58,8 @@ def spike_against(window: Sequence[float], step: int, value: float, check: Any, 
     """
     if len(window) < check.min_steps or not math.isfinite(value):
         return None
-    median = _median(window)
-    sigma = MAD_TO_SIGMA * _median([abs(v - median) for v in window])
+    median = median_of(window)
+    sigma = MAD_TO_SIGMA * median_of([abs(v - median) for v in window])
     spike = Spike(step, value, median, sigma, len(window))
     above = value - median > check.threshold * sigma
     large = (median <= 0 or value >= check.factor * median) and value - median > FLOOR * scale
@@ -175,7 +176,7 @@ def layer_jumps(step: StepRecord, before: list[StepRecord]) -> list[tuple[str, f
         history = [h for h in history if h]
         if stats.grad_norm is None or not history:
             continue
-        jumps.append((name, stats.grad_norm / _median(history)))  # type: ignore[arg-type]
+        jumps.append((name, stats.grad_norm / median_of(history)))  # type: ignore[arg-type]
     return sorted(jumps, key=lambda item: -item[1])
 
 
@@ -208,9 +209,3 @@ def _cause(anomaly: Anomaly, spikes: list[Anomaly]) -> Anomaly | None:
 
 def _sigmas(spike: Spike) -> str:
     return f"{spike.sigmas:.0f}" if math.isfinite(spike.sigmas) else "infinitely many"
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -11,10 +11,10 @@ infinite at its first update and shrinks as 1/steps after, which says nothing ab
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 from gradscope.report import Anomaly, Report
+from gradscope.report.stats import median as median_of
 
 PROBE = "update_ratio"
 
@@ -27,7 +27,7 @@ def update_ratio(report: Report, check: Any) -> list[Anomaly]:
     for name, values in series.items():
         above = [step for step, ratio in values if ratio > check.high]
         if len(values) >= check.min_steps and len(above) >= check.fraction * len(values):
-            high[name] = (statistics.median(r for _, r in values), above)
+            high[name] = (median_of(r for _, r in values), above)
     if not high:
         return []
     worst = max(high, key=lambda n: high[n][0])

@@ -1,0 +1,1 @@
+"""The lowest layer: helpers every other part may use (frames, tensors, output files, YAML, wrappers)."""
