@@ -68,8 +68,8 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
         histograms_every: gradient histograms for TensorBoard every N steps (with ``logdir``).
         probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
         quiet: say nothing; otherwise each kind of warning or error is raised as a warning through
-            Lightning's ``rank_zero_warn`` at the step it first appears, and a one-line summary goes
-            to ``rank_zero_info`` when training ends.
+            Lightning's ``rank_zero_warn`` at the step it first appears, and a one-line summary when
+            training ends (``rank_zero_warn`` when something was found, else ``rank_zero_info``).
         log: send each measured step's numbers (``gradscope/grad_norm``, ``gradscope/grad_norm/<param>``,
             ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``, each probe's
             ``gradscope/<probe>/<param>``) to the module's logger.
@@ -187,7 +187,8 @@ class GradscopeCallback(*_callback_bases()):  # type: ignore[misc]
 
 
 def _say(trainer: Any) -> Callable[[int, str], None]:
-    """Lightning's own channel: ``rank_zero_warn`` for a finding, ``rank_zero_info`` for the summary."""
+    """Lightning's own channel: ``rank_zero_warn`` for a finding (and for a summary that has one),
+    ``rank_zero_info`` for a quiet summary."""
     utilities = importlib.import_module(type(trainer).__module__.rsplit(".", 2)[0] + ".utilities.rank_zero")
 
     def say(level: int, text: str) -> None:

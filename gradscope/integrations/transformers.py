@@ -21,6 +21,7 @@ model) leaves the hooks on until ``callback.close()``, or use ``with callback: t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,7 +61,9 @@ class GradscopeCallback(TrainerCallback):
         probes: optional probes by name (``gradscope.probes.OPTIONAL``), e.g. ``("update_ratio",)``.
         quiet: say nothing; otherwise each kind of warning or error goes to this module's
             transformers logger (``transformers.utils.logging``) at the step it first appears, and a
-            one-line summary when training ends (the main process only, as the Trainer logs).
+            one-line summary when training ends: on the main process only, and at or above the
+            Trainer's log level (``TrainingArguments.log_level``, else transformers' verbosity), as the
+            Trainer logs.
         log: add each logged step's numbers to the Trainer's logs (``gradscope/grad_norm``,
             ``gradscope/clip_coefficient``, ``gradscope/nonfinite_entries``): ``log_history`` and the
             ``on_log`` of the callbacks after this one.
@@ -124,7 +127,7 @@ class GradscopeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kwargs: Any) -> None:
         self.close()
-        say = LOGGER.log if state.is_world_process_zero else None
+        say = _say(args) if state.is_world_process_zero else None
         self._session.open(model, kwargs.get("optimizer"), None, self._measured, say=say)  # scaler: the wrapper's
         self._loss_hook = model.register_forward_hook(self._model_loss, with_kwargs=True)
         self._losses = []
@@ -172,3 +175,16 @@ class GradscopeCallback(TrainerCallback):
             return None
         total = torch.stack([loss.float() for loss, _ in losses]).sum()
         return total if all(share for _, share in losses) else total / len(losses)
+
+
+def _say(args: Any) -> Callable[[int, str], None]:
+    """The Trainer's convention: what its log level for this process lets through (``log_level``, else
+    transformers' verbosity, read when said), on this module's logger."""
+
+    threshold = getattr(args, "get_process_log_level", hf_logging.get_verbosity)
+
+    def say(level: int, text: str) -> None:
+        if level >= threshold():
+            LOGGER.log(level, text)
+
+    return say

@@ -19,14 +19,15 @@ Record = Callable[[torch.Tensor | None, Replay | None], None]
 
 
 class StepHooks:
-    """Records each optimizer step once through ``record(loss, replay)``; ``updated`` follows each update.
+    """Records each optimizer step once through ``record(loss, replay)``; ``updated`` follows each update,
+    ``recorded_before`` precedes an update whose step was recorded before it (by ``Watch.step()``).
 
     Attributes:
         recorded: this step is recorded already (by ``Watch.step()`` or the closure); the pre-hook skips it.
     """
 
-    def __init__(self, record: Record, updated: Callable[[], None]) -> None:
-        self.record, self.updated = record, updated
+    def __init__(self, record: Record, updated: Callable[[], None], recorded_before: Callable[[], None]) -> None:
+        self.record, self.updated, self.recorded_before = record, updated, recorded_before
         self.recorded = False
         self._upcoming: tuple[torch.Tensor | None, Replay | None] = (None, None)
 
@@ -43,6 +44,7 @@ class StepHooks:
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if self.recorded:
+            self.recorded_before()  # recorded by step(): what changed since is seen before the update
             return None
         # ``args`` holds the optimizer itself first, then step's own arguments.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)

@@ -153,7 +153,7 @@ class Watch:
         self._make_reporters = reporters
         self.reporters: Reporting | None = None  # made on entry (the maker decides which rank writes)
         self._pre: tuple[list[int], torch.Tensor] | None = None  # norms at the end of the last backward
-        self.hooks = StepHooks(self._record_now, self._after_optimizer_step)
+        self.hooks = StepHooks(self._record_now, self._after_optimizer_step, self._before_recorded_update)
         self._listening = False  # a reporter takes each step's findings as they appear (set on entry)
         self._updates = 0  # optimizer steps taken (a grad scaler skips some)
         self._stack = contextlib.ExitStack()
@@ -313,6 +313,10 @@ class Watch:
         measured = self._measured_now()
         for probe in self.probes:
             probe.begin_step(measured)
+
+    def _before_recorded_update(self) -> None:
+        if self.loop is not None:
+            self.loop.before_update()
 
     def _after_optimizer_step(self, *_: Any) -> None:
         self._updates += 1

@@ -176,8 +176,10 @@ class ActivationProbe(TorchFunctionMode):
 
     def _layout(self, relu: list[int], rest: list[int], units: list[int], device: torch.device) -> Any:
         """The index that puts (ReLU sites, other sites) back in site order, and the ReLU sites' unit
-        counts, on ``device``; kept while the sites stay the same, so a step copies nothing to it."""
-        key = (tuple(relu), tuple(units), device)
+        counts, on ``device``; kept while the sites stay the same, so a step copies nothing to it. The key
+        holds both kinds of sites: a step of fewer micro-batches (an accumulation cut short at the end
+        of an epoch) has fewer sigmoid/tanh sites, and an index kept from a longer step overruns it."""
+        key = (tuple(relu), len(rest), tuple(units), device)
         if key not in self._layouts:
             order = torch.tensor([*relu, *rest], device=device).argsort()
             self._layouts = {key: (order, torch.tensor(units, device=device))}

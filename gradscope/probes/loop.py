@@ -49,6 +49,7 @@ class LoopProbe(Probe):
         self._sampling = False
         self._affected: tuple[str, ...] | None = None
         self._zeroed: set[str] = set()  # the last step's cleared gradients
+        self._arrived: list[int] | None = None  # the recorded step's gradients the optimizer holds
 
     # --- before the update (inside the step's measurement) ---------------------------------------
 
@@ -80,6 +81,7 @@ class LoopProbe(Probe):
             self._outside.update(dict.fromkeys(outside))
             out["outside"] = tuple(self._outside)
         out["inside"] = max(f.inside, len(arrived) - len(outside))
+        self._arrived = [i for i in arrived if id(params[i]) in ids]  # to tell a clearing after this record
         held = [p for p in params if id(p) in ids]
         if held and not arrived and all(p.grad is None for p in held):
             out["no_gradient_steps"] = f.no_gradient_steps + 1
@@ -121,10 +123,29 @@ class LoopProbe(Probe):
         by_id = {id(p): n for p, n in zip(self.gradients.params, self.gradients.names)}
         return [by_id[id(p)] for p, _, _ in sample]
 
+    def before_update(self) -> None:
+        """The optimizer is about to update, after the step was recorded (``scope.step()``, the Hugging
+        Face callback): gradients set to None since the record (a later ``on_pre_optimizer_step``
+        callback's ``model.zero_grad()``) are cleared between backward and step all the same. Host
+        state alone; a gradient zeroed in place since then cannot be told from a clipped one without a sync."""
+        arrived, self._arrived = self._arrived, None
+        if not arrived:
+            return
+        params, names = self.gradients.params, self.gradients.names
+        gone = [names[i] for i in arrived if params[i].grad is None]
+        if not gone or set(gone) <= self._zeroed:  # cleared before the record: counted with it
+            return
+        if self._zeroed:  # the record counted this step already: only the names join
+            self.facts = replace(self.facts, cleared=tuple(dict.fromkeys([*self.facts.cleared, *gone])))
+        else:
+            self.facts = _cleared(self.facts, gone, every=len(gone) == len(arrived), to="None")
+        self._zeroed |= set(gone)
+
     # --- after the update ------------------------------------------------------------------------
 
     def updated(self) -> None:
         """The optimizer stepped: how far the sampled weights moved (on the device, no sync)."""
+        self._arrived = None
         self.facts = replace(self.facts, updates=self.facts.updates + 1)
         if not self._sampling or not self._sample:
             return
@@ -144,7 +165,9 @@ class LoopProbe(Probe):
                 if any(n in record.parameters and record.parameters[n].received for n in record.cleared)
                 else "None"
             )
-            f = replace(f, cleared_steps=f.cleared_steps + 1, cleared_to=f.cleared_to or to)
+            gone = set(record.cleared)
+            kept = [n for n, s in record.parameters.items() if s.received and n not in gone and n not in self._outside]
+            f = _cleared(f, record.cleared, every=not kept, to=to)
         self.facts = f
         # Not stale: added onto a gradient the optimizer does not hold and so never zeroes (not_in_optimizer
         # says so), or onto the zeros a zero_grad(set_to_none=False) left before the last step (no_update).
@@ -168,6 +191,18 @@ class LoopProbe(Probe):
 
     def with_backwards(self, backwards: int) -> LoopFacts:
         return replace(self.facts, backwards=backwards)
+
+
+def _cleared(facts: LoopFacts, names: tuple[str, ...] | list[str], every: bool, to: str) -> LoopFacts:
+    """``facts`` with one more step whose gradients of ``names`` were cleared between backward and step
+    (``every``: all the optimizer would have used)."""
+    return replace(
+        facts,
+        cleared_steps=facts.cleared_steps + 1,
+        cleared_all_steps=facts.cleared_all_steps + every,
+        cleared_to=facts.cleared_to or to,
+        cleared=tuple(dict.fromkeys([*facts.cleared, *names])),
+    )
 
 
 def _train_dependent(module: nn.Module) -> bool:

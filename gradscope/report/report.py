@@ -295,6 +295,8 @@ class LoopFacts:
     lr_zero_first: int | None = None  # the first of them
     cleared_steps: int = 0  # steps whose gradients were cleared between backward() and step()
     cleared_to: str | None = None  # "None" (zero_grad(set_to_none=True)) or "zeros"
+    cleared_all_steps: int = 0  # of them, steps at which every gradient the optimizer would use was cleared
+    cleared: tuple[str, ...] = ()  # the parameters whose gradient was cleared so, at some step
     no_gradient_steps: int = 0  # steps at which no parameter of the optimizer had a gradient
     moved_checked: int = 0  # steps whose update was measured on a sample of the weights
     unmoved_steps: int = 0  # of them, steps in which no sampled weight moved

@@ -67,20 +67,24 @@ def no_update(report: Report, check: Any) -> list[Anomaly]:
     evidence = {"steps": n, "moved_checked": loop.moved_checked, "unmoved_steps": loop.unmoved_steps}
     evidence["sampled"] = list(loop.sampled)
     moved = _moved(loop)
-    if loop.cleared_steps and _judged(loop.cleared_steps, n, check):
+    if loop.cleared_all_steps and _judged(loop.cleared_all_steps, n, check):
         placement = "zero_grad(set_to_none=False)" if loop.cleared_to == "zeros" else "zero_grad()"
         out.append(
             _finding(
-                loop.cleared_steps,
+                loop.cleared_all_steps,
                 n,
                 "cleared",
-                f"the gradients were cleared between backward() and optimizer.step() at {loop.cleared_steps} of {n} "
-                f"steps (they arrived in backward and were {loop.cleared_to} at the step){moved}: {placement} is "
-                f"called after backward() and before step(). Call optimizer.zero_grad() before the forward (or "
+                f"the gradients were cleared between backward() and optimizer.step() at {loop.cleared_all_steps} of "
+                f"{n} steps (they arrived in backward and were {loop.cleared_to} at the step){moved}: {placement} is "
+                f"called after backward() and before step() (in the loop, or in a hook that runs between them: "
+                f"Lightning's on_after_backward or on_before_optimizer_step, a Trainer callback's "
+                f"on_pre_optimizer_step). Call optimizer.zero_grad() before the forward (or "
                 f"right after optimizer.step()), never between backward() and step()",
                 evidence,
             )
         )
+    elif loop.cleared_steps > loop.cleared_all_steps and _judged(loop.cleared_steps, n, check):
+        out.append(_part_cleared(loop, n, evidence))
     if loop.lr_zero_steps and _judged(loop.lr_zero_steps, n, check):
         out.append(
             _finding(
@@ -88,9 +92,9 @@ def no_update(report: Report, check: Any) -> list[Anomaly]:
                 n,
                 "lr_zero",
                 f"the learning rate is 0 in every param group at {loop.lr_zero_steps} of {n} optimizer steps "
-                f"(from step {loop.lr_zero_first}){moved}: the weights do not change. A schedule that yields 0 "
-                f"(total_steps / num_training_steps smaller than the run, a lambda that returns 0) or lr=0 passed "
-                f"to the optimizer; a warm-up that starts at 0 is fine, a run that stays at 0 is not",
+                f"(from step {loop.lr_zero_first}){moved}: the weights do not change at those steps. A schedule "
+                f"that yields 0 (total_steps / num_training_steps smaller than the run, a lambda that returns 0) or "
+                f"lr=0 passed to the optimizer; a warm-up that starts at 0 is fine, a run that stays at 0 is not",
                 evidence,
             )
         )
@@ -113,12 +117,40 @@ def no_update(report: Report, check: Any) -> list[Anomaly]:
                 loop.moved_checked,
                 "unmoved",
                 f"the optimizer stepped but no sampled weight moved in {loop.unmoved_steps} of {loop.moved_checked} "
-                f"measured updates ({_names(loop.sampled)}), with gradients present and a learning rate above 0: "
-                f"check what the optimizer holds (a copy of the model?) and its settings",
+                f"measured updates ({_names(loop.sampled)}), with gradients present and a learning rate above 0"
+                f"{_lr(report)}: an update too small to change the weights at their precision (a mis-typed or "
+                f"decayed learning rate: lr x gradient below ~1e-7 of a weight in float32, ~1e-3 in bfloat16), "
+                f"weights put back after each step (a load_state_dict or copy in the loop), or an optimizer "
+                f"setting that cancels the update. Check the learning rate the optimizer uses at the step",
                 evidence,
             )
         )
     return out
+
+
+def _part_cleared(loop: LoopFacts, steps: int, evidence: dict[str, Any]) -> Anomaly:
+    """Part of the gradients cleared between backward and step: those parameters do not train."""
+    names = loop.cleared
+    return Anomaly(
+        kind="no_update",
+        severity="warning",
+        module=names[0].rpartition(".")[0] or None if names else None,
+        parameter=names[0] if names else None,
+        message=(
+            f"the gradients of {len(names)} parameter(s) were cleared between backward() and optimizer.step() "
+            f"at {loop.cleared_steps} of {steps} steps ({_names(names)}; set to {loop.cleared_to}), so the "
+            f"optimizer does not train them while the rest of the model trains: a zero_grad() or `p.grad = None` "
+            f"on part of the model after backward() (in a hook such as on_before_optimizer_step or "
+            f"on_pre_optimizer_step). To keep them fixed, freeze them with requires_grad_(False), which skips "
+            f"their backward too; otherwise clear gradients only before the forward or after optimizer.step()."
+        ),
+        evidence={**evidence, "cause": "cleared_part", "count": loop.cleared_steps, "parameters": list(names)},
+    )
+
+
+def _lr(report: Report) -> str:
+    lr = report.run.lr
+    return f" (lr {lr:g} in the first group)" if lr is not None else ""
 
 
 def _judged(count: int, steps: int, check: Any) -> bool:

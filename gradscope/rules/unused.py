@@ -18,7 +18,7 @@ ROUNDING = 1e-8
 def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
     """Trainable parameters that got no gradient in any step, grouped by module (idle experts aside)."""
     steps = [s for s in report.steps if s.backward_error is None]
-    if not steps:
+    if not steps or _no_backward(report):
         return []
     run = totals(report)  # a long run: every step counts, not only those kept in full
     if run is not None:
@@ -56,6 +56,13 @@ def unused_parameter(report: Report, check: Any) -> list[Anomaly]:
             )
         )
     return out
+
+
+def _no_backward(report: Report) -> bool:
+    """The watched loop never called backward(): no parameter could get a gradient, and no_update
+    (no gradient at the step) names that cause, not each module."""
+    loop = report.run.loop
+    return loop is not None and loop.backwards == 0
 
 
 def _experts(report: Report) -> dict[str, dict[str, list[str]]]:

@@ -149,6 +149,20 @@ def test_zero_grad_between_backward_and_step_is_named_as_such(set_to_none):
     assert all(s.clip_coefficient is None for s in scope.report.steps)
 
 
+def test_a_learning_rate_too_small_to_change_a_weight_is_an_update_that_moved_nothing():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)  # a mis-typed exponent: lr x grad rounds away in float32
+    before = weights(model)
+    report = plain_loop(model, opt, n=10)
+    # Independent: only BatchNorm's bias moved, from 0, where even a step of 1e-30 is representable.
+    assert set(before) - unchanged(before, model) == {"1.bias"}
+    found = loud(report)
+    assert set(found) == {"no_update"}
+    (a,) = found["no_update"]
+    assert (a.severity, a.evidence["cause"], a.evidence["unmoved_steps"]) == ("error", "unmoved", 9)
+    assert "lr 1e-30 in the first group" in a.message and "too small to change the weights" in a.message
+
+
 def test_accumulation_done_right_is_not_a_finding():
     model = net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -172,9 +186,51 @@ def test_a_forgotten_backward_leaves_no_gradient_at_the_step():
             loss_of(model, x, y)  # backward() forgotten
             opt.step()
     assert unchanged(before, model) == set(before)
-    (a,) = loud(scope.report)["no_update"]
+    found = loud(scope.report)
+    assert set(found) == {"no_update"}  # not unused_parameter on every layer: no backward ran at all
+    (a,) = found["no_update"]
     assert a.evidence["cause"] == "no_gradient" and a.severity == "error"
     assert "ran before backward()" in a.message
+
+
+def test_gradients_cleared_on_part_of_the_model_name_those_parameters_as_a_warning():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = weights(model)
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for x, y in batches(10):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            for p in model[0].parameters():
+                p.grad = None  # the first layer kept fixed by clearing its gradient
+            opt.step()
+    assert unchanged(before, model) == {"0.weight", "0.bias"}  # independent: the rest trains
+    found = loud(scope.report)
+    assert set(found) == {"no_update"}
+    (a,) = found["no_update"]
+    assert (a.severity, a.evidence["cause"], a.evidence["parameters"]) == (
+        "warning",
+        "cleared_part",
+        ["0.weight", "0.bias"],
+    )
+    assert "at 10 of 10 steps (0.weight, 0.bias; set to None)" in a.message and "Nothing trains" not in a.message
+
+
+def test_zero_grad_after_scope_step_and_before_optimizer_step_is_still_named():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = weights(model)
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for x, y in batches(10):
+            loss_of(model, x, y).backward()
+            scope.step()  # recorded with every gradient present
+            opt.zero_grad()
+            opt.step()
+    assert unchanged(before, model) == set(before)
+    found = loud(scope.report)
+    assert set(found) == {"no_update"}  # not "unmoved: check what the optimizer holds"
+    (a,) = found["no_update"]
+    assert a.severity == "error" and a.evidence["cause"] == "cleared" and "at 10 of 10 steps" in a.message
 
 
 # --- backward without a step --------------------------------------------------------------------------

@@ -136,3 +136,24 @@ def test_clamp_below_a_negative_bound_is_all_dead():
     out = x.clamp(min=0, max=-1.0)  # every value is -1: a max <= 0, nothing above 0
     units, fraction, density = expected("relu", out)
     assert readings(Plant(high=-1.0), x)["(model)"] == (fraction, density) == (1.0, 0.0)
+
+
+def test_a_step_with_fewer_tanh_calls_than_the_last_is_counted_not_an_index_error():
+    """An accumulation cut short at the end of an epoch calls each tanh fewer times in its step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 8, 4) * 3
+    seen: list[torch.Tensor] = []  # independent: the tanh outputs, by a plain forward hook
+    hook = model[1].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for i in range(5):  # steps of 3 micro-batches, then of 2
+            model(x[i]).pow(2).mean().backward()
+            if i in (2, 4):
+                opt.step()
+                opt.zero_grad()
+    hook.remove()
+    first, last = scope.report.steps
+    assert (len(first.activations), len(last.activations)) == (3, 2)
+    want = [(out.abs() > 0.99).float().mean().item() for out in seen[3:]]
+    assert [a.fraction for a in last.activations.values()] == pytest.approx(want)
