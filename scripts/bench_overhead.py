@@ -31,7 +31,9 @@ per-round ratios and its bootstrap 95% interval. Pairs of modes (``--compare``) 
 the median of their own per-round ratio: "cannot be told apart" when its interval holds 1.
 Intervals narrow with more rounds and a quieter machine: ``--threads 1`` on a shared machine
 (two threads spin-waiting against other processes measure contention rather than the code).
-CUDA times are taken with torch.cuda.synchronize() around each timed stretch. With --memory it
+CUDA times are taken with torch.cuda.synchronize() around each timed stretch. ``--clock cpu`` (CPU
+only) times this process's CPU time instead of wall time: what other processes take from its
+cores is left out, and short single steps (``first``, ``ledger``) become comparable. With --memory it
 also runs each mode in a process of its own and prints its peak memory (max RSS on the CPU,
 torch.cuda.max_memory_allocated on CUDA) and the ratio to plain.
 """
@@ -138,15 +140,20 @@ def _time(plain: Plain, batch: Batch, steps: int, device: torch.device, mode: st
             if hooks.settle is not None:
                 hooks.settle()
             _sync(device)
-            start = time.perf_counter()
+            start = CLOCK[0]()
             for _ in range(steps):
                 plain.step(batch)
             if hooks.settle is not None:
                 hooks.settle()
             _sync(device)
-            return (time.perf_counter() - start) / steps
+            return (CLOCK[0]() - start) / steps
         finally:
             plain.after_backward = None
+
+
+# The timer of every timed stretch: wall time, or with ``--clock cpu`` this process's CPU time (all
+# its threads), which leaves out the time other processes on a shared machine hold its cores.
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 
 def _sync(device: torch.device) -> None:
@@ -264,12 +271,22 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is steadier on a shared machine"
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or this process's CPU time (CPU only: steadier on a shared machine)",
+    )
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     # The peers' own warnings (detect_anomaly's "enabled", the full backward hook on the first module) per round.
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     device = torch.device(args.device)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error(f"--clock cpu times the CPU's work only; the device is {device}: use --clock wall")
+        CLOCK[0] = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_of:
@@ -283,7 +300,9 @@ def main() -> None:
         modes.remove(mode)
     pairs = [tuple(p.split(":", 1)) for p in args.compare]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {where}; torch {torch.__version__}; {plan.rounds} rounds, modes in random order (seed {plan.seed})")
+    print(
+        f"device: {where}; torch {torch.__version__}; {args.clock} clock; {plan.rounds} rounds, random order (seed {plan.seed})"
+    )
     print("per mode: median ms/step, median of per-round ratios to plain [bootstrap 95% interval]")
     rows = []
     for key in args.models:

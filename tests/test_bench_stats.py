@@ -79,3 +79,21 @@ def test_three_percent_in_noisy_rounds_cannot_be_told_apart():
 def test_an_estimate_reads_as_median_and_interval():
     assert str(Estimate(1.0512, 1.0234, 1.0791)) == "1.051x [1.023, 1.079]"
     assert Estimate(1.0, 0.98, 1.0).holds_one and not Estimate(1.02, 1.001, 1.04).holds_one
+
+
+def test_the_benchmark_runs_its_modes_and_prints_their_table(tmp_path):
+    # A smoke run of scripts/bench_overhead.py on the smallest model: every mode it names is in the
+    # table, with a ratio and an interval; nothing here reads the times themselves.
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_overhead.py"
+    command = [sys.executable, str(script), "--quick", "--models", "resnet", "--modes", "stats", "first", "ledger"]
+    result = subprocess.run([*command, "--threads", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "cpu clock; 3 rounds" in result.stdout
+    header, _, row = result.stdout.strip().splitlines()[-3:]
+    assert header == "| model | stats | first | ledger |"
+    assert row.startswith("| ResNet CNN (BatchNorm) | ") and row.count("x [") == 3
+    assert "ledger vs first: " in result.stdout
+    wrong = subprocess.run([*command, "--clock", "cpu", "--device", "meta"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--clock cpu times the CPU's work only; the device is meta" in wrong.stderr

@@ -119,20 +119,23 @@ class LossOps(Probe):
 
     def seen(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         outs = [t for t in tensors_in(out) if t.is_floating_point()]
-        if _writes_in_place(func) and isinstance(args, tuple) and args and isinstance(args[0], torch.Tensor):
+        in_place = _writes_in_place(func) or kwargs.get("out") is not None
+        if in_place and isinstance(args, tuple) and args and isinstance(args[0], torch.Tensor):
             outs += [args[0]] if args[0].is_floating_point() and all(t is not args[0] for t in outs) else []
         if not outs:
             return
         name, site = op_name(func), user_site()
         with torch._C.DisableTorchFunction():  # gradscope's own ops bypass every mode
-            for t in tensors_in((args, kwargs)):
+            taken = list(tensors_in((args, kwargs)))
+            for t in taken:
                 ref = self._made.get(id(t))
                 if t.is_floating_point() and (ref is None or ref() is not t):
                     self._made[id(t)] = weakref.ref(t)  # counted once
                     if id(t) not in self._outputs:  # the model's outputs: its replay judges them, unread here
                         self._count(t, _Entry(None, site, self._given(t), name, t.numel(), _dtype(t)))
             for t in outs:
-                self._count(t, _Entry(name, site, None, None, t.numel(), _dtype(t)))
+                if in_place or not _aliases(t, taken):
+                    self._count(t, _Entry(name, site, None, None, t.numel(), _dtype(t)))
                 self._made[id(t)] = weakref.ref(t)
 
     def _given(self, t: torch.Tensor) -> str:
@@ -180,6 +183,17 @@ def _writes_in_place(func: Any) -> bool:
     """``x.clamp_(...)``, ``x[i] = v``, ``x += y``: the op's first argument is its output too."""
     name = getattr(func, "__name__", "")
     return (name.endswith("_") and not name.startswith("_")) or name in IN_PLACE
+
+
+def _aliases(out: torch.Tensor, taken: list[torch.Tensor]) -> bool:
+    """``out`` holds the values of a tensor its op took, unchanged (a view, ``detach``): they are
+    that tensor's, counted already or the model's output, so counting them again (a full pass over
+    ``logits.view(-1, vocab)``) finds nothing new. A view as another dtype reads new values: counted."""
+    try:
+        where = out.untyped_storage().data_ptr()
+        return any(t.dtype == out.dtype and t.untyped_storage().data_ptr() == where for t in taken)
+    except (RuntimeError, NotImplementedError):  # no storage to compare (a tensor subclass): counted
+        return False
 
 
 def _dtype(t: torch.Tensor) -> str:

@@ -117,3 +117,28 @@ def test_the_mode_comes_off_when_the_loss_code_raises():
         raise ValueError(out.shape)
     assert torch._C._len_torch_function_stack() == 0
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_views_of_the_models_output_and_targets_are_not_counted_again():
+    # nanoGPT's loss shape: the loss takes views (flatten, view, detach) that hold the model's output or
+    # the targets unchanged; what is counted is the targets once and the loss the op made.
+    model, (x, t) = net(), batches(1)[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        out = model(x)
+        loss = nn.functional.mse_loss(out.flatten(), t.view(-1)) + 0 * out.detach().sum()
+        counted = [(e.op, e.given, e.numel) for e in scope.loss_ops._entries]
+        loss.backward()
+        opt.step()
+    made = [("F.mse_loss", None, 1), ("Tensor.sum", None, 1), ("Tensor.mul", None, 1), ("Tensor.add", None, 1)]
+    assert counted == [(None, "input", t.numel()), *made]
+
+
+def test_an_inf_made_by_reading_integers_as_floats_is_named():
+    # A view as another dtype makes new values: it is counted, and named when it makes an Inf.
+    def bits_as_floats(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        bits = torch.full_like(t, 0x7F800000, dtype=torch.int32)  # the float32 pattern of +Inf
+        return nn.functional.mse_loss(out, t) + (bits.view(torch.float32) * 0).sum()
+
+    origin = watched(bits_as_floats, batches()).steps[0].origin
+    assert (origin.phase, origin.op, origin.kind, origin.count) == ("loss", "Tensor.view", "inf", 32)

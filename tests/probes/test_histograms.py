@@ -96,3 +96,28 @@ def test_cpu_path_gives_the_chunked_paths_table_bit_for_bit():
     exact = [0, 1, 2, 5] + list(range(6, 6 + BINS))
     assert torch.equal(fast[:, exact], chunked[:, exact])
     assert torch.allclose(fast[:, 3:5], chunked[:, 3:5], rtol=1e-4, atol=1e-3)
+
+
+def test_a_watched_training_step_records_torch_histograms_of_its_gradients():
+    # The whole path a training loop takes (the watch's gradient probe, the CPU histograms, the
+    # step's table), on a transformer in float64: every bucket is torch.histogram's.
+    from gradscope import watch, zoo
+
+    torch.manual_seed(0)
+    model = zoo.TransformerLM(vocab=64, d_model=32, n_layers=2, n_heads=2, max_len=16).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(64, (4, 16))
+    records, grads = [], []
+    with watch(model, optimizer, histograms_every=1, on_step=records.append):
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), torch.roll(x, -1, 1).flatten())
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            optimizer.step()
+    assert [len(r.histograms) for r in records] == [len(g) for g in grads] and len(grads[0]) > 10
+    for record, step_grads in zip(records, grads):
+        for name, g in step_grads.items():
+            h, want = record.histograms[name], expected(g)
+            assert (h.min, h.max, h.count, h.nonfinite) == (want["min"], want["max"], want["count"], 0), name
+            assert list(h.buckets) == want["buckets"], name

@@ -57,6 +57,19 @@ def test_the_numpy_checksum_is_tensorboards_crc32c(length):
     assert record(data, checksum.crc32c_numpy) == record(data, tf_stub.crc32c)
 
 
+def test_the_c_and_numpy_checksums_write_the_same_bytes_for_a_whole_step():
+    # One step of a 1,004-tensor model's histograms (~600 KB of records), as both checksums frame it.
+    google_crc32c = pytest.importorskip("google_crc32c")
+    torch.manual_seed(0)
+    grads = [torch.randn(32, 32) for _ in range(1004)]
+    table = HistogramTable([f"p{i}" for i in range(len(grads))], gradient_histograms(grads).flatten().tolist(), WIDTH)
+    body = event(3, step_summary(StepRecord(3, 1.0, 1.0, {}, {}, histograms=table)), wall_time=1.0)
+    assert len(body) > 100_000
+    for length in (len(body), len(body) - 1, 513, 511):
+        data = body[:length]
+        assert record(data, google_crc32c.value) == record(data, checksum.crc32c_numpy)
+
+
 def collapsed(buckets: list[int], limits: list[float]) -> tuple[list[float], list[int]]:
     """TensorFlow's ``Histogram::EncodeToProto`` without zero buckets kept: runs of empty buckets as one."""
     out_limits, out_counts, i = [], [], 0
@@ -172,3 +185,37 @@ def test_a_watched_run_has_every_tag_of_every_step(tmp_path):
         h = last.histograms["out.weight"]
         written = acc.Histograms("gradients/out.weight")[-1].histogram_value
         assert (written.min, written.max, sum(written.bucket)) == (h.min, h.max, h.count)
+
+
+def test_every_tag_of_a_watched_transformer_run_reads_back_at_every_step(tmp_path):
+    # Each step's summary, as the watch hands it to the writer, against what the loader finds:
+    # scalars (loss, totals, per-parameter norms, activation fractions) and histograms alike.
+    torch.manual_seed(0)
+    model = zoo.TransformerLM(vocab=64, d_model=32, n_layers=2, n_heads=2, max_len=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(64, (4, 16))
+    tags: dict[str, list[int]] = {}
+
+    def seen(step: StepRecord) -> None:
+        for value in Summary.FromString(step_summary(step)).value:
+            tags.setdefault(value.tag, []).append(step.step)
+
+    with gradscope.watch(model, optimizer, logdir=str(tmp_path), histograms_every=2, on_step=seen):
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), torch.roll(x, -1, 1).flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    found = acc.Tags()
+    histograms = {t for t in tags if t.startswith("gradients/")}
+    assert len(histograms) == sum(1 for _ in model.parameters())
+    assert {"loss", "grad_norm/total", "clip/coefficient"} <= set(tags)
+    assert set(found["histograms"]) == histograms
+    assert set(found["scalars"]) == set(tags) - histograms
+    for tag, steps in tags.items():
+        events = acc.Histograms(tag) if tag in histograms else acc.Scalars(tag)
+        assert [e.step for e in events] == steps, tag
+    assert tags["gradients/tok.weight"] == [0, 2] and tags["loss"] == [0, 1, 2, 3]

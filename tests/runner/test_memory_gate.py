@@ -92,6 +92,7 @@ def test_bad_budget_in_the_config_is_exit_2_at_its_line(tmp_path, budget, said):
     result = inspect(path)
     assert result.exit_code == 2
     assert "memory.budget" in result.output and f"{path}:8" in result.output and said in result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_candidate_matching_no_module_is_exit_2_at_its_line(tmp_path):
@@ -99,6 +100,7 @@ def test_a_candidate_matching_no_module_is_exit_2_at_its_line(tmp_path):
     result = inspect(path)
     assert result.exit_code == 2
     assert "memory.candidates[1]" in result.output and "encoder.*" in result.output and f"{path}:8" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_named_candidates_join_the_advice(tmp_path):
