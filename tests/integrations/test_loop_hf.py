@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from gradscope.integrations.transformers import GradscopeCallback
 from tests.integrations.test_transformers import gpt2, tokens
-from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
+from tests.trainer_setup import fresh_accelerate, sgd_steps  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -43,22 +43,10 @@ class ZeroGrad(TrainerCallback):
 def train(tmp_path, model=None, optimizers=(None, None), callbacks=(), first=(), eval_data=None, **overrides):
     """Train ``model`` with gradscope's callback after ``first`` and before ``callbacks``; the report and
     the parameters each step moved."""
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=0.1,
-        optim="sgd",
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
     watch, moves = GradscopeCallback(quiet=True), Moves()
     trainer = Trainer(
         model=model if model is not None else gpt2(),
-        args=TrainingArguments(**{**settings, **overrides}),
+        args=TrainingArguments(**sgd_steps(tmp_path, **overrides)),
         train_dataset=tokens(48),
         eval_dataset=eval_data,
         callbacks=[*first, watch, *callbacks, moves],

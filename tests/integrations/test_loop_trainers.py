@@ -16,7 +16,7 @@ from gradscope.integrations.lightning import GradscopeWarning
 from gradscope.integrations.transformers import GradscopeCallback as HFCallback
 from tests.integrations.test_lightning import trainer_for
 from tests.integrations.test_transformers import gpt2, tokens
-from tests.trainer_setup import fresh_accelerate  # noqa: F401 (a fixture)
+from tests.trainer_setup import fresh_accelerate, sgd_steps  # noqa: F401 (a fixture)
 
 
 def data(n: int = 32) -> torch.utils.data.DataLoader:
@@ -132,20 +132,8 @@ def test_lightning_says_a_finding_through_rank_zero_warn_once():
 
 
 def hf_train(tmp_path, model, optimizer=None, quiet=True, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=0.1,
-        optim="sgd",
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
     callback = HFCallback(quiet=quiet)
-    args = TrainingArguments(**{**settings, **overrides})
+    args = TrainingArguments(**sgd_steps(tmp_path, **overrides))
     optimizers = (optimizer, None) if optimizer is not None else (None, None)
     Trainer(model=model, args=args, train_dataset=tokens(24), callbacks=[callback], optimizers=optimizers).train()
     return callback.report
