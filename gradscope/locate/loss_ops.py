@@ -111,6 +111,13 @@ class LossOps(Probe):
         self.open = False
         self._outputs, self._made = set(), {}
 
+    def leave_if_innermost(self) -> None:
+        """A ``backward()`` is being called, outside every torch function: the mode comes off now if it is
+        the innermost one, so the user's code between backward and the optimizer step (clipping reads
+        every ``.grad``) does not go through it."""
+        if self._mode is not None and torch.overrides._get_current_function_mode() is self._mode:
+            self._leave()
+
     def _leave(self) -> None:
         self.close()
         mode, self._mode = self._mode, None

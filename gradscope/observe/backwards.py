@@ -23,6 +23,8 @@ Listener = Callable[[Any, Any], None]  # (tensors, grad_tensors) of a backward a
 _listeners: list[Listener] = []
 _original: Callable[..., Any] | None = None
 _running = False  # a backward is running (one started inside it is part of it)
+_callers: list[Callable[[], None]] = []  # called as ``Tensor.backward`` is called, before torch dispatches it
+_tensor_backward: Callable[..., Any] | None = None
 
 
 @contextlib.contextmanager
@@ -40,6 +42,35 @@ def observed(listener: Listener) -> Iterator[None]:
         if not _listeners and _original is not None:
             torch.autograd.backward = _original
             _original = None
+
+
+@contextlib.contextmanager
+def called(call: Callable[[], None]) -> Iterator[None]:
+    """Call ``call()`` as each ``Tensor.backward()`` is called inside the block, in the caller's frame:
+    before torch hands it to any ``TorchFunctionMode``, so outside every torch function."""
+    global _tensor_backward
+    if not _callers:
+        _tensor_backward = torch.Tensor.backward
+        torch.Tensor.backward = _wrap_called(_tensor_backward)  # type: ignore[method-assign]
+    _callers.append(call)
+    try:
+        yield
+    finally:
+        _callers.remove(call)
+        if not _callers and _tensor_backward is not None:
+            torch.Tensor.backward = _tensor_backward  # type: ignore[method-assign]
+            _tensor_backward = None
+
+
+def _wrap_called(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not _running:
+            for call in tuple(_callers):
+                call()
+        return original(self, *args, **kwargs)
+
+    return backward
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,12 +108,14 @@ class Backwards:
         self.since_step = 0  # backward calls since the last step
         self.paused = False
         self.starting: list[Callable[[], None]] = []  # called as each backward starts (the loss code ended)
+        self.calling: list[Callable[[], None]] = []  # called as Tensor.backward() is called, outside torch functions
         self._loss: torch.Tensor | None = None
         self._scaled: tuple[torch.Tensor, torch.Tensor] | None = None  # (scaled, loss) of scaler.scale
 
     def attach(self, stack: contextlib.ExitStack) -> None:
         """Observe every backward until ``stack`` closes."""
         stack.enter_context(observed(self._seen))
+        stack.enter_context(called(self._calling))
         if self.scaler is not None:
             stack.enter_context(_scaled_losses(self.scaler, self._note_scaled))
 
@@ -91,6 +124,11 @@ class Backwards:
         loss, self._loss, self._scaled = self._loss, None, None
         self.since_step = 0
         return loss
+
+    def _calling(self) -> None:
+        if not self.paused:
+            for call in self.calling:
+                call()
 
     def _note_scaled(self, scaled: torch.Tensor, loss: torch.Tensor) -> None:
         self._scaled = (scaled, loss)

@@ -144,6 +144,7 @@ class Watch:
         self.loss_ops = LossOps(inner, _names(inner)) if locate and loop and not is_compiled(inner) else None
         if self.loss_ops is not None:
             self.backwards.starting.append(self.loss_ops.close)
+            self.backwards.calling.append(self.loss_ops.leave_if_innermost)
         self.probes = self._probes(histograms_every if self.outputs.logdir or on_step else 0, probes)
         capture = ForwardCapture(inner) if locate else None
         self.search = OriginSearch(inner, capture, self.ranks, self._pause, enabled=locate, notes=self.notes)

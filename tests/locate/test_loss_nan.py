@@ -109,6 +109,24 @@ def test_a_finite_loss_leaves_no_origin_and_no_mode_on_the_stack():
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_the_mode_is_off_once_backward_is_called_so_the_users_clipping_does_not_go_through_it():
+    model, (x, t) = net(), batches(1)[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    backward = torch.Tensor.backward
+    with gradscope.watch(model, opt, quiet=True) as scope:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = mse(model(x), t)
+            assert torch._C._len_torch_function_stack() == 1  # the loss code is watched
+            loss.backward()
+            assert torch._C._len_torch_function_stack() == 0  # off before the user's code after backward
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    assert torch.Tensor.backward is backward  # the patch comes off with the watch
+    expected = mse(model(x), t)  # the loss is still recorded and a NaN still located (tests above)
+    assert scope.report.steps[-1].loss is not None and math.isfinite(expected.item())
+
+
 def test_the_mode_comes_off_when_the_loss_code_raises():
     model = net()
     with pytest.raises(ValueError), gradscope.watch(model, quiet=True):
