@@ -106,8 +106,9 @@ class LossOps(Probe):
         self.open = True
 
     def close(self) -> None:
-        """The loss code ended (a ``backward()`` starts). The mode stays on the stack until a point
-        outside every torch function (``backward`` may be running inside this very mode's handler)."""
+        """The loss code ended (a ``backward()`` starts). The mode itself comes off only outside every
+        torch function (``leave_if_innermost``, else at the optimizer step): ``backward`` may be running
+        inside this very mode's handler."""
         self.open = False
         self._outputs, self._made = set(), {}
 

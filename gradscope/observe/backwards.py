@@ -3,8 +3,9 @@
 ``Tensor.backward`` calls ``torch.autograd.backward``; while a watch is open that function is
 wrapped (once, however many watches are open) and each call hands its root tensor to every open
 watch before the backward runs. Nothing is computed there but a detached copy of a one-element
-root, added on the device to the step's loss so far: no host sync. The wrapper comes off when the
-last watch closes, also when the loop raised.
+root, added on the device to the step's loss so far: no host sync. ``Tensor.backward`` is wrapped
+too, so that a watch acts in the caller's frame before torch dispatches the call (the loss code's
+mode comes off there). The wrappers come off when the last watch closes, also when the loop raised.
 """
 
 from __future__ import annotations
@@ -20,66 +21,40 @@ from gradscope.locate import replay
 
 Listener = Callable[[Any, Any], None]  # (tensors, grad_tensors) of a backward about to run
 
-_listeners: list[Listener] = []
-_original: Callable[..., Any] | None = None
 _running = False  # a backward is running (one started inside it is part of it)
-_callers: list[Callable[[], None]] = []  # called as ``Tensor.backward`` is called, before torch dispatches it
-_tensor_backward: Callable[..., Any] | None = None
 
 
-@contextlib.contextmanager
-def observed(listener: Listener) -> Iterator[None]:
-    """Call ``listener(tensors, grad_tensors)`` at each ``backward()`` inside the block."""
-    global _original
-    if not _listeners:
-        _original = torch.autograd.backward
-        torch.autograd.backward = _wrap(_original)
-    _listeners.append(listener)
-    try:
-        yield
-    finally:
-        _listeners.remove(listener)
-        if not _listeners and _original is not None:
-            torch.autograd.backward = _original
-            _original = None
+class _Patch:
+    """A torch function wrapped while anyone listens (once, however many watches are open); the
+    original comes back with the last listener, also when the loop raised."""
+
+    def __init__(self, owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        self.owner, self.name, self.wrap = owner, name, wrap
+        self.listeners: list[Callable[..., None]] = []
+        self.original: Callable[..., Any] | None = None
+
+    @contextlib.contextmanager
+    def listening(self, listener: Callable[..., None]) -> Iterator[None]:
+        if not self.listeners:
+            self.original = getattr(self.owner, self.name)
+            setattr(self.owner, self.name, self.wrap(self.original))
+        self.listeners.append(listener)
+        try:
+            yield
+        finally:
+            self.listeners.remove(listener)
+            if not self.listeners and self.original is not None:
+                setattr(self.owner, self.name, self.original)
+                self.original = None
 
 
-@contextlib.contextmanager
-def called(call: Callable[[], None]) -> Iterator[None]:
-    """Call ``call()`` as each ``Tensor.backward()`` is called inside the block, in the caller's frame:
-    before torch hands it to any ``TorchFunctionMode``, so outside every torch function."""
-    global _tensor_backward
-    if not _callers:
-        _tensor_backward = torch.Tensor.backward
-        torch.Tensor.backward = _wrap_called(_tensor_backward)  # type: ignore[method-assign]
-    _callers.append(call)
-    try:
-        yield
-    finally:
-        _callers.remove(call)
-        if not _callers and _tensor_backward is not None:
-            torch.Tensor.backward = _tensor_backward  # type: ignore[method-assign]
-            _tensor_backward = None
-
-
-def _wrap_called(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not _running:
-            for call in tuple(_callers):
-                call()
-        return original(self, *args, **kwargs)
-
-    return backward
-
-
-def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_autograd(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
         global _running
         # Not gradscope's own replays, nor a backward run inside one (reentrant checkpointing's regions).
         if not replay.in_replay() and not _running:
-            for listener in tuple(_listeners):
+            for listener in tuple(_AUTOGRAD.listeners):
                 listener(tensors, grad_tensors)
         outer, _running = _running, True
         try:
@@ -88,6 +63,32 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             _running = outer
 
     return backward
+
+
+def _wrap_tensor(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not _running:
+            for call in tuple(_TENSOR.listeners):
+                call()
+        return original(self, *args, **kwargs)
+
+    return backward
+
+
+_AUTOGRAD = _Patch(torch.autograd, "backward", _wrap_autograd)
+_TENSOR = _Patch(torch.Tensor, "backward", _wrap_tensor)
+
+
+def observed(listener: Listener) -> contextlib.AbstractContextManager[None]:
+    """Call ``listener(tensors, grad_tensors)`` at each ``backward()`` inside the block."""
+    return _AUTOGRAD.listening(listener)
+
+
+def called(call: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+    """Call ``call()`` as each ``Tensor.backward()`` is called inside the block, in the caller's frame:
+    before torch hands it to any ``TorchFunctionMode``, so outside every torch function."""
+    return _TENSOR.listening(call)
 
 
 class Backwards:
